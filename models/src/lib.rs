@@ -1,0 +1,30 @@
+//! selfsup-models: backbones, heads, losses, optimizers and self-supervised objectives on LibTorch (tch).
+//!
+//! This crate knows nothing of files or data loading: it turns batches of tensors into losses.
+//! Parameter names follow torchvision (`layer1.0.conv1.weight`) so exported weights load in PyTorch.
+
+pub mod backbone;
+pub mod device;
+pub mod head;
+pub mod loss;
+pub mod objective;
+pub mod optim;
+
+pub use backbone::{Backbone, BackboneConfig, ResNet, ResNetConfig};
+pub use head::ProjectionHead;
+pub use loss::nt_xent;
+pub use objective::{Batch, Objective, ObjectiveConfig, Step};
+pub use optim::{Optimizer, OptimizerConfig, OptimizerKind};
+
+/// Errors from building models from configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid model config: {field}: {message}")]
+    InvalidConfig { field: String, message: String },
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+pub(crate) fn invalid(field: &str, message: impl Into<String>) -> ModelError {
+    ModelError::InvalidConfig { field: field.to_string(), message: message.into() }
+}

@@ -1,0 +1,55 @@
+//! Losses as free functions with their shapes documented.
+
+use tch::{Kind, Tensor};
+
+/// NT-Xent, the normalized temperature-scaled cross entropy of SimCLR (Chen et al. 2020,
+/// https://arxiv.org/abs/2002.05709, eq. 1), averaged over all 2N anchors.
+///
+/// Each embedding's positive is the other view of the same sample; the 2N-2 other embeddings in the batch are
+/// its negatives. Computed in fp32 even under autocast: the logits are divided by a small temperature.
+///
+/// # Shapes
+/// `z1`, `z2`: `[N, D]` (the two views, row i of each from the same sample) → scalar.
+pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Tensor {
+    let n = z1.size()[0];
+    let z = Tensor::cat(&[z1, z2], 0).to_kind(Kind::Float);
+    let z = &z / z.norm_scalaropt_dim(2.0, [1i64].as_slice(), true).clamp_min(1e-12);
+    let logits = z.matmul(&z.tr()) / temperature;
+    // An embedding is never its own negative: mask the diagonal out of the softmax.
+    let eye = Tensor::eye(2 * n, (Kind::Bool, z.device()));
+    let logits = logits.masked_fill(&eye, f64::NEG_INFINITY);
+    let idx = Tensor::arange(n, (Kind::Int64, z.device()));
+    let targets = Tensor::cat(&[&idx + n, idx], 0);
+    logits.cross_entropy_for_logits(&targets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closed_form_orthonormal_pairs() {
+        // z1 = z2 = [e0, e1]: each anchor has cosine 1 with its positive and 0 with the two negatives,
+        // so the loss is -log(e^{1/t} / (e^{1/t} + 2)) = log(1 + 2 e^{-1/t}).
+        let z = Tensor::from_slice(&[1f32, 0., 0., 1.]).view([2, 2]);
+        for t in [0.1, 0.5, 1.0] {
+            let got = nt_xent(&z, &z, t).double_value(&[]);
+            let want = (1.0 + 2.0 * (-1.0 / t).exp()).ln();
+            assert!((got - want).abs() < 1e-5, "t={t}: got {got}, want {want}");
+        }
+    }
+
+    #[test]
+    fn invariant_to_scale_and_symmetric_in_views() {
+        tch::manual_seed(0);
+        let z1 = Tensor::randn([8, 5], tch::kind::FLOAT_CPU);
+        let z2 = Tensor::randn([8, 5], tch::kind::FLOAT_CPU);
+        let a = nt_xent(&z1, &z2, 0.2).double_value(&[]);
+        let b = nt_xent(&(&z1 * 3.0), &(&z2 * 0.5), 0.2).double_value(&[]);
+        let c = nt_xent(&z2, &z1, 0.2).double_value(&[]);
+        assert!((a - b).abs() < 1e-5 && (a - c).abs() < 1e-5, "{a} {b} {c}");
+        // Uniformly random embeddings score near log(2N-1); aligned views score far lower.
+        assert!(a > 1.5, "{a}");
+        assert!(nt_xent(&z1, &z1, 0.2).double_value(&[]) < a - 1.0);
+    }
+}
