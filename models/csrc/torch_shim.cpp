@@ -2,6 +2,8 @@
 // Every function is extern "C", takes plain values and never throws across the boundary.
 #include <ATen/autocast_mode.h>
 #include <ATen/Context.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <torch/headeronly/version.h>
 
 extern "C" {
 
@@ -24,5 +26,25 @@ void selfsup_set_tf32(int enabled) {
 
 // cuDNN autotuning (torch.backends.cudnn.benchmark).
 void selfsup_set_cudnn_benchmark(int enabled) { at::globalContext().setBenchmarkCuDNN(enabled != 0); }
+
+// The libtorch version these headers belong to, as MAJOR*10000 + MINOR*100 + PATCH.
+int selfsup_torch_version() { return TORCH_VERSION_MAJOR * 10000 + TORCH_VERSION_MINOR * 100 + TORCH_VERSION_PATCH; }
+
+// cuDNN and CUDA runtime versions as libtorch reports them; -1 when libtorch has no CUDA.
+long selfsup_cudnn_version() {
+  try {
+    return at::detail::getCUDAHooks().versionCuDNN();
+  } catch (...) {
+    return -1;
+  }
+}
+
+long selfsup_cudart_version() {
+  try {
+    return at::detail::getCUDAHooks().versionCUDART();
+  } catch (...) {
+    return -1;
+  }
+}
 
 }

@@ -1,0 +1,2 @@
+include!("../build/libtorch_link.rs");
+fn main() { link_libtorch(); }

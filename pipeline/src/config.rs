@@ -1,0 +1,308 @@
+//! The run configuration: one serde tree with `deny_unknown_fields`, loaded from a TOML preset plus
+//! `--set key=value` overrides. Defaults live only in the `Default` impls; `validate()` names the bad field.
+//! The resolved config is written next to the run and into every checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use selfsup_augment::RecipeConfig;
+use selfsup_models::{BackboneConfig, ObjectiveConfig, OptimizerConfig};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: `{key}`: {message}")]
+    Key { file: String, key: String, message: String },
+    #[error("--set {arg}: {message}")]
+    Override { arg: String, message: String },
+    #[error("cannot read {file}: {source}")]
+    Io { file: String, source: std::io::Error },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Run name; the default output folder is `runs/<name>-<time>`.
+    pub name: String,
+    /// The master seed: shuffling, augmentation and initialisation all derive from it.
+    pub seed: u64,
+    pub data: DataConfig,
+    /// The recipe applied to each view.
+    pub augment: RecipeConfig,
+    pub model: ModelConfig,
+    pub objective: ObjectiveConfig,
+    pub optimizer: OptimizerConfig,
+    pub train: TrainConfig,
+    pub eval: EvalConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Pretraining images: an IDX images file (`*-idx3-ubyte[.gz]`) or a folder of JPEG/PNG files.
+    pub train: PathBuf,
+    /// Held-out labeled images for evaluation (same kinds as `train`); empty = no evaluation.
+    pub test: Option<PathBuf>,
+    /// Channels for image folders (1 or 3); IDX files are gray.
+    pub channels: u8,
+    /// The run stops if more than this fraction of an epoch's samples cannot be read.
+    pub max_bad_fraction: f64,
+    /// Class names for reports (IDX files carry none).
+    pub class_names: Vec<String>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            train: PathBuf::from("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+            test: Some(PathBuf::from("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")),
+            channels: 3,
+            max_bad_fraction: 0.01,
+            class_names: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub backbone: BackboneConfig,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// CUDA when visible, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Loader worker threads (0 = all cores).
+    pub threads: usize,
+    /// Batches prepared ahead of the trainer.
+    pub prefetch: usize,
+    /// Steps between reading the loss back from the device and logging.
+    pub log_every: usize,
+    /// Epochs between checkpoints (0 = only at the end).
+    pub checkpoint_every: usize,
+    pub device: DeviceChoice,
+    /// bf16 autocast on CUDA (ignored on CPU).
+    pub bf16: bool,
+    /// Stop after this many steps (0 = no limit): for smoke tests and quick looks.
+    pub max_steps: usize,
+    /// View pairs shown in the TensorBoard grid at the start of training.
+    pub preview_pairs: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 20,
+            batch_size: 512,
+            threads: 0,
+            prefetch: 4,
+            log_every: 20,
+            checkpoint_every: 5,
+            device: DeviceChoice::Auto,
+            bf16: true,
+            max_steps: 0,
+            preview_pairs: 16,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate (k-NN and linear probe) at the end of pretraining.
+    pub at_end: bool,
+    /// Also run k-NN every this many epochs during pretraining (0 = never).
+    pub knn_every: usize,
+    pub knn_k: usize,
+    pub knn_temperature: f64,
+    pub probe_epochs: usize,
+    pub probe_lr: f64,
+    pub probe_batch: usize,
+    pub probe_weight_decay: f64,
+    /// Also fit the linear probe on raw pixels with the same code, as the baseline to beat.
+    pub raw_pixel_baseline: bool,
+    /// Use only the first N labeled training images as the k-NN bank / probe training set (0 = all).
+    pub train_limit: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            at_end: true,
+            knn_every: 0,
+            knn_k: 200,
+            knn_temperature: 0.1,
+            probe_epochs: 30,
+            probe_lr: 0.1,
+            probe_batch: 256,
+            probe_weight_decay: 1e-5,
+            raw_pixel_baseline: true,
+            train_limit: 0,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: "run".into(),
+            seed: 0,
+            data: DataConfig::default(),
+            augment: RecipeConfig::simclr(28, 1),
+            model: ModelConfig::default(),
+            objective: ObjectiveConfig::default(),
+            optimizer: OptimizerConfig::default(),
+            train: TrainConfig::default(),
+            eval: EvalConfig::default(),
+        }
+    }
+}
+
+fn check(file: &str, key: &str, ok: bool, message: impl FnOnce() -> String) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Key { file: file.into(), key: key.into(), message: message() })
+    }
+}
+
+impl Config {
+    /// Loads `path`, applies `key=value` overrides (values in TOML syntax; bare words are strings), validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { file: file.clone(), source })?;
+        Self::from_toml(&text, &file, overrides)
+    }
+
+    pub fn from_toml(text: &str, file: &str, overrides: &[String]) -> Result<Config, ConfigError> {
+        let mut value: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { file: file.into(), message: e.to_string() })?;
+        for arg in overrides {
+            apply_override(&mut value, arg)?;
+        }
+        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| ConfigError::Key {
+            file: file.into(),
+            key: e.path().to_string(),
+            message: e.inner().to_string(),
+        })?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let t = &self.train;
+        check(file, "train.epochs", t.epochs >= 1, || "must be >= 1".into())?;
+        check(file, "train.batch_size", t.batch_size >= 2, || format!("must be >= 2, got {}", t.batch_size))?;
+        check(file, "train.log_every", t.log_every >= 1, || "must be >= 1".into())?;
+        check(file, "data.channels", matches!(self.data.channels, 1 | 3), || "must be 1 or 3".into())?;
+        check(file, "data.max_bad_fraction", (0.0..=1.0).contains(&self.data.max_bad_fraction), || {
+            "must be in [0, 1]".into()
+        })?;
+        let e = &self.eval;
+        check(file, "eval.knn_k", e.knn_k >= 1, || "must be >= 1".into())?;
+        check(file, "eval.knn_temperature", e.knn_temperature > 0.0, || "must be > 0".into())?;
+        check(file, "eval.probe_batch", e.probe_batch >= 1, || "must be >= 1".into())?;
+        check(file, "eval.probe_lr", e.probe_lr > 0.0, || "must be > 0".into())?;
+        let model_err = |e: selfsup_models::ModelError| match e {
+            selfsup_models::ModelError::InvalidConfig { field, message } => {
+                ConfigError::Key { file: file.into(), key: field, message }
+            }
+            other => ConfigError::Parse { file: file.into(), message: other.to_string() },
+        };
+        self.model.backbone.validate().map_err(model_err)?;
+        self.objective.validate().map_err(model_err)?;
+        self.optimizer.validate().map_err(model_err)?;
+        self.augment.validate(self.channels_hint()).map_err(|e| ConfigError::Key {
+            file: file.into(),
+            key: "augment".into(),
+            message: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// Channels the data will have, as far as the config can tell (IDX files are gray).
+    pub fn channels_hint(&self) -> u8 {
+        let is_idx = self.data.train.to_string_lossy().contains("idx3");
+        if is_idx {
+            1
+        } else {
+            self.data.channels
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a Config always serializes")
+    }
+}
+
+/// `train.batch_size=256` → sets that key in the table, creating intermediate tables.
+fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
+    let err = |message: String| ConfigError::Override { arg: arg.into(), message };
+    let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected key=value".into()))?;
+    let key = key.trim();
+    // Parse the value as TOML (numbers, booleans, arrays, quoted strings); anything else is a bare string.
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(err(format!("bad key `{key}`")));
+    }
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        cur = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| err(format!("`{p}` is not a table")))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named_with_its_path_and_file() {
+        let e = Config::from_toml("[train]\nbatchsize = 3\n", "x.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("x.toml") && e.contains("train.batchsize") && e.contains("unknown field"), "{e}");
+        let e = Config::from_toml("", "y.toml", &["optimizer.lr=0.1".into()]).unwrap_err().to_string();
+        assert!(e.contains("optimizer.lr"), "{e}");
+    }
+
+    #[test]
+    fn invalid_value_names_the_field() {
+        let e = Config::from_toml("[train]\nbatch_size = 1\n", "x.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("train.batch_size"), "{e}");
+        let e = Config::from_toml("[objective]\nkind = \"simclr\"\ntemperature = -1.0\n", "x.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("objective.temperature"), "{e}");
+        let e = Config::from_toml("[objective]\nkind = \"nope\"\n", "x.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("objective") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn overrides_apply_and_round_trip() {
+        let c = Config::from_toml("[train]\nepochs = 3\n", "x.toml", &["train.epochs=7".into(), "name=demo".into()])
+            .unwrap();
+        assert_eq!((c.train.epochs, c.name.as_str()), (7, "demo"));
+        let again = Config::from_toml(&c.to_toml(), "resolved.toml", &[]).unwrap();
+        assert_eq!(again, c);
+    }
+}

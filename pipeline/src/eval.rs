@@ -1,0 +1,260 @@
+//! Evaluation by transfer on frozen features: weighted k-NN (Wu et al. 2018, https://arxiv.org/abs/1805.01978:
+//! cosine similarity, top-k neighbours vote with weight exp(sim / T)) and a linear probe (multinomial logistic
+//! regression on standardized features). The same probe code fitted on raw pixels gives the baseline to beat.
+
+use std::sync::Arc;
+
+use selfsup_augment::{RecipeConfig, Views};
+use serde::Serialize;
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+use crate::loader::{BadSample, Loader, LoaderConfig};
+use crate::source::Source;
+
+/// Features (or raw pixels) of a labeled set, on the CPU.
+pub struct Features {
+    /// `[N, D]` f32.
+    pub x: Tensor,
+    /// `[N]` i64.
+    pub y: Tensor,
+    pub bad: Vec<BadSample>,
+}
+
+/// The deterministic recipe for evaluation: the whole image resized to the training view size, normalized the
+/// same way, with no random op.
+pub fn eval_recipe(train: &RecipeConfig, width: u32, height: u32) -> RecipeConfig {
+    let r = width as f32 / height as f32;
+    let mut c = train.clone();
+    c.crop_scale = (1.0, 1.0);
+    c.crop_ratio = (r, r);
+    c.flip_p = 0.0;
+    c.jitter.p = 0.0;
+    c.grayscale_p = 0.0;
+    c.blur.p = 0.0;
+    c.solarize_p = 0.0;
+    c.equalize_p = 0.0;
+    c
+}
+
+pub struct ExtractOptions<'a> {
+    pub recipe: &'a RecipeConfig,
+    pub batch_size: usize,
+    pub threads: usize,
+    pub device: Device,
+    /// Use only the first N samples (0 = all).
+    pub limit: usize,
+}
+
+/// Runs `f` (a frozen network, or identity for raw pixels) over the labeled `source`; returns `[N, D]` on CPU.
+pub fn extract(
+    source: Arc<dyn Source>,
+    opts: &ExtractOptions,
+    f: &dyn Fn(&Tensor) -> Tensor,
+) -> Result<Features, String> {
+    let first = source.get(0).map_err(|e| e.to_string())?.image;
+    let channels = source.channels();
+    let pipe = eval_recipe(opts.recipe, first.width, first.height).build(channels).map_err(|e| e.to_string())?;
+    let shape = pipe.out_shape();
+    let views = Arc::new(Views::new(vec![pipe]));
+    let source: Arc<dyn Source> = if opts.limit > 0 && opts.limit < source.len() {
+        Arc::new(crate::source::Prefix::new(source, opts.limit))
+    } else {
+        source
+    };
+    let cfg = LoaderConfig {
+        batch_size: opts.batch_size,
+        threads: opts.threads,
+        prefetch: 2,
+        seed: 0,
+        shuffle: false,
+        drop_last: false,
+    };
+    let loader = Loader::new(source, views, cfg).map_err(|e| e.to_string())?;
+    let (mut xs, mut ys, mut bad) = (Vec::new(), Vec::new(), Vec::new());
+    for batch in loader.epoch(0) {
+        bad.extend(batch.bad.iter().cloned());
+        if batch.is_empty() {
+            continue;
+        }
+        let labels = batch.labels.as_ref().ok_or("the evaluation data has no labels")?;
+        let x = Tensor::from_slice(&batch.views[0])
+            .view([batch.len() as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64])
+            .to_device(opts.device);
+        let feats = tch::no_grad(|| tch::autocast(opts.device.is_cuda(), || f(&x)));
+        xs.push(feats.to_kind(Kind::Float).to_device(Device::Cpu));
+        ys.push(Tensor::from_slice(labels));
+    }
+    if xs.is_empty() {
+        return Err("no readable evaluation samples".into());
+    }
+    Ok(Features { x: Tensor::cat(&xs, 0), y: Tensor::cat(&ys, 0), bad })
+}
+
+/// Weighted k-NN predictions for `test` from the bank `train`.
+///
+/// # Shapes
+/// `train.x`: `[N, D]`, `test.x`: `[M, D]` → `[M]` predicted classes.
+pub fn knn_predict(train: &Features, test: &Features, k: usize, temperature: f64, classes: i64, device: Device) -> Tensor {
+    tch::no_grad(|| {
+        let unit = |x: &Tensor| {
+            let x = x.to_device(device);
+            &x / x.norm_scalaropt_dim(2.0, [1i64].as_slice(), true).clamp_min(1e-12)
+        };
+        let bank = unit(&train.x);
+        let bank_y = train.y.to_device(device);
+        let k = (k as i64).min(bank.size()[0]);
+        let queries = unit(&test.x);
+        let preds: Vec<Tensor> = queries
+            .split(1024, 0)
+            .iter()
+            .map(|q| {
+                let sim = q.matmul(&bank.tr());
+                let (vals, idx) = sim.topk(k, 1, true, true);
+                let neighbour_y = bank_y.index_select(0, &idx.flatten(0, -1)).view_as(&idx);
+                let w = (vals / temperature).exp();
+                let votes = Tensor::zeros([q.size()[0], classes], (Kind::Float, device)).scatter_add(1, &neighbour_y, &w);
+                votes.argmax(1, false)
+            })
+            .collect();
+        Tensor::cat(&preds, 0).to_device(Device::Cpu)
+    })
+}
+
+pub struct ProbeOptions {
+    pub epochs: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub weight_decay: f64,
+    pub seed: i64,
+    pub device: Device,
+}
+
+/// Fits a linear classifier on standardized `train` features with SGD (momentum 0.9, cosine learning rate)
+/// and returns its predictions on `test`.
+pub fn linear_probe_predict(train: &Features, test: &Features, classes: i64, o: &ProbeOptions) -> Tensor {
+    tch::manual_seed(o.seed);
+    let x = train.x.to_device(o.device);
+    let mean = x.mean_dim([0i64].as_slice(), true, Kind::Float);
+    let std = x.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6);
+    let x = (&x - &mean) / &std;
+    let y = train.y.to_device(o.device);
+    let xt = (test.x.to_device(o.device) - &mean) / &std;
+    let vs = nn::VarStore::new(o.device);
+    let lin = nn::linear(vs.root(), x.size()[1], classes, Default::default());
+    let mut opt = nn::Sgd { momentum: 0.9, dampening: 0.0, wd: o.weight_decay, nesterov: true }
+        .build(&vs, o.lr)
+        .expect("building SGD for the probe");
+    let n = x.size()[0];
+    let bs = o.batch_size as i64;
+    for epoch in 0..o.epochs {
+        let lr = 0.5 * o.lr * (1.0 + (std::f64::consts::PI * epoch as f64 / o.epochs as f64).cos());
+        opt.set_lr(lr);
+        let perm = Tensor::randperm(n, (Kind::Int64, o.device));
+        for start in (0..n).step_by(bs as usize) {
+            let idx = perm.narrow(0, start, bs.min(n - start));
+            let loss = lin.forward(&x.index_select(0, &idx)).cross_entropy_for_logits(&y.index_select(0, &idx));
+            opt.backward_step(&loss);
+        }
+    }
+    tch::no_grad(|| lin.forward(&xt).argmax(1, false).to_device(Device::Cpu))
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ClassAccuracy {
+    pub class: String,
+    pub accuracy: f64,
+    pub count: usize,
+}
+
+/// Top-1, per-class accuracy and the worst class of one evaluation.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ClassReport {
+    pub top1: f64,
+    pub per_class: Vec<ClassAccuracy>,
+    pub worst_class: String,
+    pub worst_accuracy: f64,
+}
+
+impl ClassReport {
+    pub fn new(pred: &Tensor, truth: &Tensor, class_names: &[String], classes: usize) -> ClassReport {
+        let p: Vec<i64> = Vec::try_from(pred).expect("predictions are i64");
+        let t: Vec<i64> = Vec::try_from(truth).expect("labels are i64");
+        let mut hit = vec![0usize; classes];
+        let mut count = vec![0usize; classes];
+        for (&p, &t) in p.iter().zip(&t) {
+            count[t as usize] += 1;
+            hit[t as usize] += usize::from(p == t);
+        }
+        let name = |c: usize| class_names.get(c).cloned().unwrap_or_else(|| c.to_string());
+        let per_class: Vec<ClassAccuracy> = (0..classes)
+            .map(|c| ClassAccuracy {
+                class: name(c),
+                accuracy: if count[c] > 0 { hit[c] as f64 / count[c] as f64 } else { f64::NAN },
+                count: count[c],
+            })
+            .collect();
+        let worst = per_class
+            .iter()
+            .filter(|c| c.count > 0)
+            .min_by(|a, b| a.accuracy.total_cmp(&b.accuracy))
+            .cloned()
+            .unwrap_or(ClassAccuracy { class: "-".into(), accuracy: f64::NAN, count: 0 });
+        ClassReport {
+            top1: hit.iter().sum::<usize>() as f64 / t.len().max(1) as f64,
+            per_class,
+            worst_class: worst.class,
+            worst_accuracy: worst.accuracy,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn features(x: &[f32], d: i64, y: &[i64]) -> Features {
+        Features { x: Tensor::from_slice(x).view([-1, d]), y: Tensor::from_slice(y), bad: vec![] }
+    }
+
+    #[test]
+    fn knn_votes_by_weighted_neighbours() {
+        // Bank: two points near +x (class 0), one near +y (class 1). A query at +x must get class 0 with k=3;
+        // a query at +y gets class 1 with k=1 and with k=3 the temperature-weighted vote still picks 1
+        // (its own neighbour has weight e^{10} against 2 e^{~1}).
+        let bank = features(&[1.0, 0.0, 0.9, 0.1, 0.0, 1.0], 2, &[0, 0, 1]);
+        let q = features(&[1.0, 0.05, 0.02, 1.0], 2, &[0, 1]);
+        let p1: Vec<i64> = Vec::try_from(&knn_predict(&bank, &q, 1, 0.1, 2, Device::Cpu)).unwrap();
+        let p3: Vec<i64> = Vec::try_from(&knn_predict(&bank, &q, 3, 0.1, 2, Device::Cpu)).unwrap();
+        assert_eq!(p1, vec![0, 1]);
+        assert_eq!(p3, vec![0, 1]);
+        // With a huge temperature the vote is a plain majority: two class-0 neighbours win.
+        let p3_flat: Vec<i64> = Vec::try_from(&knn_predict(&bank, &q, 3, 1e6, 2, Device::Cpu)).unwrap();
+        assert_eq!(p3_flat, vec![0, 0]);
+    }
+
+    #[test]
+    fn linear_probe_separates_separable_classes() {
+        tch::manual_seed(1);
+        let n = 400;
+        let y = Tensor::arange(n, tch::kind::INT64_CPU).remainder(3);
+        let centers = Tensor::from_slice(&[3f32, 0., 0., 3., -3., -3.]).view([3, 2]);
+        let x = centers.index_select(0, &y) + Tensor::randn([n, 2], tch::kind::FLOAT_CPU) * 0.5;
+        let f = Features { x, y, bad: vec![] };
+        let o = ProbeOptions { epochs: 10, lr: 0.1, batch_size: 64, weight_decay: 0.0, seed: 0, device: Device::Cpu };
+        let pred = linear_probe_predict(&f, &f, 3, &o);
+        let r = ClassReport::new(&pred, &f.y, &[], 3);
+        assert!(r.top1 > 0.97, "{r:?}");
+    }
+
+    #[test]
+    fn report_finds_the_worst_class() {
+        let pred = Tensor::from_slice(&[0i64, 0, 1, 0, 2, 2]);
+        let truth = Tensor::from_slice(&[0i64, 0, 1, 1, 2, 2]);
+        let names = vec!["a".to_string(), "b".into(), "c".into()];
+        let r = ClassReport::new(&pred, &truth, &names, 3);
+        assert!((r.top1 - 5.0 / 6.0).abs() < 1e-12);
+        assert_eq!((r.worst_class.as_str(), r.worst_accuracy), ("b", 0.5));
+        assert_eq!(r.per_class[0], ClassAccuracy { class: "a".into(), accuracy: 1.0, count: 2 });
+    }
+}

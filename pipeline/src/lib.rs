@@ -1,0 +1,43 @@
+//! selfsup-pipeline: sources → parallel loader → batches; the trainer, the evaluators, checkpoints and the
+//! TensorBoard sink. The only crate that sees loader, objective and sinks together.
+
+pub mod checkpoint;
+pub mod config;
+pub mod eval;
+pub mod loader;
+pub mod progress;
+pub mod source;
+pub mod tensorboard;
+pub mod trainer;
+pub mod transfer;
+
+pub use config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Data(#[from] source::DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(transparent)]
+    Model(#[from] selfsup_models::ModelError),
+    #[error(transparent)]
+    Augment(#[from] selfsup_augment::AugmentError),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The device a run asks for: CUDA when visible for `auto`; `cuda` without a GPU is an error, not a silent CPU run.
+pub fn select_device(choice: config::DeviceChoice) -> Result<tch::Device> {
+    use config::DeviceChoice::*;
+    match choice {
+        Auto => Ok(tch::Device::cuda_if_available()),
+        Cpu => Ok(tch::Device::Cpu),
+        Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
+        Cuda => Err(Error::Other("train.device = \"cuda\" but no CUDA device is visible to libtorch".into())),
+    }
+}

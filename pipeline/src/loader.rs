@@ -1,0 +1,229 @@
+//! The parallel loader: rayon workers read, decode and augment samples straight into the batch buffers that
+//! become tensors; a crossbeam bounded channel hands ready batches to the trainer, `prefetch` batches ahead.
+//!
+//! Determinism: the epoch's order comes from (seed, epoch) and each sample's augmentation randomness from
+//! (seed, epoch, index), so batches are bit-identical whatever the number of threads.
+//! A sample that cannot be read is dropped from its batch and reported in [`HostBatch::bad`]; it never panics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver};
+use rayon::prelude::*;
+use selfsup_augment::{Rng, Views};
+
+use crate::source::Source;
+
+#[derive(Clone, Debug)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    /// Worker threads (0 = all cores).
+    pub threads: usize,
+    /// Ready batches buffered ahead of the consumer.
+    pub prefetch: usize,
+    pub seed: u64,
+    pub shuffle: bool,
+    pub drop_last: bool,
+}
+
+/// A sample that could not be read, with where it lives and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadSample {
+    pub index: usize,
+    pub location: String,
+    pub error: String,
+}
+
+/// One batch in host memory: `views[v]` is `[len, C_v, H_v, W_v]` f32, row-major, ready for `Tensor::from_slice`.
+#[derive(Clone, Debug)]
+pub struct HostBatch {
+    pub views: Vec<Vec<f32>>,
+    pub shapes: Vec<[usize; 3]>,
+    /// Dataset indices of the rows, in row order.
+    pub indices: Vec<usize>,
+    /// Labels of the rows when the source has labels.
+    pub labels: Option<Vec<i64>>,
+    pub bad: Vec<BadSample>,
+}
+
+impl HostBatch {
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+}
+
+/// Time spent per stage, summed over worker threads (nanoseconds).
+#[derive(Debug, Default)]
+pub struct StageTimes {
+    pub read_decode_ns: AtomicU64,
+    pub augment_ns: AtomicU64,
+    pub samples: AtomicU64,
+}
+
+pub struct Loader {
+    source: Arc<dyn Source>,
+    views: Arc<Views>,
+    cfg: LoaderConfig,
+    pool: Arc<rayon::ThreadPool>,
+    pub stage_times: Arc<StageTimes>,
+}
+
+impl Loader {
+    pub fn new(source: Arc<dyn Source>, views: Arc<Views>, cfg: LoaderConfig) -> Result<Self, rayon::ThreadPoolBuildError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads)
+            .thread_name(|i| format!("selfsup-loader-{i}"))
+            .build()?;
+        Ok(Loader { source, views, cfg, pool: Arc::new(pool), stage_times: Arc::default() })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    pub fn source(&self) -> &Arc<dyn Source> {
+        &self.source
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        let (n, b) = (self.source.len(), self.cfg.batch_size);
+        if self.cfg.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
+
+    /// The sample order of `epoch`.
+    pub fn order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.source.len()).collect();
+        if self.cfg.shuffle {
+            Rng::for_sample(self.cfg.seed, epoch, u64::MAX).shuffle(&mut order);
+        }
+        order
+    }
+
+    /// Starts producing the batches of `epoch` in the background.
+    pub fn epoch(&self, epoch: u64) -> EpochIter {
+        let (tx, rx) = bounded(self.cfg.prefetch.max(1));
+        let order = self.order(epoch);
+        let nb = self.batches_per_epoch();
+        let (source, views, pool, times) =
+            (self.source.clone(), self.views.clone(), self.pool.clone(), self.stage_times.clone());
+        let (bs, seed) = (self.cfg.batch_size, self.cfg.seed);
+        let handle = std::thread::Builder::new()
+            .name("selfsup-loader".into())
+            .spawn(move || {
+                for b in 0..nb {
+                    let idx = &order[b * bs..((b + 1) * bs).min(order.len())];
+                    let batch = pool.install(|| build_batch(source.as_ref(), &views, idx, seed, epoch, &times));
+                    if tx.send(batch).is_err() {
+                        return; // the consumer stopped early
+                    }
+                }
+            })
+            .expect("spawning the loader thread");
+        EpochIter { rx, handle: Some(handle) }
+    }
+}
+
+/// Reads and augments the samples `indices` into one batch, in parallel on the current rayon pool.
+pub fn build_batch(
+    source: &dyn Source,
+    views: &Views,
+    indices: &[usize],
+    seed: u64,
+    epoch: u64,
+    times: &StageTimes,
+) -> HostBatch {
+    let n = indices.len();
+    let lens: Vec<usize> = views.recipes.iter().map(|p| p.out_len()).collect();
+    let mut bufs: Vec<Vec<f32>> = lens.iter().map(|&l| vec![0f32; l * n]).collect();
+    // rows[i][v] is sample i's slice of view v's buffer.
+    let mut rows: Vec<Vec<&mut [f32]>> = (0..n).map(|_| Vec::with_capacity(bufs.len())).collect();
+    for (buf, &l) in bufs.iter_mut().zip(&lens) {
+        for (row, chunk) in rows.iter_mut().zip(buf.chunks_mut(l)) {
+            row.push(chunk);
+        }
+    }
+    let results: Vec<Result<Option<i64>, BadSample>> = rows
+        .into_par_iter()
+        .zip(indices.par_iter())
+        .map(|(mut outs, &index)| {
+            let t0 = Instant::now();
+            let sample = source.get(index).map_err(|e| BadSample {
+                index,
+                location: source.describe(index),
+                error: e.to_string(),
+            })?;
+            let t1 = Instant::now();
+            let mut rng = Rng::for_sample(seed, epoch, index as u64);
+            views.run(&sample.image, &mut rng, &mut outs);
+            let t2 = Instant::now();
+            times.read_decode_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
+            times.augment_ns.fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+            times.samples.fetch_add(1, Ordering::Relaxed);
+            Ok(sample.label)
+        })
+        .collect();
+
+    let mut kept = Vec::with_capacity(n);
+    let mut labels = Vec::with_capacity(n);
+    let mut bad = Vec::new();
+    for (row, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(label) => {
+                if kept.len() != row {
+                    // Compact: move this row down over the dropped ones (deterministic, no reallocation).
+                    let dst = kept.len();
+                    for (buf, &l) in bufs.iter_mut().zip(&lens) {
+                        buf.copy_within(row * l..(row + 1) * l, dst * l);
+                    }
+                }
+                kept.push(row);
+                labels.push(label);
+            }
+            Err(b) => bad.push(b),
+        }
+    }
+    for (buf, &l) in bufs.iter_mut().zip(&lens) {
+        buf.truncate(kept.len() * l);
+    }
+    let labels = labels.iter().all(Option::is_some).then(|| labels.into_iter().flatten().collect());
+    HostBatch {
+        views: bufs,
+        shapes: views.recipes.iter().map(|p| p.out_shape()).collect(),
+        indices: kept.iter().map(|&r| indices[r]).collect(),
+        labels: if kept.is_empty() { None } else { labels },
+        bad,
+    }
+}
+
+/// The batches of one epoch, in order. Dropping it early stops the producer.
+pub struct EpochIter {
+    rx: Receiver<HostBatch>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Iterator for EpochIter {
+    type Item = HostBatch;
+    fn next(&mut self) -> Option<HostBatch> {
+        self.rx.recv().ok()
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        // Disconnect first so a producer blocked on a full channel wakes up and exits.
+        let (_, dead) = bounded(0);
+        drop(std::mem::replace(&mut self.rx, dead));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! A one-line progress display on stderr: epoch, loss, images/s, data-wait fraction and ETA. On a terminal it
+//! redraws in place; otherwise (CI logs, files) it prints a line at most every `interval`.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+pub struct Progress {
+    total_steps: u64,
+    start: Instant,
+    last_print: Option<Instant>,
+    tty: bool,
+    interval: Duration,
+    quiet: bool,
+}
+
+impl Progress {
+    pub fn new(total_steps: u64, quiet: bool) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let interval = Duration::from_secs(if tty { 0 } else { 15 });
+        Progress { total_steps, start: Instant::now(), last_print: None, tty, interval, quiet }
+    }
+
+    /// `done`: steps finished so far (of the whole run, resumed ones excluded from the rate).
+    pub fn update(&mut self, epoch: usize, epochs: usize, done: u64, loss: f64, img_per_s: f64, wait: f64, force: bool) {
+        if self.quiet || (!force && self.last_print.is_some_and(|t| t.elapsed() < self.interval)) {
+            return;
+        }
+        self.last_print = Some(Instant::now());
+        let frac = done as f64 / self.total_steps.max(1) as f64;
+        let width = 24;
+        let filled = ((frac * width as f64) as usize).min(width);
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let eta = if frac > 0.0 { elapsed * (1.0 - frac) / frac } else { 0.0 };
+        let line = format!(
+            "epoch {}/{} [{}{}] {:>3.0}% loss {:.4} {:.0} img/s wait {:.1}% eta {}",
+            epoch + 1,
+            epochs,
+            "#".repeat(filled),
+            ".".repeat(width - filled),
+            frac * 100.0,
+            loss,
+            img_per_s,
+            wait * 100.0,
+            fmt_secs(eta)
+        );
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[2K{line}");
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+        let _ = err.flush();
+    }
+
+    pub fn finish(&mut self) {
+        if self.tty && !self.quiet {
+            eprintln!();
+        }
+    }
+}
+
+pub fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}

@@ -1,0 +1,109 @@
+//! Sources: where unlabeled (and optionally labeled) images come from. Every source is streaming: it keeps an
+//! index of its samples (offsets, paths, labels) and reads one sample per `get`, so memory does not grow with
+//! the dataset. A sample that cannot be read is an error value, never a panic.
+
+mod folder;
+mod idx;
+
+use std::path::{Path, PathBuf};
+
+pub use folder::ImageFolder;
+pub use idx::IdxSource;
+use selfsup_augment::Image;
+
+/// One decoded image and its label, if the source has labels.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub image: Image,
+    pub label: Option<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid IDX file: {message}")]
+    Idx { path: PathBuf, message: String },
+    #[error("{path}: cannot decode image: {source}")]
+    Decode { path: PathBuf, source: image::ImageError },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl DataError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        DataError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+pub trait Source: Send + Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn get(&self, index: usize) -> Result<Sample, DataError>;
+    /// Channels every sample is delivered with (1 or 3).
+    fn channels(&self) -> u8;
+    /// Where sample `index` lives, for error reports (a path, or `file#index`).
+    fn describe(&self, index: usize) -> String;
+    /// Number of classes when the source has labels.
+    fn num_classes(&self) -> Option<usize>;
+    /// Class names, when known.
+    fn class_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// All labels at once (small: one integer per sample), when the source has labels.
+    fn labels(&self) -> Option<Vec<i64>>;
+}
+
+/// Opens a path as a source: an IDX images file (`*-idx3-ubyte`, optionally `.gz`; labels are taken from the
+/// matching `*-labels-idx1-ubyte[.gz]` beside it) or a directory of images (class sub-folders become labels).
+/// `channels` is used for image folders (gray images are expanded to RGB when 3, RGB converted to gray when 1).
+pub fn open(path: &Path, channels: u8) -> Result<Box<dyn Source>, DataError> {
+    let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
+    if meta.is_dir() {
+        Ok(Box::new(ImageFolder::open(path, channels)?))
+    } else {
+        Ok(Box::new(IdxSource::open(path)?))
+    }
+}
+
+/// The first `len` samples of another source (evaluation on a subset, quick runs).
+pub struct Prefix {
+    inner: std::sync::Arc<dyn Source>,
+    len: usize,
+}
+
+impl Prefix {
+    pub fn new(inner: std::sync::Arc<dyn Source>, len: usize) -> Self {
+        let len = len.min(inner.len());
+        Prefix { inner, len }
+    }
+}
+
+impl Source for Prefix {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn get(&self, index: usize) -> Result<Sample, DataError> {
+        self.inner.get(index)
+    }
+    fn channels(&self) -> u8 {
+        self.inner.channels()
+    }
+    fn describe(&self, index: usize) -> String {
+        self.inner.describe(index)
+    }
+    fn num_classes(&self) -> Option<usize> {
+        self.inner.num_classes()
+    }
+    fn class_names(&self) -> Vec<String> {
+        self.inner.class_names()
+    }
+    fn labels(&self) -> Option<Vec<i64>> {
+        self.inner.labels().map(|mut l| {
+            l.truncate(self.len);
+            l
+        })
+    }
+}

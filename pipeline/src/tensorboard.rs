@@ -1,0 +1,113 @@
+//! Logging sinks. [`TensorBoard`] writes event files with the `tfrecord` crate's event writer, whose scalars,
+//! images and histograms TensorBoard's own reader reads back exactly (`tensorboard-rs` writes images
+//! transposed and panics on text). Images are PNG-encoded here with the `image` crate.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use selfsup_augment::Image;
+use tfrecord::protobuf::summary::Image as TbImage;
+use tfrecord::EventWriter;
+
+pub trait Sink {
+    fn scalar(&mut self, tag: &str, step: i64, value: f64);
+    fn image(&mut self, tag: &str, step: i64, image: &Image);
+    fn histogram(&mut self, tag: &str, step: i64, values: &[f32]);
+    fn flush(&mut self);
+}
+
+/// A sink that drops everything (for `eval` without a run folder, and for benchmarks).
+pub struct NullSink;
+
+impl Sink for NullSink {
+    fn scalar(&mut self, _: &str, _: i64, _: f64) {}
+    fn image(&mut self, _: &str, _: i64, _: &Image) {}
+    fn histogram(&mut self, _: &str, _: i64, _: &[f32]) {}
+    fn flush(&mut self) {}
+}
+
+/// Writes `<dir>/events.out.tfevents.<time>.<host>`. Write errors are reported once on stderr and then
+/// ignored: losing a log line must never stop a training run.
+pub struct TensorBoard {
+    writer: EventWriter<std::io::BufWriter<std::fs::File>>,
+    failed: bool,
+}
+
+impl TensorBoard {
+    pub fn create(dir: &Path) -> Result<Self, tfrecord::Error> {
+        let prefix = dir.join("events");
+        let writer = EventWriter::from_prefix(prefix.to_string_lossy().into_owned(), "", Default::default())?;
+        Ok(TensorBoard { writer, failed: false })
+    }
+
+    fn check(&mut self, r: Result<(), tfrecord::Error>) {
+        if let Err(e) = r {
+            if !self.failed {
+                eprintln!("warning: TensorBoard event write failed ({e}); further errors are not shown");
+                self.failed = true;
+            }
+        }
+    }
+}
+
+/// PNG bytes of an 8-bit gray or RGB image.
+pub fn encode_png(image: &Image) -> Vec<u8> {
+    let color = if image.channels == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
+    let mut out = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(Cursor::new(&mut out)),
+        &image.data,
+        image.width,
+        image.height,
+        color,
+    )
+    .expect("encoding a well-formed image into memory cannot fail");
+    out
+}
+
+impl Sink for TensorBoard {
+    fn scalar(&mut self, tag: &str, step: i64, value: f64) {
+        let r = self.writer.write_scalar(tag, step, value as f32);
+        self.check(r);
+    }
+
+    fn image(&mut self, tag: &str, step: i64, image: &Image) {
+        let tb = TbImage {
+            height: image.height as i32,
+            width: image.width as i32,
+            colorspace: i32::from(image.channels),
+            encoded_image_string: encode_png(image),
+        };
+        let r = self.writer.write_image(tag, step, tb);
+        self.check(r);
+    }
+
+    fn histogram(&mut self, tag: &str, step: i64, values: &[f32]) {
+        let r = self.writer.write_histogram(tag, step, values);
+        self.check(r);
+    }
+
+    fn flush(&mut self) {
+        let r = self.writer.flush();
+        self.check(r);
+    }
+}
+
+/// Lays images of equal size out in a grid with `cols` columns and a 2-pixel gray border.
+pub fn grid(images: &[Image], cols: usize) -> Image {
+    let (w, h, c) = images.first().map_or((1, 1, 1), |i| (i.width as usize, i.height as usize, i.channels as usize));
+    let cols = cols.max(1).min(images.len().max(1));
+    let rows = images.len().div_ceil(cols).max(1);
+    let pad = 2;
+    let (gw, gh) = (cols * (w + pad) + pad, rows * (h + pad) + pad);
+    let mut out = Image { width: gw as u32, height: gh as u32, channels: c as u8, data: vec![128; gw * gh * c] };
+    for (k, img) in images.iter().enumerate() {
+        let (x0, y0) = (pad + (k % cols) * (w + pad), pad + (k / cols) * (h + pad));
+        for y in 0..h.min(img.height as usize) {
+            let src = &img.data[y * w * c..(y + 1) * w * c];
+            let at = ((y0 + y) * gw + x0) * c;
+            out.data[at..at + w * c].copy_from_slice(src);
+        }
+    }
+    out
+}

@@ -1,0 +1,276 @@
+//! The one training loop for every objective: it owns the loader, optimizer, schedule, checkpoints and logging.
+//! GPU sync points are deliberate: the loss is accumulated on the device and read back every `log_every` steps.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use selfsup_augment::{Image, Rng, Views};
+use selfsup_models::{device as dev, Batch, Objective, Optimizer};
+use serde::Serialize;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::Config;
+use crate::loader::{BadSample, HostBatch, Loader, LoaderConfig};
+use crate::progress::Progress;
+use crate::source::{self, Source};
+use crate::tensorboard::{grid, Sink};
+use crate::transfer::{self, EvalContext, EvalReport};
+use crate::{select_device, Error, Result};
+
+pub struct RunOptions {
+    /// The run folder: resolved config, event file, checkpoints, eval.json.
+    pub out: PathBuf,
+    /// Continue from the latest checkpoint in `out`.
+    pub resume: bool,
+    /// No progress line.
+    pub quiet: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    pub out: PathBuf,
+    pub device: String,
+    pub steps: u64,
+    pub epochs: usize,
+    pub seconds: f64,
+    pub images_per_s: f64,
+    /// Fraction of the training time the trainer spent waiting for the loader.
+    pub data_wait_fraction: f64,
+    pub final_loss: f64,
+    pub unreadable_samples: usize,
+    pub eval: Option<EvalReport>,
+}
+
+/// The model of a run: variables, objective (with its backbone) and the number of input channels.
+pub struct Model {
+    pub vs: VarStore,
+    pub objective: Box<dyn Objective>,
+}
+
+/// Builds the variables of `cfg`'s model on `device` (seeded, so weights are reproducible).
+pub fn build_model(cfg: &Config, channels: u8, device: Device) -> Result<Model> {
+    tch::manual_seed(cfg.seed as i64);
+    let vs = VarStore::new(device);
+    let backbone = cfg.model.backbone.build(vs.root() / "backbone", i64::from(channels))?;
+    let objective = cfg.objective.build(&vs.root(), backbone)?;
+    Ok(Model { vs, objective })
+}
+
+/// Moves a host batch to `device` as `[N, C, H, W]` tensors. Pinned memory makes the copy asynchronous on CUDA.
+pub fn to_device(batch: &HostBatch, device: Device) -> Vec<Tensor> {
+    batch
+        .views
+        .iter()
+        .zip(&batch.shapes)
+        .map(|(v, s)| {
+            let t = Tensor::from_slice(v).view([batch.len() as i64, s[0] as i64, s[1] as i64, s[2] as i64]);
+            if device.is_cuda() {
+                t.pin_memory(device).to_device_(device, Kind::Float, true, false)
+            } else {
+                t
+            }
+        })
+        .collect()
+}
+
+/// The first `pairs` samples of epoch 0, every view side by side, as one image grid.
+fn preview(source: &dyn Source, views: &Views, order: &[usize], seed: u64, pairs: usize) -> Option<Image> {
+    let mut tiles = Vec::new();
+    for &i in order.iter().take(pairs) {
+        let Ok(sample) = source.get(i) else { continue };
+        let mut rng = Rng::for_sample(seed, 0, i as u64);
+        tiles.extend(views.recipes.iter().map(|p| p.run_image(&sample.image, &mut rng)));
+    }
+    let per_row = views.recipes.len() * 4;
+    (!tiles.is_empty()).then(|| grid(&tiles, per_row))
+}
+
+fn report_bad(epoch: usize, bad: &[BadSample], seen: usize, max_fraction: f64) -> Result<()> {
+    if bad.is_empty() {
+        return Ok(());
+    }
+    eprintln!("\nepoch {}: {} unreadable sample(s) skipped:", epoch + 1, bad.len());
+    for b in bad.iter().take(20) {
+        eprintln!("  {}: {}", b.location, b.error);
+    }
+    if bad.len() > 20 {
+        eprintln!("  ... and {} more", bad.len() - 20);
+    }
+    let frac = bad.len() as f64 / seen.max(1) as f64;
+    if frac > max_fraction {
+        return Err(Error::Other(format!(
+            "{:.2}% of epoch {}'s samples were unreadable, above data.max_bad_fraction = {}",
+            100.0 * frac,
+            epoch + 1,
+            max_fraction
+        )));
+    }
+    Ok(())
+}
+
+/// Pretrains `cfg` into `opts.out`, then evaluates if configured. The loop is the same for every objective.
+pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<RunSummary> {
+    let device = select_device(cfg.train.device)?;
+    if device.is_cuda() {
+        dev::set_tf32(true);
+        dev::set_cudnn_benchmark(true);
+        if cfg.train.bf16 && !dev::use_bf16_autocast() {
+            return Err(Error::Other("libtorch refused bf16 autocast".into()));
+        }
+    }
+    let autocast = device.is_cuda() && cfg.train.bf16;
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: std::io::Error| Error::Other(format!("{}: {e}", p.display()))
+    };
+    std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
+    let resolved = opts.out.join("config.toml");
+    std::fs::write(&resolved, cfg.to_toml()).map_err(io(&resolved))?;
+
+    let source: Arc<dyn Source> = source::open(&cfg.data.train, cfg.data.channels)?.into();
+    let channels = source.channels();
+    let mut model = build_model(cfg, channels, device)?;
+    let nviews = model.objective.num_views();
+    let recipes = (0..nviews).map(|_| cfg.augment.build(channels)).collect::<Result<Vec<_>, _>>()?;
+    let views = Arc::new(Views::new(recipes));
+    let t = &cfg.train;
+    let loader_cfg = LoaderConfig {
+        batch_size: t.batch_size,
+        threads: t.threads,
+        prefetch: t.prefetch,
+        seed: cfg.seed,
+        shuffle: true,
+        drop_last: true,
+    };
+    let loader = Loader::new(source.clone(), views.clone(), loader_cfg).map_err(|e| Error::Other(e.to_string()))?;
+    let steps_per_epoch = loader.batches_per_epoch() as u64;
+    if steps_per_epoch == 0 {
+        return Err(Error::Other(format!("{} samples < train.batch_size {}", source.len(), t.batch_size)));
+    }
+    let mut opt = Optimizer::new(&model.vs, &cfg.optimizer)?;
+    let ckpt_dir = opts.out.join("checkpoints");
+    let (mut start_epoch, mut step) = (0usize, 0u64);
+    if opts.resume {
+        let ckpt = checkpoint::resolve(&opts.out)?;
+        checkpoint::load_weights(&mut model.vs, &ckpt)?;
+        opt.load_state(&checkpoint::load_optimizer(&ckpt)?)?;
+        let st = checkpoint::load_state(&ckpt)?;
+        (start_epoch, step) = (st.epoch, st.step);
+        eprintln!("resuming from {} (epoch {}, step {})", ckpt.display(), st.epoch, st.step);
+    } else if let Some(img) = preview(source.as_ref(), &views, &loader.order(0), cfg.seed, t.preview_pairs) {
+        sink.image("views/pairs", 0, &img);
+    }
+
+    let total_steps = steps_per_epoch * t.epochs as u64;
+    let max_steps = if t.max_steps > 0 { (t.max_steps as u64).min(total_steps) } else { total_steps };
+    let peak_lr = cfg.optimizer.base_lr * t.batch_size as f64 / 256.0;
+    let mut progress = Progress::new(max_steps, opts.quiet);
+    let run_start = Instant::now();
+    let (mut total_wait, mut total_train, mut images_seen) = (0f64, 0f64, 0u64);
+    let mut unreadable = 0usize;
+    let mut final_loss = f64::NAN;
+    let eval_ctx = EvalContext { cfg, device, threads: t.threads };
+    let mut last_saved_epoch = None;
+    let mut epoch = start_epoch;
+    'epochs: while epoch < t.epochs && step < max_steps {
+        let mut bad = Vec::new();
+        let mut seen = 0usize;
+        let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
+        let (mut acc_steps, mut win_images, mut win_wait) = (0u64, 0u64, 0f64);
+        let mut win_start = Instant::now();
+        let mut batches = loader.epoch(epoch as u64);
+        loop {
+            let wait_start = Instant::now();
+            let Some(batch) = batches.next() else { break };
+            let waited = wait_start.elapsed().as_secs_f64();
+            win_wait += waited;
+            total_wait += waited;
+            seen += batch.len() + batch.bad.len();
+            bad.extend(batch.bad.iter().cloned());
+            if batch.len() < 2 {
+                continue; // nothing to contrast in a batch emptied by unreadable samples
+            }
+            let progress_epochs = step as f64 / steps_per_epoch as f64;
+            let lr = cfg.optimizer.lr_at(peak_lr, progress_epochs, t.epochs as f64);
+            let out = tch::autocast(autocast, || model.objective.loss(&Batch { views: to_device(&batch, device) }, true));
+            opt.zero_grad();
+            out.loss.backward();
+            opt.step(lr);
+            step += 1;
+            model.objective.after_step(step as f64 / total_steps as f64);
+            loss_acc += out.loss.detach().to_kind(Kind::Float);
+            acc_steps += 1;
+            win_images += batch.len() as u64;
+            images_seen += batch.len() as u64;
+            let last = step >= max_steps;
+            if step % t.log_every as u64 == 0 || last {
+                // The one deliberate sync point: read the mean loss of the window back from the device.
+                let loss = loss_acc.double_value(&[]) / acc_steps as f64;
+                let dt = win_start.elapsed().as_secs_f64();
+                total_train += dt;
+                let (ips, wait) = (win_images as f64 / dt, win_wait / dt);
+                sink.scalar("train/loss", step as i64, loss);
+                sink.scalar("train/lr", step as i64, lr);
+                sink.scalar("train/images_per_s", step as i64, ips);
+                sink.scalar("train/data_wait_fraction", step as i64, wait);
+                progress.update(epoch, t.epochs, step, loss, ips, wait, false);
+                if !loss.is_finite() {
+                    return Err(Error::Other(format!("loss is {loss} at step {step}; lower optimizer.base_lr?")));
+                }
+                final_loss = loss;
+                loss_acc = Tensor::zeros([], (Kind::Float, device));
+                (acc_steps, win_images, win_wait) = (0, 0, 0.0);
+                win_start = Instant::now();
+            }
+            if last {
+                drop(batches);
+                report_bad(epoch, &bad, seen, cfg.data.max_bad_fraction)?;
+                unreadable += bad.len();
+                break 'epochs;
+            }
+        }
+        report_bad(epoch, &bad, seen, cfg.data.max_bad_fraction)?;
+        unreadable += bad.len();
+        epoch += 1;
+        let state = TrainerState { epoch, step, selfsup_version: env!("CARGO_PKG_VERSION").into() };
+        if t.checkpoint_every > 0 && epoch % t.checkpoint_every == 0 {
+            checkpoint::save(&ckpt_dir, &format!("epoch-{epoch:04}"), &model.vs, &opt.state(), &state, cfg)?;
+            last_saved_epoch = Some(epoch);
+        }
+        if cfg.eval.knn_every > 0 && epoch % cfg.eval.knn_every == 0 && epoch < t.epochs && cfg.data.test.is_some() {
+            let top1 = transfer::knn_only(model.objective.backbone(), &eval_ctx)?;
+            sink.scalar("eval/knn_top1", step as i64, top1);
+        }
+        sink.flush();
+    }
+    progress.update(epoch.saturating_sub(1), t.epochs, step, final_loss, 0.0, 0.0, true);
+    progress.finish();
+    if last_saved_epoch != Some(epoch) || step < total_steps {
+        let state = TrainerState { epoch, step, selfsup_version: env!("CARGO_PKG_VERSION").into() };
+        checkpoint::save(&ckpt_dir, &format!("epoch-{epoch:04}-step-{step}"), &model.vs, &opt.state(), &state, cfg)?;
+    }
+    let seconds = run_start.elapsed().as_secs_f64();
+    let eval = if cfg.eval.at_end && cfg.data.test.is_some() {
+        let report = transfer::evaluate(model.objective.backbone(), &eval_ctx, sink, step as i64)?;
+        transfer::write_report(&report, &opts.out)?;
+        Some(report)
+    } else {
+        None
+    };
+    sink.flush();
+    Ok(RunSummary {
+        out: opts.out.clone(),
+        device: format!("{device:?}"),
+        steps: step,
+        epochs: epoch,
+        seconds,
+        images_per_s: images_seen as f64 / total_train.max(1e-9),
+        data_wait_fraction: total_wait / run_start.elapsed().as_secs_f64().max(1e-9),
+        final_loss,
+        unreadable_samples: unreadable,
+        eval,
+    })
+}

@@ -1,0 +1,67 @@
+//! `selfsup bench-loader`: the data stage alone, as fast as it goes. The last line is `pairs_per_s=<number>`
+//! (a pair = one sample with all the views its objective needs).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use selfsup_augment::Views;
+use selfsup_pipeline::loader::{Loader, LoaderConfig};
+use selfsup_pipeline::source::{self, Source};
+
+pub fn run(spec: &str, set: &[String], seconds: f64, threads: Option<usize>) -> Result<()> {
+    let cfg = crate::load_config(spec, set)?;
+    let src: Arc<dyn Source> = source::open(&cfg.data.train, cfg.data.channels)?.into();
+    let channels = src.channels();
+    let recipes = (0..cfg.objective.num_views()).map(|_| cfg.augment.build(channels)).collect::<Result<Vec<_>, _>>()?;
+    let lc = LoaderConfig {
+        batch_size: cfg.train.batch_size,
+        threads: threads.unwrap_or(cfg.train.threads),
+        prefetch: cfg.train.prefetch,
+        seed: cfg.seed,
+        shuffle: true,
+        drop_last: true,
+    };
+    let loader = Loader::new(src.clone(), Arc::new(Views::new(recipes)), lc)?;
+    eprintln!(
+        "bench-loader: {} samples, batch {}, {} views, {} threads, {:.0}s",
+        src.len(),
+        cfg.train.batch_size,
+        cfg.objective.num_views(),
+        loader.threads(),
+        seconds
+    );
+    // The first batch pays for thread start-up and page-cache misses: not counted.
+    let mut epoch = 0u64;
+    let mut it = loader.epoch(epoch);
+    let _ = it.next();
+    let times = loader.stage_times.clone();
+    let (d0, a0, s0) = (
+        times.read_decode_ns.load(Ordering::Relaxed),
+        times.augment_ns.load(Ordering::Relaxed),
+        times.samples.load(Ordering::Relaxed),
+    );
+    let start = Instant::now();
+    let mut pairs = 0usize;
+    while start.elapsed().as_secs_f64() < seconds {
+        match it.next() {
+            Some(b) => pairs += b.len(),
+            None => {
+                epoch += 1;
+                it = loader.epoch(epoch);
+            }
+        }
+    }
+    let dt = start.elapsed().as_secs_f64();
+    drop(it);
+    let samples = (times.samples.load(Ordering::Relaxed) - s0).max(1) as f64;
+    let per = |ns: u64| ns as f64 / samples / 1000.0;
+    eprintln!(
+        "per sample (one thread): read+decode {:.2} us, augment all views + normalize {:.2} us",
+        per(times.read_decode_ns.load(Ordering::Relaxed) - d0),
+        per(times.augment_ns.load(Ordering::Relaxed) - a0)
+    );
+    println!("pairs_per_s={:.1}", pairs as f64 / dt);
+    Ok(())
+}
