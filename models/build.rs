@@ -5,7 +5,10 @@ fn main() {
     // The C++ shim for what tch lacks (bf16 autocast dtype, TF32, cuDNN benchmark); compiled against the same libtorch.
     println!("cargo:rerun-if-changed=csrc/torch_shim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    let libtorch = std::path::PathBuf::from(std::env::var("LIBTORCH").expect("LIBTORCH is set by .cargo/config.toml; run scripts/setup"));
+    let libtorch = std::path::PathBuf::from(
+        std::env::var("LIBTORCH")
+            .expect("LIBTORCH is set by .cargo/config.toml; run scripts/setup"),
+    );
     cc::Build::new()
         .cpp(true)
         .file("csrc/torch_shim.cpp")

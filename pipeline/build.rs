@@ -1,2 +1,4 @@
 include!("../build/libtorch_link.rs");
-fn main() { link_libtorch(); }
+fn main() {
+    link_libtorch();
+}

@@ -28,6 +28,9 @@ impl ModuleT for ProjectionHead {
     /// # Shapes
     /// `[N, input]` → `[N, output]`.
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        x.apply(&self.fc1).apply_t(&self.bn, train).relu().apply(&self.fc2)
+        x.apply(&self.fc1)
+            .apply_t(&self.bn, train)
+            .relu()
+            .apply(&self.fc2)
     }
 }

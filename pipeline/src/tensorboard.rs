@@ -36,14 +36,23 @@ pub struct TensorBoard {
 impl TensorBoard {
     pub fn create(dir: &Path) -> Result<Self, tfrecord::Error> {
         let prefix = dir.join("events");
-        let writer = EventWriter::from_prefix(prefix.to_string_lossy().into_owned(), "", Default::default())?;
-        Ok(TensorBoard { writer, failed: false })
+        let writer = EventWriter::from_prefix(
+            prefix.to_string_lossy().into_owned(),
+            "",
+            Default::default(),
+        )?;
+        Ok(TensorBoard {
+            writer,
+            failed: false,
+        })
     }
 
     fn check(&mut self, r: Result<(), tfrecord::Error>) {
         if let Err(e) = r {
             if !self.failed {
-                eprintln!("warning: TensorBoard event write failed ({e}); further errors are not shown");
+                eprintln!(
+                    "warning: TensorBoard event write failed ({e}); further errors are not shown"
+                );
                 self.failed = true;
             }
         }
@@ -52,7 +61,11 @@ impl TensorBoard {
 
 /// PNG bytes of an 8-bit gray or RGB image.
 pub fn encode_png(image: &Image) -> Vec<u8> {
-    let color = if image.channels == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
+    let color = if image.channels == 1 {
+        image::ExtendedColorType::L8
+    } else {
+        image::ExtendedColorType::Rgb8
+    };
     let mut out = Vec::new();
     image::ImageEncoder::write_image(
         image::codecs::png::PngEncoder::new(Cursor::new(&mut out)),
@@ -95,12 +108,19 @@ impl Sink for TensorBoard {
 
 /// Lays images of equal size out in a grid with `cols` columns and a 2-pixel gray border.
 pub fn grid(images: &[Image], cols: usize) -> Image {
-    let (w, h, c) = images.first().map_or((1, 1, 1), |i| (i.width as usize, i.height as usize, i.channels as usize));
+    let (w, h, c) = images.first().map_or((1, 1, 1), |i| {
+        (i.width as usize, i.height as usize, i.channels as usize)
+    });
     let cols = cols.max(1).min(images.len().max(1));
     let rows = images.len().div_ceil(cols).max(1);
     let pad = 2;
     let (gw, gh) = (cols * (w + pad) + pad, rows * (h + pad) + pad);
-    let mut out = Image { width: gw as u32, height: gh as u32, channels: c as u8, data: vec![128; gw * gh * c] };
+    let mut out = Image {
+        width: gw as u32,
+        height: gh as u32,
+        channels: c as u8,
+        data: vec![128; gw * gh * c],
+    };
     for (k, img) in images.iter().enumerate() {
         let (x0, y0) = (pad + (k % cols) * (w + pad), pad + (k / cols) * (h + pad));
         for y in 0..h.min(img.height as usize) {

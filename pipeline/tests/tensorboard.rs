@@ -1,0 +1,50 @@
+//! The TensorBoard sink, checked with TensorBoard's own reader (EventAccumulator from the setup venv).
+
+mod common;
+
+use selfsup_augment::Image;
+use selfsup_pipeline::tensorboard::{grid, Sink, TensorBoard};
+
+#[test]
+fn scalars_images_and_histograms_read_back_with_tensorboard() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut tb = TensorBoard::create(dir.path()).unwrap();
+        for step in 0..5 {
+            tb.scalar("train/loss", step * 10, 1.0 / (step as f64 + 1.0));
+        }
+        let tiles: Vec<Image> = (0..6)
+            .map(|i| Image {
+                width: 28,
+                height: 20,
+                channels: 1,
+                data: vec![i * 40; 28 * 20],
+            })
+            .collect();
+        tb.image("views/pairs", 0, &grid(&tiles, 4));
+        tb.image(
+            "rgb",
+            3,
+            &Image {
+                width: 7,
+                height: 5,
+                channels: 3,
+                data: (0..105).map(|x| x as u8).collect(),
+            },
+        );
+        tb.histogram("weights", 2, &[0.5, 1.0, 1.5, 2.0]);
+        tb.flush();
+    }
+    let ev = common::read_events(dir.path());
+    let loss = ev["scalars"]["train/loss"].as_array().unwrap();
+    assert_eq!(loss.len(), 5);
+    assert_eq!(loss[2][0], 20);
+    assert!((loss[2][1].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-6);
+    // 4 columns x 2 rows of 28x20 tiles with 2-px borders: width 4*30+2, height 2*22+2 (not transposed).
+    assert_eq!(
+        ev["images"]["views/pairs"][0],
+        serde_json::json!([0, 122, 46])
+    );
+    assert_eq!(ev["images"]["rgb"][0], serde_json::json!([3, 7, 5]));
+    assert_eq!(ev["histograms"]["weights"][0], serde_json::json!([2, 4.0]));
+}

@@ -1,0 +1,245 @@
+//! End-to-end tests of the `selfsup` binary on real Fashion-MNIST with a tiny model: pretrain → checkpoint →
+//! eval, the TensorBoard file read by TensorBoard's own reader, resume, bench-loader, and config errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn selfsup(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_selfsup"))
+        .args(args)
+        .output()
+        .expect("running selfsup")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = selfsup(args);
+    assert!(
+        out.status.success(),
+        "selfsup {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn venv_python() -> PathBuf {
+    let cache = std::env::var_os("SELFSUP_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
+                .join("selfsup")
+        });
+    let py = cache.join("venv/bin/python");
+    assert!(py.exists(), "{} missing: run scripts/setup", py.display());
+    py
+}
+
+fn read_events(dir: &Path) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/read_events.py");
+    let out = Command::new(venv_python())
+        .arg(script)
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+/// The tiny preset cut down to seconds: 12 steps of batch 64, evaluation on 2000 labeled train images.
+const QUICK: [&str; 10] = [
+    "--set",
+    "train.max_steps=12",
+    "--set",
+    "train.batch_size=64",
+    "--set",
+    "eval.train_limit=2000",
+    "--set",
+    "eval.probe_epochs=3",
+    "--set",
+    "train.log_every=4",
+];
+
+#[test]
+fn pretrain_checkpoint_eval_and_tensorboard() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut args = vec![
+        "pretrain",
+        "--config",
+        "configs/simclr-fmnist-tiny.toml",
+        "--out",
+        run.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend(QUICK);
+    let stdout = ok(&args);
+    assert!(stdout.contains("k-NN (k=200, T=0.1) top-1"), "{stdout}");
+    assert!(stdout.contains("worst class"), "{stdout}");
+
+    // Run folder contents.
+    assert!(run.join("config.toml").is_file());
+    let ckpt = run.join("checkpoints").join(
+        std::fs::read_to_string(run.join("checkpoints/LATEST"))
+            .unwrap()
+            .trim(),
+    );
+    assert!(
+        ckpt.join("model.safetensors").is_file() && ckpt.join("optimizer.safetensors").is_file()
+    );
+    let report = json(&run.join("eval.json"));
+    let knn = report["knn"]["top1"].as_f64().unwrap();
+    let linear = report["linear"]["top1"].as_f64().unwrap();
+    // 12 steps of a tiny net are far from converged, but features must carry class information (chance: 10%).
+    assert!(knn > 0.4 && linear > 0.4, "knn {knn}, linear {linear}");
+    assert_eq!(report["test_samples"], 10_000);
+    assert_eq!(report["train_samples"], 2000);
+    assert_eq!(report["linear"]["per_class"].as_array().unwrap().len(), 10);
+    assert_eq!(report["linear"]["per_class"][9]["class"], "Ankle boot");
+    assert!(report["raw_pixels_linear"]["top1"].as_f64().unwrap() > 0.7);
+    let summary = json(&run.join("summary.json"));
+    assert_eq!(summary["steps"], 12);
+
+    // TensorBoard's reader sees the tags, the steps, and the view grid at its true size.
+    let ev = read_events(&run);
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "train/images_per_s",
+        "train/data_wait_fraction",
+    ] {
+        let steps: Vec<i64> = ev["scalars"][tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("{tag} missing"))
+            .iter()
+            .map(|p| p[0].as_i64().unwrap())
+            .collect();
+        assert_eq!(steps, vec![4, 8, 12], "{tag}");
+    }
+    let losses: Vec<f64> = ev["scalars"]["train/loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_f64().unwrap())
+        .collect();
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+    let wait = ev["scalars"]["train/data_wait_fraction"][0][1]
+        .as_f64()
+        .unwrap();
+    assert!((0.0..=1.0).contains(&wait));
+    let knn_tb = ev["scalars"]["eval/knn_top1"][0][1].as_f64().unwrap();
+    assert!((knn_tb - knn).abs() < 1e-6);
+    assert!(ev["scalars"]["eval/linear_top1"].is_array());
+    // 16 pairs, 8 tiles per row (4 pairs), 28 px tiles with 2 px borders: 8*30+2 wide, 4*30+2 high.
+    assert_eq!(
+        ev["images"]["views/pairs"][0],
+        serde_json::json!([0, 242, 122])
+    );
+
+    // `eval` on the checkpoint reproduces the k-NN result exactly (deterministic features and vote).
+    let out2 = dir.path().join("eval2");
+    let stdout = ok(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("linear probe top-1"), "{stdout}");
+    let again = json(&out2.join("eval.json"));
+    assert_eq!(again["knn"]["top1"].as_f64().unwrap(), knn);
+    assert_eq!(again["linear"]["top1"].as_f64().unwrap(), linear);
+
+    // Resume continues from the checkpoint's step.
+    let stdout = ok(&[
+        "pretrain",
+        "--resume",
+        "--out",
+        run.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "train.max_steps=16",
+        "--set",
+        "eval.at_end=false",
+    ]);
+    assert!(stdout.contains("pretrained 16 steps"), "{stdout}");
+}
+
+#[test]
+fn config_errors_name_the_key_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[train]\nbatch_sise = 64\n").unwrap();
+    let out = selfsup(&[
+        "pretrain",
+        "--config",
+        bad.to_str().unwrap(),
+        "--out",
+        dir.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("train.batch_sise"),
+        "{err}"
+    );
+
+    let out = selfsup(&[
+        "pretrain",
+        "--config",
+        "simclr-fmnist-tiny",
+        "--set",
+        "optimizer.base_lr=-1",
+        "--out",
+        dir.path().join("r2").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("optimizer.base_lr"), "{err}");
+
+    let out = selfsup(&["pretrain", "--config", "no-such-preset"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("simclr-fmnist-tiny"),
+        "lists the presets"
+    );
+}
+
+#[test]
+fn bench_loader_and_info() {
+    let stdout = ok(&[
+        "bench-loader",
+        "--config",
+        "simclr-fmnist-tiny",
+        "--seconds",
+        "1",
+        "--threads",
+        "1",
+    ]);
+    let last = stdout.lines().last().unwrap();
+    let v: f64 = last
+        .strip_prefix("pairs_per_s=")
+        .expect(last)
+        .parse()
+        .unwrap();
+    assert!(v > 100.0, "{last}");
+    let info = ok(&["info"]);
+    assert!(
+        info.contains("libtorch  2.11.0") && info.contains("/usr/share/datasets/fashion-mnist"),
+        "{info}"
+    );
+}
