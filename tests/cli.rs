@@ -1,7 +1,7 @@
 //! End-to-end tests of the `selfsup` binary on real Fashion-MNIST with a tiny model: pretrain → checkpoint →
 //! eval, the TensorBoard file read by TensorBoard's own reader, resume, bench-loader, and config errors.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn selfsup(args: &[&str]) -> Output {
@@ -22,33 +22,8 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn venv_python() -> PathBuf {
-    let cache = std::env::var_os("SELFSUP_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
-                .join("selfsup")
-        });
-    let py = cache.join("venv/bin/python");
-    assert!(py.exists(), "{} missing: run scripts/setup", py.display());
-    py
-}
-
 fn read_events(dir: &Path) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/read_events.py");
-    let out = Command::new(venv_python())
-        .arg(script)
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    selfsup_pipeline::tensorboard::read_back(dir).unwrap()
 }
 
 fn json(path: &Path) -> serde_json::Value {

@@ -31,6 +31,25 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// selfsup's cache: `$SELFSUP_CACHE`, else `$XDG_CACHE_HOME/selfsup`, else `~/.cache/selfsup`. scripts/setup
+/// keeps its Python venv here; inflated copies of gzipped datasets go here too.
+pub fn cache_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(d) = std::env::var_os("SELFSUP_CACHE") {
+        return PathBuf::from(d);
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("selfsup")
+}
+
+/// The setup venv's python (torch, torchvision, TensorBoard's reader).
+pub fn venv_python() -> std::path::PathBuf {
+    cache_dir().join("venv/bin/python")
+}
+
 /// The device a run asks for: CUDA when visible for `auto`; `cuda` without a GPU is an error, not a silent CPU run.
 pub fn select_device(choice: config::DeviceChoice) -> Result<tch::Device> {
     use config::DeviceChoice::*;

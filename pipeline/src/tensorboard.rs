@@ -131,3 +131,19 @@ pub fn grid(images: &[Image], cols: usize) -> Image {
     }
     out
 }
+
+/// Reads the event files of `dir` back with TensorBoard's own `EventAccumulator` (the setup venv's python and
+/// `scripts/read_events.py`): `{"scalars": {tag: [[step, value]..]}, "images": {tag: [[step, w, h]..]},
+/// "histograms": {tag: [[step, count]..]}}`. How the tests check what TensorBoard will show.
+pub fn read_back(dir: &Path) -> Result<serde_json::Value, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/read_events.py");
+    let py = crate::venv_python();
+    if !py.exists() {
+        return Err(format!("{} missing: run scripts/setup", py.display()));
+    }
+    let out = std::process::Command::new(&py).arg(&script).arg(dir).output().map_err(|e| format!("{}: {e}", py.display()))?;
+    if !out.status.success() {
+        return Err(format!("read_events.py failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("read_events.py output: {e}"))
+}

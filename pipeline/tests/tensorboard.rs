@@ -1,7 +1,5 @@
 //! The TensorBoard sink, checked with TensorBoard's own reader (EventAccumulator from the setup venv).
 
-mod common;
-
 use selfsup_augment::Image;
 use selfsup_pipeline::tensorboard::{grid, Sink, TensorBoard};
 
@@ -35,7 +33,7 @@ fn scalars_images_and_histograms_read_back_with_tensorboard() {
         tb.histogram("weights", 2, &[0.5, 1.0, 1.5, 2.0]);
         tb.flush();
     }
-    let ev = common::read_events(dir.path());
+    let ev = selfsup_pipeline::tensorboard::read_back(dir.path()).unwrap();
     let loss = ev["scalars"]["train/loss"].as_array().unwrap();
     assert_eq!(loss.len(), 5);
     assert_eq!(loss[2][0], 20);

@@ -66,18 +66,6 @@ fn is_gzip(path: &Path) -> Result<bool, DataError> {
     Ok(f.read(&mut m).map_err(|e| DataError::io(path, e))? == 2 && m == [0x1f, 0x8b])
 }
 
-/// Directory for inflated copies of gzipped inputs: `$SELFSUP_CACHE` or `$XDG_CACHE_HOME/selfsup` or `~/.cache/selfsup`.
-pub fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("SELFSUP_CACHE") {
-        return PathBuf::from(d);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("selfsup")
-}
-
 /// Returns a path to the uncompressed bytes of `path`: itself if it is not gzipped, else a cached inflated copy
 /// keyed by the source's path, size and modification time.
 fn uncompressed(path: &Path) -> Result<PathBuf, DataError> {
@@ -99,7 +87,7 @@ fn uncompressed(path: &Path) -> Result<PathBuf, DataError> {
         .to_string_lossy()
         .trim_end_matches(".gz")
         .to_string();
-    let dir = cache_dir().join("idx");
+    let dir = crate::cache_dir().join("idx");
     let out = dir.join(format!("{stem}-{:016x}", std::hash::Hasher::finish(&h)));
     if out.exists() {
         return Ok(out);
