@@ -141,9 +141,16 @@ pub fn read_back(dir: &Path) -> Result<serde_json::Value, String> {
     if !py.exists() {
         return Err(format!("{} missing: run scripts/setup", py.display()));
     }
-    let out = std::process::Command::new(&py).arg(&script).arg(dir).output().map_err(|e| format!("{}: {e}", py.display()))?;
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("{}: {e}", py.display()))?;
     if !out.status.success() {
-        return Err(format!("read_events.py failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "read_events.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     serde_json::from_slice(&out.stdout).map_err(|e| format!("read_events.py output: {e}"))
 }

@@ -1,0 +1,442 @@
+#!/usr/bin/env python3
+"""The PyTorch reference for `selfsup pretrain`: the SimCLR recipe of a selfsup TOML preset (by default
+configs/simclr-fmnist.toml) written with PyTorch + torchvision the usual way (solo-learn style, one file).
+The GPU check (scripts/gpu-check) runs it after our binary on the same config and data.
+
+Hyperparameters come from the same TOML file: `--config PATH` and `--set key=value` (value in TOML syntax; a
+bare word is a string), defaults as in selfsup's `Default` impls. It matches selfsup's Rust code:
+  data    Fashion-MNIST IDX (gz) read once; two views per sample through torchvision.transforms.v2 on uint8
+          tensors; DataLoader with one worker per core, pinned memory, drop_last, persistent workers.
+  model   torchvision's ResNet with BasicBlocks (`layers`, first-stage `width`, CIFAR stem, 1 input channel,
+          no fc); projector Linear-BN1d-ReLU-Linear; one forward over torch.cat([v1, v2]).
+  loss    NT-Xent (normalize, self-similarity masked, cross entropy against the other view) in fp32.
+  optim   LARS (decay + trust ratio eta*|p|/|g| on ndim > 1 only; b = m*b + g; p -= lr*b), peak lr
+          base_lr*batch/256, linear warmup then cosine to final_lr_fraction, set every step.
+  speed   bf16 autocast, TF32, cudnn.benchmark on CUDA; --channels-last optional.
+  eval    features (no augmentation) of the train set (or its first eval.train_limit) and the test set;
+          weighted cosine k-NN and a linear probe on standardized features (SGD nesterov, cosine per epoch);
+          also the same probe on raw pixels when eval.raw_pixel_baseline; k-NN every eval.knn_every epochs.
+  measure pretraining wall time, images/s of the training loop, and the fraction of it spent blocked in
+          next(loader); the loss is read back only every train.log_every steps and at the end of an epoch.
+The last line printed is JSON: {"impl": "pytorch", "pretrain_seconds": ..., "knn_top1": ..., ...}
+(top-1 as fractions, like selfsup's eval.json).
+
+    python3 scripts/reference/simclr_fmnist_torch.py --config configs/simclr-fmnist.toml --set train.epochs=1
+"""
+
+import argparse
+import gzip
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models.resnet import BasicBlock
+from torchvision.models.resnet import ResNet as TorchvisionResNet
+from torchvision.transforms import v2
+
+# selfsup's defaults (the `Default` impls) for every key this script reads; the TOML file overrides them.
+DEFAULTS = {
+    "name": "run", "seed": 0,
+    "data": {"train": "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz",
+             "test": "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz", "class_names": []},
+    "augment": {"size": 28, "crop_scale": [0.08, 1.0], "crop_ratio": [3 / 4, 4 / 3], "flip_p": 0.5,
+                "jitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.0, "hue": 0.0, "p": 0.8},
+                "grayscale_p": 0.0, "blur": {"p": 0.0}, "solarize_p": 0.0, "equalize_p": 0.0,
+                "mean": [], "std": []},
+    "model": {"backbone": {"kind": "resnet", "layers": [2, 2, 2, 2], "width": 64, "cifar_stem": True}},
+    "objective": {"kind": "simclr", "temperature": 0.2, "proj_hidden": 2048, "proj_dim": 128},
+    "optimizer": {"kind": "lars", "base_lr": 0.3, "momentum": 0.9, "weight_decay": 1e-6, "eta": 0.02,
+                  "warmup_epochs": 2.0, "final_lr_fraction": 0.0},
+    "train": {"epochs": 20, "batch_size": 512, "threads": 0, "prefetch": 4, "log_every": 20,
+              "checkpoint_every": 5, "device": "auto", "bf16": True, "max_steps": 0, "preview_pairs": 16},
+    "eval": {"at_end": True, "knn_every": 0, "knn_k": 200, "knn_temperature": 0.1, "probe_epochs": 30,
+             "probe_lr": 0.1, "probe_batch": 256, "probe_weight_decay": 1e-5, "raw_pixel_baseline": True,
+             "train_limit": 0},
+}
+
+
+class Cfg(dict):
+    """A nested dict read with attributes: cfg.train.epochs."""
+
+    def __getattr__(self, key):
+        v = self[key]
+        return Cfg(v) if isinstance(v, dict) else v
+
+
+def merge(base, over):
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def load_config(path, overrides):
+    cfg = json.loads(json.dumps(DEFAULTS))  # deep copy
+    with open(path, "rb") as f:
+        merge(cfg, tomllib.load(f))
+    for arg in overrides:
+        key, sep, raw = arg.partition("=")
+        if not sep:
+            sys.exit(f"--set {arg}: expected key=value")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # a bare word is a string, as in selfsup
+        *parents, last = key.strip().split(".")
+        node = cfg
+        for p in parents:
+            node = node.get(p)
+            if not isinstance(node, dict):
+                sys.exit(f"--set {arg}: `{p}` is not a table")
+        if last not in node:
+            sys.exit(f"--set {arg}: unknown key `{key}`")
+        node[last] = value
+    a = cfg["augment"]
+    if a["grayscale_p"] or a["blur"]["p"] or a["solarize_p"] or a["equalize_p"]:
+        sys.exit("this reference implements the gray recipe only (grayscale_p, blur.p, solarize_p, equalize_p = 0)")
+    if cfg["optimizer"]["kind"] not in ("lars", "sgd") or cfg["objective"]["kind"] != "simclr":
+        sys.exit("this reference implements SimCLR with LARS or SGD only")
+    return Cfg(cfg)
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+
+def read_idx(path):
+    """IDX u8 file (gz or not) -> uint8 tensor: images [N, 1, H, W] (magic 0x803) or labels [N] (0x801)."""
+    path = Path(path)
+    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    magic = int.from_bytes(data[0:4], "big")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(magic & 0xFF)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
+    return torch.from_numpy(arr.copy()).unsqueeze(1) if len(dims) == 3 else torch.from_numpy(arr.astype(np.int64))
+
+
+def read_labels(images_path):
+    return read_idx(str(images_path).replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1"))
+
+
+def mean_std(a):
+    return (a.mean or [0.5]), (a.std or [0.5])
+
+
+def train_transform(a):
+    j = a.jitter
+    ops = [v2.RandomResizedCrop(a.size, scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio), antialias=True)]
+    if a.flip_p > 0:
+        ops.append(v2.RandomHorizontalFlip(a.flip_p))
+    if j.p > 0 and (j.brightness > 0 or j.contrast > 0):
+        ops.append(v2.RandomApply([v2.ColorJitter(j.brightness, j.contrast, j.saturation, j.hue)], p=j.p))
+    mean, std = mean_std(a)
+    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def eval_transform(a, side):
+    """The whole image at the view size, normalized; applied to whole batches on the device."""
+    mean, std = mean_std(a)
+    resize = [] if side == a.size else [v2.Resize((a.size, a.size), antialias=True)]
+    return v2.Compose(resize + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+class TwoViews(Dataset):
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform  # uint8 [N, 1, H, W], read once
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        return self.transform(img), self.transform(img)
+
+
+def worker_init(_):
+    torch.set_num_threads(1)  # N workers x M intra-op threads on N cores only oversubscribes for 28 px ops
+
+
+# --- model, loss, optimizer ----------------------------------------------------------------------------------
+
+class ResNet(TorchvisionResNet):
+    """torchvision's ResNet (BasicBlock) with a first-stage `width`, `in_channels`, optional CIFAR stem, no fc."""
+
+    def __init__(self, layers, width, cifar_stem, in_channels=1):
+        super().__init__(BasicBlock, layers)
+        k, s = (3, 1) if cifar_stem else (7, 2)
+        self.conv1 = nn.Conv2d(in_channels, width, k, s, k // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        if cifar_stem:
+            self.maxpool = nn.Identity()
+        self.inplanes = width
+        for i, n in enumerate(layers):
+            setattr(self, f"layer{i + 1}", self._make_layer(BasicBlock, width << i, n, stride=1 if i == 0 else 2))
+        self.fc = nn.Identity()
+        self.dim = width << 3
+        for m in self.modules():  # torchvision's initialisation, again for the rebuilt layers
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+class SimCLR(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        b, o = cfg.model.backbone, cfg.objective
+        self.backbone = ResNet(b.layers, b.width, b.cifar_stem)
+        self.projector = nn.Sequential(nn.Linear(self.backbone.dim, o.proj_hidden), nn.BatchNorm1d(o.proj_hidden),
+                                       nn.ReLU(inplace=True), nn.Linear(o.proj_hidden, o.proj_dim))
+
+    def forward(self, x):
+        return self.projector(self.backbone(x))
+
+
+def nt_xent(z1, z2, temperature):
+    """NT-Xent over 2N anchors; z1, z2: [N, D] -> scalar. Call outside autocast (fp32 similarities)."""
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    logits = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    idx = torch.arange(n, device=z.device)
+    return F.cross_entropy(logits, torch.cat([idx + n, idx]))
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum; weight decay and (lars) the trust ratio eta*|p|/|g| only on tensors of ndim > 1."""
+
+    def __init__(self, params, lr, momentum, weight_decay, eta, lars=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=lars))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if p.ndim > 1:
+                    if group["weight_decay"] > 0:
+                        g = g.add(p, alpha=group["weight_decay"])
+                    if group["lars"]:
+                        pn, gn = p.norm(), g.norm()
+                        trust = torch.where((pn > 0) & (gn > 0), group["eta"] * pn / gn, torch.ones_like(pn))
+                        g = g * trust
+                buf = self.state[p].get("momentum")
+                if buf is None:
+                    buf = self.state[p]["momentum"] = torch.zeros_like(p)
+                buf.mul_(group["momentum"]).add_(g)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def lr_at(o, peak, epoch, total_epochs):
+    if epoch < o.warmup_epochs:
+        return peak * epoch / o.warmup_epochs
+    t = min(max((epoch - o.warmup_epochs) / max(total_epochs - o.warmup_epochs, 1e-9), 0.0), 1.0)
+    floor = peak * o.final_lr_fraction
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def extract(net, images, tf, device, amp, channels_last, batch=512):
+    out = []
+    for i in range(0, len(images), batch):
+        x = tf(images[i:i + batch].to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out.append(net(x).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def knn_predict(bank, bank_y, queries, k, temperature, classes):
+    bank = F.normalize(bank, dim=1)
+    k = min(k, len(bank))
+    preds = []
+    for q in F.normalize(queries, dim=1).split(1024):
+        vals, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(q), classes, device=q.device).scatter_add_(1, bank_y[idx], (vals / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def linear_probe_predict(x, y, xt, classes, e, seed):
+    torch.manual_seed(seed)
+    mean, std = x.mean(0, keepdim=True), x.std(0, unbiased=False, keepdim=True).clamp_min(1e-6)
+    x, xt = (x - mean) / std, (xt - mean) / std
+    lin = nn.Linear(x.shape[1], classes).to(x.device)
+    opt = torch.optim.SGD(lin.parameters(), lr=e.probe_lr, momentum=0.9, nesterov=True,
+                          weight_decay=e.probe_weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(e.probe_epochs, 1))
+    for _ in range(e.probe_epochs):
+        for idx in torch.randperm(len(x), device=x.device).split(e.probe_batch):
+            loss = F.cross_entropy(lin(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    with torch.no_grad():
+        return lin(xt).argmax(1)
+
+
+class Evaluator:
+    def __init__(self, cfg, device, amp, channels_last):
+        self.cfg, self.device, self.amp, self.cl = cfg, device, amp, channels_last
+        limit = cfg.eval.train_limit
+        self.train_x = read_idx(cfg.data.train)[: limit or None]
+        self.train_y = read_labels(cfg.data.train)[: limit or None].to(device)
+        self.test_x, self.test_y = read_idx(cfg.data.test), read_labels(cfg.data.test).to(device)
+        self.classes = int(max(self.train_y.max(), self.test_y.max())) + 1
+        self.tf = eval_transform(cfg.augment, self.train_x.shape[-1])
+
+    def features(self, net):
+        was_training = net.training
+        net.eval()
+        f = [extract(net, x, self.tf, self.device, self.amp, self.cl) for x in (self.train_x, self.test_x)]
+        net.train(was_training)
+        return f
+
+    def knn(self, tr, te):
+        e = self.cfg.eval
+        pred = knn_predict(tr, self.train_y, te, e.knn_k, e.knn_temperature, self.classes)
+        return (pred == self.test_y).float().mean().item()
+
+    def probe(self, tr, te):
+        pred = linear_probe_predict(tr, self.train_y, te, self.classes, self.cfg.eval, self.cfg.seed)
+        return (pred == self.test_y).float().mean().item()
+
+
+# --- training ------------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "configs/simclr-fmnist.toml"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: train.threads or all cores)")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--out", help="folder for checkpoints (as often as train.checkpoint_every); none if unset")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.set)
+    t, o, e = cfg.train, cfg.optimizer, cfg.eval
+    want = t.device
+    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    amp = device.type == "cuda" and t.bf16
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    mf = torch.channels_last if args.channels_last else torch.contiguous_format
+    torch.manual_seed(cfg.seed)
+
+    images = read_idx(cfg.data.train)
+    workers = args.workers if args.workers is not None else (t.threads or len(os.sched_getaffinity(0)))
+    loader = DataLoader(TwoViews(images, train_transform(cfg.augment)), batch_size=t.batch_size, shuffle=True,
+                        num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+                        worker_init_fn=worker_init if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    model = SimCLR(cfg).to(device, memory_format=mf)
+    opt = LARS(model.parameters(), lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay, eta=o.eta,
+               lars=o.kind == "lars")
+    evaluator = Evaluator(cfg, device, amp, args.channels_last) if cfg.data.get("test") else None
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * t.epochs
+    max_steps = min(t.max_steps, total_steps) if t.max_steps > 0 else total_steps
+    peak_lr = o.base_lr * t.batch_size / 256
+    log = (lambda *_: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    log(f"pytorch reference: {len(images)} images, {steps_per_epoch} steps/epoch, {max_steps} steps, "
+        f"{workers} workers, device {device}, bf16 {amp}, torch {torch.__version__}")
+
+    def save(name):  # checkpoints count in the pretraining time, as selfsup's do
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step},
+                       Path(args.out) / f"{name}.pt")
+        return step
+
+    step, epoch, images_seen, wait, loop_time, final_loss = 0, 0, 0, 0.0, 0.0, float("nan")
+    last_saved = None
+    run_start = time.perf_counter()
+    while epoch < t.epochs and step < max_steps:
+        epoch_start = time.perf_counter()
+        it = iter(loader)
+        wait += time.perf_counter() - epoch_start
+        loss_acc, acc_steps, consumed = torch.zeros((), device=device), 0, 0
+        while step < max_steps:
+            w0 = time.perf_counter()
+            try:
+                v1, v2_ = next(it)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - w0
+            consumed += 1
+            n = v1.shape[0]
+            x = torch.cat([v1.to(device, non_blocking=True), v2_.to(device, non_blocking=True)])
+            x = x.contiguous(memory_format=mf)
+            lr = lr_at(o, peak_lr, step / steps_per_epoch, t.epochs)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                z = model(x)
+            loss = nt_xent(z[:n], z[n:], cfg.objective.temperature)  # outside autocast: fp32 logits
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            images_seen += n
+            loss_acc += loss.detach()
+            acc_steps += 1
+            if step % t.log_every == 0 or step >= max_steps:
+                final_loss = loss_acc.item() / acc_steps  # the deliberate sync point
+                loss_acc, acc_steps = torch.zeros((), device=device), 0
+                if not math.isfinite(final_loss):
+                    sys.exit(f"loss is {final_loss} at step {step}")
+                dt = loop_time + time.perf_counter() - epoch_start
+                log(f"epoch {epoch + 1}/{t.epochs} step {step}/{max_steps} loss {final_loss:.4f} lr {lr:.4f} "
+                    f"{images_seen / dt:.0f} img/s, waited {100 * wait / dt:.1f}%")
+        if acc_steps:
+            final_loss = loss_acc.item() / acc_steps  # also syncs, so the epoch's time is all spent
+        loop_time += time.perf_counter() - epoch_start
+        if consumed < steps_per_epoch:
+            break  # stopped by train.max_steps
+        epoch += 1
+        if t.checkpoint_every and epoch % t.checkpoint_every == 0:
+            last_saved = save(f"epoch-{epoch:04d}")
+        if evaluator and e.knn_every and epoch % e.knn_every == 0 and epoch < t.epochs:
+            log(f"epoch {epoch}: k-NN top-1 {100 * evaluator.knn(*evaluator.features(model.backbone)):.2f}%")
+    if last_saved != step:
+        save(f"epoch-{epoch:04d}" if step % steps_per_epoch == 0 else f"epoch-{epoch:04d}-step-{step}")
+    pretrain_seconds = time.perf_counter() - run_start
+
+    result = {"impl": "pytorch", "pretrain_seconds": round(pretrain_seconds, 3),
+              "images_per_s": round(images_seen / max(loop_time, 1e-9), 1),
+              "data_wait_fraction": round(wait / max(loop_time, 1e-9), 5),
+              "knn_top1": None, "linear_top1": None, "raw_pixels_linear_top1": None,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "steps": step, "epochs": epoch, "final_loss": round(final_loss, 5), "workers": workers,
+              "channels_last": args.channels_last, "torch": torch.__version__}
+    if evaluator and e.at_end:
+        t0 = time.perf_counter()
+        tr, te = evaluator.features(model.backbone)
+        result["knn_top1"], result["linear_top1"] = evaluator.knn(tr, te), evaluator.probe(tr, te)
+        if e.raw_pixel_baseline:  # the same probe on normalized pixels: the baseline to beat
+            raw = [extract(lambda b: b.flatten(1), x, evaluator.tf, device, False, False)
+                   for x in (evaluator.train_x, evaluator.test_x)]
+            result["raw_pixels_linear_top1"] = evaluator.probe(*raw)
+        result["eval_seconds"] = round(time.perf_counter() - t0, 3)
+        log(f"k-NN top-1 {100 * result['knn_top1']:.2f}%, linear probe top-1 {100 * result['linear_top1']:.2f}%")
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
