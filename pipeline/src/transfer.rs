@@ -103,19 +103,16 @@ fn class_names(cfg: &Config, src: &dyn Source) -> Vec<String> {
     }
 }
 
+fn knn_report(train: &Features, test: &Features, classes: i64, names: &[String], ctx: &EvalContext) -> ClassReport {
+    let e = &ctx.cfg.eval;
+    let pred = knn_predict(train, test, e.knn_k, e.knn_temperature, classes, ctx.device);
+    ClassReport::new(&pred, &test.y, names, classes as usize)
+}
+
 /// k-NN only (cheap enough to run during training).
 pub fn knn_only(backbone: &dyn Backbone, ctx: &EvalContext) -> Result<f64> {
     let (train, test, classes, _) = features(backbone, ctx, false)?;
-    let e = &ctx.cfg.eval;
-    let pred = knn_predict(
-        &train,
-        &test,
-        e.knn_k,
-        e.knn_temperature,
-        classes,
-        ctx.device,
-    );
-    Ok(ClassReport::new(&pred, &test.y, &[], classes as usize).top1)
+    Ok(knn_report(&train, &test, classes, &[], ctx).top1)
 }
 
 type FeatureSets = (Features, Features, i64, Option<(Features, Features)>);
@@ -181,19 +178,7 @@ pub fn evaluate(
         seed: cfg.seed as i64,
         device: ctx.device,
     };
-    let knn = ClassReport::new(
-        &knn_predict(
-            &train,
-            &test,
-            e.knn_k,
-            e.knn_temperature,
-            classes,
-            ctx.device,
-        ),
-        &test.y,
-        &names,
-        classes as usize,
-    );
+    let knn = knn_report(&train, &test, classes, &names, ctx);
     let linear = ClassReport::new(
         &linear_probe_predict(&train, &test, classes, &probe),
         &test.y,
