@@ -6,6 +6,24 @@ use tch::Tensor;
 
 use crate::backbone::bn_config;
 
+/// A linear layer initialised as PyTorch's `nn.Linear` (weights and bias uniform in ±1/√in). tch's default
+/// weight init is Kaiming-uniform, √6 ≈ 2.45 times wider, which starts heads and probes with oversized logits.
+pub fn linear(p: nn::Path, input: i64, output: i64) -> nn::Linear {
+    let bound = 1.0 / (input as f64).sqrt();
+    let cfg = nn::LinearConfig {
+        ws_init: nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+        bs_init: Some(nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        }),
+        bias: true,
+    };
+    nn::linear(p, input, output, cfg)
+}
+
 /// `Linear(in, hidden) → BN → ReLU → Linear(hidden, out)`, named `0`, `1`, `3` like the equivalent `nn.Sequential`.
 #[derive(Debug)]
 pub struct ProjectionHead {
@@ -17,9 +35,9 @@ pub struct ProjectionHead {
 impl ProjectionHead {
     pub fn new(p: nn::Path, input: i64, hidden: i64, output: i64) -> Self {
         ProjectionHead {
-            fc1: nn::linear(&p / "0", input, hidden, Default::default()),
+            fc1: linear(&p / "0", input, hidden),
             bn: nn::batch_norm1d(&p / "1", hidden, bn_config()),
-            fc2: nn::linear(&p / "3", hidden, output, Default::default()),
+            fc2: linear(&p / "3", hidden, output),
         }
     }
 }

@@ -11,7 +11,7 @@ pub mod objective;
 pub mod optim;
 
 pub use backbone::{Backbone, BackboneConfig, ResNet, ResNetConfig};
-pub use head::ProjectionHead;
+pub use head::{linear, ProjectionHead};
 pub use loss::nt_xent;
 pub use objective::{Batch, Objective, ObjectiveConfig, Step};
 pub use optim::{Optimizer, OptimizerConfig, OptimizerKind};

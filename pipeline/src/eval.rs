@@ -170,7 +170,7 @@ pub fn linear_probe_predict(
     let y = train.y.to_device(o.device);
     let xt = (test.x.to_device(o.device) - &mean) / &std;
     let vs = nn::VarStore::new(o.device);
-    let lin = nn::linear(vs.root(), x.size()[1], classes, Default::default());
+    let lin = selfsup_models::linear(vs.root(), x.size()[1], classes);
     let mut opt = nn::Sgd {
         momentum: 0.9,
         dampening: 0.0,

@@ -37,7 +37,10 @@ pub struct RunSummary {
     pub epochs: usize,
     pub seconds: f64,
     pub images_per_s: f64,
-    /// Fraction of the training time the trainer spent waiting for the loader.
+    /// Time inside the training loop (steps only: no checkpoints, k-NN or final evaluation).
+    pub train_seconds: f64,
+    /// Time the training loop spent blocked waiting for the loader, and its fraction of `train_seconds`.
+    pub data_wait_seconds: f64,
     pub data_wait_fraction: f64,
     pub final_loss: f64,
     pub unreadable_samples: usize,
@@ -225,23 +228,24 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     };
     let mut last_saved = None;
     let mut epoch = start_epoch;
+    // The logging window runs across epoch boundaries and counts only time inside the training loop (not
+    // checkpoints or k-NN between epochs), so images/s and the wait fraction cover every step exactly once.
+    let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
+    let (mut acc_steps, mut win_images, mut win_wait, mut win_time) = (0u64, 0u64, 0f64, 0f64);
     while epoch < t.epochs && step < max_steps {
         let mut bad = Vec::new();
         let (mut seen, mut consumed) = (0usize, 0u64);
-        let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
-        let (mut acc_steps, mut win_images, mut win_wait) = (0u64, 0u64, 0f64);
-        let mut win_start = Instant::now();
         let mut batches = loader.epoch(epoch as u64);
         while step < max_steps {
             let wait_start = Instant::now();
             let Some(batch) = batches.next() else { break };
             let waited = wait_start.elapsed().as_secs_f64();
             win_wait += waited;
-            total_wait += waited;
             consumed += 1;
             seen += batch.len() + batch.bad.len();
             bad.extend(batch.bad.iter().cloned());
             if batch.len() < 2 {
+                win_time += wait_start.elapsed().as_secs_f64();
                 continue; // nothing to contrast in a batch emptied by unreadable samples
             }
             let progress_epochs = step as f64 / steps_per_epoch as f64;
@@ -268,9 +272,10 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
             if step % t.log_every as u64 == 0 || step >= max_steps {
                 // The one deliberate sync point: read the mean loss of the window back from the device.
                 let loss = loss_acc.double_value(&[]) / acc_steps as f64;
-                let dt = win_start.elapsed().as_secs_f64();
-                total_train += dt;
-                let (ips, wait) = (win_images as f64 / dt, win_wait / dt);
+                win_time += wait_start.elapsed().as_secs_f64();
+                total_train += win_time;
+                total_wait += win_wait;
+                let (ips, wait) = (win_images as f64 / win_time, win_wait / win_time);
                 sink.scalar("train/loss", step as i64, loss);
                 sink.scalar("train/lr", step as i64, lr);
                 sink.scalar("train/images_per_s", step as i64, ips);
@@ -283,8 +288,9 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
                 }
                 final_loss = loss;
                 loss_acc = Tensor::zeros([], (Kind::Float, device));
-                (acc_steps, win_images, win_wait) = (0, 0, 0.0);
-                win_start = Instant::now();
+                (acc_steps, win_images, win_wait, win_time) = (0, 0, 0.0, 0.0);
+            } else {
+                win_time += wait_start.elapsed().as_secs_f64();
             }
         }
         drop(batches);
@@ -351,7 +357,9 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
         epochs: epoch,
         seconds,
         images_per_s: images_seen as f64 / total_train.max(1e-9),
-        data_wait_fraction: total_wait / run_start.elapsed().as_secs_f64().max(1e-9),
+        train_seconds: total_train,
+        data_wait_seconds: total_wait,
+        data_wait_fraction: total_wait / total_train.max(1e-9),
         final_loss,
         unreadable_samples: unreadable,
         eval,

@@ -103,7 +103,13 @@ fn class_names(cfg: &Config, src: &dyn Source) -> Vec<String> {
     }
 }
 
-fn knn_report(train: &Features, test: &Features, classes: i64, names: &[String], ctx: &EvalContext) -> ClassReport {
+fn knn_report(
+    train: &Features,
+    test: &Features,
+    classes: i64,
+    names: &[String],
+    ctx: &EvalContext,
+) -> ClassReport {
     let e = &ctx.cfg.eval;
     let pred = knn_predict(train, test, e.knn_k, e.knn_temperature, classes, ctx.device);
     ClassReport::new(&pred, &test.y, names, classes as usize)

@@ -1,25 +1,11 @@
 #!/usr/bin/env python3
-"""The PyTorch reference for `selfsup pretrain`: the SimCLR recipe of a selfsup TOML preset (by default
-configs/simclr-fmnist.toml) written with PyTorch + torchvision the usual way (solo-learn style, one file).
-The GPU check (scripts/gpu-check) runs it after our binary on the same config and data.
-
-Hyperparameters come from the same TOML file: `--config PATH` and `--set key=value` (value in TOML syntax; a
-bare word is a string), defaults as in selfsup's `Default` impls. It matches selfsup's Rust code:
-  data    Fashion-MNIST IDX (gz) read once; two views per sample through torchvision.transforms.v2 on uint8
-          tensors; DataLoader with one worker per core, pinned memory, drop_last, persistent workers.
-  model   torchvision's ResNet with BasicBlocks (`layers`, first-stage `width`, CIFAR stem, 1 input channel,
-          no fc); projector Linear-BN1d-ReLU-Linear; one forward over torch.cat([v1, v2]).
-  loss    NT-Xent (normalize, self-similarity masked, cross entropy against the other view) in fp32.
-  optim   LARS (decay + trust ratio eta*|p|/|g| on ndim > 1 only; b = m*b + g; p -= lr*b), peak lr
-          base_lr*batch/256, linear warmup then cosine to final_lr_fraction, set every step.
-  speed   bf16 autocast, TF32, cudnn.benchmark on CUDA; --channels-last optional.
-  eval    features (no augmentation) of the train set (or its first eval.train_limit) and the test set;
-          weighted cosine k-NN and a linear probe on standardized features (SGD nesterov, cosine per epoch);
-          also the same probe on raw pixels when eval.raw_pixel_baseline; k-NN every eval.knn_every epochs.
-  measure pretraining wall time, images/s of the training loop, and the fraction of it spent blocked in
-          next(loader); the loss is read back only every train.log_every steps and at the end of an epoch.
-The last line printed is JSON: {"impl": "pytorch", "pretrain_seconds": ..., "knn_top1": ..., ...}
-(top-1 as fractions, like selfsup's eval.json).
+"""The PyTorch reference for `selfsup pretrain`: the SimCLR recipe of a selfsup TOML preset in PyTorch +
+torchvision, written the usual way (solo-learn style, one file), hyperparameters read from the same file (`--config`,
+`--set key=value`; defaults as selfsup's). It follows selfsup's Rust code piece by piece (data, ResNet, projector,
+NT-Xent in fp32, LARS, schedule, bf16 autocast, k-NN and linear-probe evaluation) and measures the pretraining time,
+images/s of the training loop and the fraction of it spent blocked in next(loader). The last line printed is JSON
+(top-1 as fractions, like eval.json): {"impl": "pytorch", "pretrain_seconds": ..., "knn_top1": ..., ...}.
+scripts/gpu-check runs it next to our binary:
 
     python3 scripts/reference/simclr_fmnist_torch.py --config configs/simclr-fmnist.toml --set train.epochs=1
 """
@@ -33,6 +19,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -62,14 +49,6 @@ DEFAULTS = {
              "probe_lr": 0.1, "probe_batch": 256, "probe_weight_decay": 1e-5, "raw_pixel_baseline": True,
              "train_limit": 0},
 }
-
-
-class Cfg(dict):
-    """A nested dict read with attributes: cfg.train.epochs."""
-
-    def __getattr__(self, key):
-        v = self[key]
-        return Cfg(v) if isinstance(v, dict) else v
 
 
 def merge(base, over):
@@ -102,14 +81,10 @@ def load_config(path, overrides):
             sys.exit(f"--set {arg}: unknown key `{key}`")
         node[last] = value
     a = cfg["augment"]
-    if a["grayscale_p"] or a["blur"]["p"] or a["solarize_p"] or a["equalize_p"]:
-        sys.exit("this reference implements the gray recipe only (grayscale_p, blur.p, solarize_p, equalize_p = 0)")
-    if cfg["optimizer"]["kind"] not in ("lars", "sgd") or cfg["objective"]["kind"] != "simclr":
-        sys.exit("this reference implements SimCLR with LARS or SGD only")
-    return Cfg(cfg)
+    if a["grayscale_p"] or a["blur"]["p"] or a["solarize_p"] or a["equalize_p"] or cfg["objective"]["kind"] != "simclr":
+        sys.exit("this reference implements SimCLR with the gray recipe (no grayscale, blur, solarize, equalize) only")
+    return json.loads(json.dumps(cfg), object_hook=lambda d: SimpleNamespace(**d))  # cfg.train.epochs
 
-
-# --- data ----------------------------------------------------------------------------------------------------
 
 def read_idx(path):
     """IDX u8 file (gz or not) -> uint8 tensor: images [N, 1, H, W] (magic 0x803) or labels [N] (0x801)."""
@@ -125,26 +100,18 @@ def read_labels(images_path):
     return read_idx(str(images_path).replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1"))
 
 
-def mean_std(a):
-    return (a.mean or [0.5]), (a.std or [0.5])
-
-
-def train_transform(a):
-    j = a.jitter
-    ops = [v2.RandomResizedCrop(a.size, scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio), antialias=True)]
-    if a.flip_p > 0:
-        ops.append(v2.RandomHorizontalFlip(a.flip_p))
-    if j.p > 0 and (j.brightness > 0 or j.contrast > 0):
-        ops.append(v2.RandomApply([v2.ColorJitter(j.brightness, j.contrast, j.saturation, j.hue)], p=j.p))
-    mean, std = mean_std(a)
-    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
-def eval_transform(a, side):
-    """The whole image at the view size, normalized; applied to whole batches on the device."""
-    mean, std = mean_std(a)
-    resize = [] if side == a.size else [v2.Resize((a.size, a.size), antialias=True)]
-    return v2.Compose(resize + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+def transform(a, train, side):
+    """One view of `a` (the [augment] table); for evaluation the whole image at the view size, normalized."""
+    j, ops = a.jitter, []
+    if train:
+        ops.append(v2.RandomResizedCrop(a.size, scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio), antialias=True))
+        if a.flip_p > 0:
+            ops.append(v2.RandomHorizontalFlip(a.flip_p))
+        if j.p > 0 and (j.brightness > 0 or j.contrast > 0):
+            ops.append(v2.RandomApply([v2.ColorJitter(j.brightness, j.contrast, j.saturation, j.hue)], p=j.p))
+    elif side != a.size:
+        ops.append(v2.Resize((a.size, a.size), antialias=True))
+    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(a.mean or [0.5], a.std or [0.5])])
 
 
 class TwoViews(Dataset):
@@ -162,8 +129,6 @@ class TwoViews(Dataset):
 def worker_init(_):
     torch.set_num_threads(1)  # N workers x M intra-op threads on N cores only oversubscribes for 28 px ops
 
-
-# --- model, loss, optimizer ----------------------------------------------------------------------------------
 
 class ResNet(TorchvisionResNet):
     """torchvision's ResNet (BasicBlock) with a first-stage `width`, `in_channels`, optional CIFAR stem, no fc."""
@@ -227,11 +192,8 @@ class LARS(torch.optim.Optimizer):
                         g = g.add(p, alpha=group["weight_decay"])
                     if group["lars"]:
                         pn, gn = p.norm(), g.norm()
-                        trust = torch.where((pn > 0) & (gn > 0), group["eta"] * pn / gn, torch.ones_like(pn))
-                        g = g * trust
-                buf = self.state[p].get("momentum")
-                if buf is None:
-                    buf = self.state[p]["momentum"] = torch.zeros_like(p)
+                        g = g * torch.where((pn > 0) & (gn > 0), group["eta"] * pn / gn, torch.ones_like(pn))
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                 buf.mul_(group["momentum"]).add_(g)
                 p.add_(buf, alpha=-group["lr"])
 
@@ -243,8 +205,6 @@ def lr_at(o, peak, epoch, total_epochs):
     floor = peak * o.final_lr_fraction
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
-
-# --- evaluation ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def extract(net, images, tf, device, amp, channels_last, batch=512):
@@ -297,92 +257,81 @@ class Evaluator:
         self.train_y = read_labels(cfg.data.train)[: limit or None].to(device)
         self.test_x, self.test_y = read_idx(cfg.data.test), read_labels(cfg.data.test).to(device)
         self.classes = int(max(self.train_y.max(), self.test_y.max())) + 1
-        self.tf = eval_transform(cfg.augment, self.train_x.shape[-1])
+        self.tf = transform(cfg.augment, False, self.train_x.shape[-1])
 
-    def features(self, net):
-        was_training = net.training
+    def features(self, net, amp=None):
         net.eval()
-        f = [extract(net, x, self.tf, self.device, self.amp, self.cl) for x in (self.train_x, self.test_x)]
-        net.train(was_training)
+        f = [extract(net, x, self.tf, self.device, self.amp if amp is None else amp, self.cl)
+             for x in (self.train_x, self.test_x)]
+        net.train()
         return f
 
     def knn(self, tr, te):
         e = self.cfg.eval
-        pred = knn_predict(tr, self.train_y, te, e.knn_k, e.knn_temperature, self.classes)
-        return (pred == self.test_y).float().mean().item()
+        return self.top1(knn_predict(tr, self.train_y, te, e.knn_k, e.knn_temperature, self.classes))
 
     def probe(self, tr, te):
-        pred = linear_probe_predict(tr, self.train_y, te, self.classes, self.cfg.eval, self.cfg.seed)
+        return self.top1(linear_probe_predict(tr, self.train_y, te, self.classes, self.cfg.eval, self.cfg.seed))
+
+    def top1(self, pred):
         return (pred == self.test_y).float().mean().item()
 
-
-# --- training ------------------------------------------------------------------------------------------------
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "configs/simclr-fmnist.toml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: train.threads or all cores)")
+    ap.add_argument("--workers", type=int, help="DataLoader workers (default: train.threads, 0 there = all cores)")
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--out", help="folder for checkpoints (as often as train.checkpoint_every); none if unset")
+    ap.add_argument("--out", help="folder for checkpoints (every train.checkpoint_every epochs and at the end)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     cfg = load_config(args.config, args.set)
     t, o, e = cfg.train, cfg.optimizer, cfg.eval
-    want = t.device
-    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
-    amp = device.type == "cuda" and t.bf16
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    device, amp = torch.device("cuda" if cuda else "cpu"), cuda and t.bf16
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = cuda
     mf = torch.channels_last if args.channels_last else torch.contiguous_format
+    log = (lambda *_: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     torch.manual_seed(cfg.seed)
 
     images = read_idx(cfg.data.train)
     workers = args.workers if args.workers is not None else (t.threads or len(os.sched_getaffinity(0)))
-    loader = DataLoader(TwoViews(images, train_transform(cfg.augment)), batch_size=t.batch_size, shuffle=True,
-                        num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
+    loader = DataLoader(TwoViews(images, transform(cfg.augment, True, images.shape[-1])), batch_size=t.batch_size,
+                        shuffle=True, num_workers=workers, pin_memory=cuda, drop_last=True,
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
                         worker_init_fn=worker_init if workers > 0 else None,
                         generator=torch.Generator().manual_seed(cfg.seed))
     model = SimCLR(cfg).to(device, memory_format=mf)
-    opt = LARS(model.parameters(), lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay, eta=o.eta,
-               lars=o.kind == "lars")
-    evaluator = Evaluator(cfg, device, amp, args.channels_last) if cfg.data.get("test") else None
+    opt = LARS(model.parameters(), 0.0, o.momentum, o.weight_decay, o.eta, lars=o.kind == "lars")
+    evaluator = Evaluator(cfg, device, amp, args.channels_last) if getattr(cfg.data, "test", None) else None
     steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * t.epochs
-    max_steps = min(t.max_steps, total_steps) if t.max_steps > 0 else total_steps
+    max_steps = min(t.max_steps or steps_per_epoch * t.epochs, steps_per_epoch * t.epochs)
     peak_lr = o.base_lr * t.batch_size / 256
-    log = (lambda *_: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    log(f"pytorch reference: {len(images)} images, {steps_per_epoch} steps/epoch, {max_steps} steps, "
-        f"{workers} workers, device {device}, bf16 {amp}, torch {torch.__version__}")
+    log(f"pytorch reference: {len(images)} images, {steps_per_epoch} steps/epoch, {max_steps} steps, {workers} "
+        f"workers, {device}, bf16 {amp}, channels_last {args.channels_last}, torch {torch.__version__}")
 
     def save(name):  # checkpoints count in the pretraining time, as selfsup's do
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step},
-                       Path(args.out) / f"{name}.pt")
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step}
+            torch.save(state, Path(args.out) / f"{name}.pt")
         return step
 
-    step, epoch, images_seen, wait, loop_time, final_loss = 0, 0, 0, 0.0, 0.0, float("nan")
-    last_saved = None
+    step, epoch, images_seen, wait, loop_time, final_loss, last_saved = 0, 0, 0, 0.0, 0.0, float("nan"), None
     run_start = time.perf_counter()
     while epoch < t.epochs and step < max_steps:
         epoch_start = time.perf_counter()
-        it = iter(loader)
+        it, consumed, loss_acc, acc_steps = iter(loader), 0, torch.zeros((), device=device), 0
         wait += time.perf_counter() - epoch_start
-        loss_acc, acc_steps, consumed = torch.zeros((), device=device), 0, 0
         while step < max_steps:
             w0 = time.perf_counter()
-            try:
-                v1, v2_ = next(it)
-            except StopIteration:
-                break
+            views = next(it, None)
             wait += time.perf_counter() - w0
-            consumed += 1
-            n = v1.shape[0]
-            x = torch.cat([v1.to(device, non_blocking=True), v2_.to(device, non_blocking=True)])
-            x = x.contiguous(memory_format=mf)
+            if views is None:
+                break
+            consumed, n = consumed + 1, views[0].shape[0]
+            x = torch.cat([v.to(device, non_blocking=True) for v in views]).contiguous(memory_format=mf)
             lr = lr_at(o, peak_lr, step / steps_per_epoch, t.epochs)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -392,20 +341,18 @@ def main():
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
-            images_seen += n
+            step, images_seen, acc_steps = step + 1, images_seen + n, acc_steps + 1
             loss_acc += loss.detach()
-            acc_steps += 1
             if step % t.log_every == 0 or step >= max_steps:
                 final_loss = loss_acc.item() / acc_steps  # the deliberate sync point
                 loss_acc, acc_steps = torch.zeros((), device=device), 0
                 if not math.isfinite(final_loss):
-                    sys.exit(f"loss is {final_loss} at step {step}")
+                    sys.exit(f"loss is {final_loss} at step {step}; lower optimizer.base_lr?")
                 dt = loop_time + time.perf_counter() - epoch_start
                 log(f"epoch {epoch + 1}/{t.epochs} step {step}/{max_steps} loss {final_loss:.4f} lr {lr:.4f} "
                     f"{images_seen / dt:.0f} img/s, waited {100 * wait / dt:.1f}%")
         if acc_steps:
-            final_loss = loss_acc.item() / acc_steps  # also syncs, so the epoch's time is all spent
+            final_loss = loss_acc.item() / acc_steps  # syncs too: the epoch's time is all spent
         loop_time += time.perf_counter() - epoch_start
         if consumed < steps_per_epoch:
             break  # stopped by train.max_steps
@@ -415,24 +362,20 @@ def main():
         if evaluator and e.knn_every and epoch % e.knn_every == 0 and epoch < t.epochs:
             log(f"epoch {epoch}: k-NN top-1 {100 * evaluator.knn(*evaluator.features(model.backbone)):.2f}%")
     if last_saved != step:
-        save(f"epoch-{epoch:04d}" if step % steps_per_epoch == 0 else f"epoch-{epoch:04d}-step-{step}")
-    pretrain_seconds = time.perf_counter() - run_start
-
+        save(f"epoch-{epoch:04d}" + ("" if step % steps_per_epoch == 0 else f"-step-{step}"))
+    pretrain_seconds = time.perf_counter() - run_start  # like selfsup's: mid-run k-NN and checkpoints included
     result = {"impl": "pytorch", "pretrain_seconds": round(pretrain_seconds, 3),
-              "images_per_s": round(images_seen / max(loop_time, 1e-9), 1),
-              "data_wait_fraction": round(wait / max(loop_time, 1e-9), 5),
-              "knn_top1": None, "linear_top1": None, "raw_pixels_linear_top1": None,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "steps": step, "epochs": epoch, "final_loss": round(final_loss, 5), "workers": workers,
+              "images_per_s": round(images_seen / max(loop_time, 1e-9), 1), "data_wait_seconds": round(wait, 3),
+              "data_wait_fraction": round(wait / max(loop_time, 1e-9), 5), "knn_top1": None, "linear_top1": None,
+              "raw_pixels_linear_top1": None, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+              "steps": step, "images": images_seen, "epochs": epoch, "final_loss": round(final_loss, 5), "workers": workers,
               "channels_last": args.channels_last, "torch": torch.__version__}
     if evaluator and e.at_end:
         t0 = time.perf_counter()
         tr, te = evaluator.features(model.backbone)
         result["knn_top1"], result["linear_top1"] = evaluator.knn(tr, te), evaluator.probe(tr, te)
         if e.raw_pixel_baseline:  # the same probe on normalized pixels: the baseline to beat
-            raw = [extract(lambda b: b.flatten(1), x, evaluator.tf, device, False, False)
-                   for x in (evaluator.train_x, evaluator.test_x)]
-            result["raw_pixels_linear_top1"] = evaluator.probe(*raw)
+            result["raw_pixels_linear_top1"] = evaluator.probe(*evaluator.features(nn.Flatten(), amp=False))
         result["eval_seconds"] = round(time.perf_counter() - t0, 3)
         log(f"k-NN top-1 {100 * result['knn_top1']:.2f}%, linear probe top-1 {100 * result['linear_top1']:.2f}%")
     print(json.dumps(result), flush=True)

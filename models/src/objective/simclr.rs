@@ -75,7 +75,10 @@ impl Objective for SimClr {
         let x = Tensor::cat(&batch.views[..2], 0);
         let h = self.backbone.features(&x, train);
         let z = self.projector.forward_t(&h, train);
-        let loss = nt_xent(&z.narrow(0, 0, n), &z.narrow(0, n, n), self.temperature);
+        // Outside autocast: under it the similarity matmul would run in bf16 despite the fp32 inputs.
+        let loss = tch::autocast(false, || {
+            nt_xent(&z.narrow(0, 0, n), &z.narrow(0, n, n), self.temperature)
+        });
         Step {
             loss,
             features: h.narrow(0, 0, n).detach(),
