@@ -120,10 +120,10 @@ fn pretrain_checkpoint_eval_and_tensorboard() {
     let knn_tb = ev["scalars"]["eval/knn_top1"][0][1].as_f64().unwrap();
     assert!((knn_tb - knn).abs() < 1e-6);
     assert!(ev["scalars"]["eval/linear_top1"].is_array());
-    // 16 pairs, 8 tiles per row (4 pairs), 28 px tiles with 2 px borders: 8*30+2 wide, 4*30+2 high.
+    // 16 pairs, 8 tiles per row (4 pairs), 28 px views shown at 56 px with 2 px borders: 8*58+2 by 4*58+2.
     assert_eq!(
         ev["images"]["views/pairs"][0],
-        serde_json::json!([0, 242, 122])
+        serde_json::json!([0, 466, 234])
     );
 
     // `eval` on the checkpoint reproduces the k-NN result exactly (deterministic features and vote).

@@ -106,6 +106,32 @@ impl Sink for TensorBoard {
     }
 }
 
+/// Nearest-neighbour upscaling by an integer factor, so 28-pixel views are not thumbnails in TensorBoard.
+pub fn upscale(image: &Image, factor: u32) -> Image {
+    if factor <= 1 {
+        return image.clone();
+    }
+    let (w, h, c) = (
+        image.width as usize,
+        image.height as usize,
+        image.channels as usize,
+    );
+    let f = factor as usize;
+    let mut data = Vec::with_capacity(w * h * c * f * f);
+    for y in 0..h * f {
+        let row = &image.data[(y / f) * w * c..(y / f + 1) * w * c];
+        for x in 0..w * f {
+            data.extend_from_slice(&row[(x / f) * c..(x / f + 1) * c]);
+        }
+    }
+    Image {
+        width: image.width * factor,
+        height: image.height * factor,
+        channels: image.channels,
+        data,
+    }
+}
+
 /// Lays images of equal size out in a grid with `cols` columns and a 2-pixel gray border.
 pub fn grid(images: &[Image], cols: usize) -> Image {
     let (w, h, c) = images.first().map_or((1, 1, 1), |i| {

@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::loader::{BadSample, HostBatch, Loader, LoaderConfig};
 use crate::progress::Progress;
 use crate::source::{self, Source};
-use crate::tensorboard::{grid, Sink};
+use crate::tensorboard::{grid, upscale, Sink};
 use crate::transfer::{self, EvalContext, EvalReport};
 use crate::{select_device, Error, Result};
 
@@ -100,12 +100,12 @@ fn preview(
     for &i in order.iter().take(pairs) {
         let Ok(sample) = source.get(i) else { continue };
         let mut rng = Rng::for_sample(seed, 0, i as u64);
-        tiles.extend(
-            views
-                .recipes
-                .iter()
-                .map(|p| p.run_image(&sample.image, &mut rng)),
-        );
+        for p in &views.recipes {
+            let view = p.run_image(&sample.image, &mut rng);
+            // Small views (28 px) are shown at least 56 px wide.
+            let factor = (56 / view.width.max(1)).max(1);
+            tiles.push(upscale(&view, factor));
+        }
     }
     let per_row = views.recipes.len() * 4;
     (!tiles.is_empty()).then(|| grid(&tiles, per_row))

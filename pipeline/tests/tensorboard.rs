@@ -1,7 +1,7 @@
 //! The TensorBoard sink, checked with TensorBoard's own reader (EventAccumulator from the setup venv).
 
 use selfsup_augment::Image;
-use selfsup_pipeline::tensorboard::{grid, Sink, TensorBoard};
+use selfsup_pipeline::tensorboard::{grid, upscale, Sink, TensorBoard};
 
 #[test]
 fn scalars_images_and_histograms_read_back_with_tensorboard() {
@@ -45,4 +45,18 @@ fn scalars_images_and_histograms_read_back_with_tensorboard() {
     );
     assert_eq!(ev["images"]["rgb"][0], serde_json::json!([3, 7, 5]));
     assert_eq!(ev["histograms"]["weights"][0], serde_json::json!([2, 4.0]));
+}
+
+#[test]
+fn upscale_repeats_pixels() {
+    let img = Image {
+        width: 2,
+        height: 1,
+        channels: 3,
+        data: vec![1, 2, 3, 4, 5, 6],
+    };
+    let up = upscale(&img, 2);
+    assert_eq!((up.width, up.height), (4, 2));
+    assert_eq!(up.data, [[1, 2, 3, 1, 2, 3, 4, 5, 6, 4, 5, 6]; 2].concat());
+    assert_eq!(upscale(&img, 1), img);
 }
