@@ -6,8 +6,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/torch_shim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let libtorch = std::path::PathBuf::from(
-        std::env::var("LIBTORCH")
-            .expect("LIBTORCH is set by .cargo/config.toml; run scripts/setup"),
+        std::env::var("LIBTORCH").expect("LIBTORCH is set by .cargo/config.toml; run scripts/setup"),
     );
     cc::Build::new()
         .cpp(true)

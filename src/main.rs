@@ -14,22 +14,12 @@ use selfsup_pipeline::{checkpoint, select_device, Config};
 
 /// Presets compiled into the binary, usable by name wherever a config file is expected.
 pub const PRESETS: [(&str, &str); 2] = [
-    (
-        "simclr-fmnist",
-        include_str!("../configs/simclr-fmnist.toml"),
-    ),
-    (
-        "simclr-fmnist-tiny",
-        include_str!("../configs/simclr-fmnist-tiny.toml"),
-    ),
+    ("simclr-fmnist", include_str!("../configs/simclr-fmnist.toml")),
+    ("simclr-fmnist-tiny", include_str!("../configs/simclr-fmnist-tiny.toml")),
 ];
 
 #[derive(Parser)]
-#[command(
-    name = "selfsup",
-    version,
-    about = "Self-supervised pretraining for images (LibTorch inside)"
-)]
+#[command(name = "selfsup", version, about = "Self-supervised pretraining for images (LibTorch inside)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -91,26 +81,17 @@ pub fn load_config(spec: &str, overrides: &[String]) -> Result<Config> {
         return Ok(Config::load(path, overrides)?);
     }
     match PRESETS.iter().find(|(name, _)| *name == spec) {
-        Some((name, text)) => Ok(Config::from_toml(
-            text,
-            &format!("preset {name}"),
-            overrides,
-        )?),
+        Some((name, text)) => Ok(Config::from_toml(text, &format!("preset {name}"), overrides)?),
         None => {
             let names: Vec<_> = PRESETS.iter().map(|p| p.0).collect();
-            bail!(
-                "--config {spec}: no such file, and not a preset (presets: {})",
-                names.join(", ")
-            )
+            bail!("--config {spec}: no such file, and not a preset (presets: {})", names.join(", "))
         }
     }
 }
 
 /// `YYYYmmdd-HHMMSS` in UTC, for default run folder names.
 fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -122,34 +103,15 @@ fn utc_stamp() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
-fn pretrain(
-    config: Option<String>,
-    set: Vec<String>,
-    out: Option<PathBuf>,
-    resume: bool,
-    quiet: bool,
-) -> Result<()> {
+fn pretrain(config: Option<String>, set: Vec<String>, out: Option<PathBuf>, resume: bool, quiet: bool) -> Result<()> {
     let spec = config.unwrap_or_else(|| {
-        let preset = if tch::Cuda::is_available() {
-            "simclr-fmnist"
-        } else {
-            "simclr-fmnist-tiny"
-        };
+        let preset = if tch::Cuda::is_available() { "simclr-fmnist" } else { "simclr-fmnist-tiny" };
         eprintln!(
             "no --config given: using preset {preset} ({})",
-            if tch::Cuda::is_available() {
-                "CUDA visible"
-            } else {
-                "no CUDA device: the CPU preset"
-            }
+            if tch::Cuda::is_available() { "CUDA visible" } else { "no CUDA device: the CPU preset" }
         );
         preset.to_string()
     });
@@ -159,21 +121,11 @@ fn pretrain(
     } else {
         load_config(&spec, &set)?
     };
-    let out =
-        out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", cfg.name, utc_stamp())));
+    let out = out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", cfg.name, utc_stamp())));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let mut tb = TensorBoard::create(&out)
-        .with_context(|| format!("creating the event file in {}", out.display()))?;
+    let mut tb = TensorBoard::create(&out).with_context(|| format!("creating the event file in {}", out.display()))?;
     eprintln!("run folder: {}", out.display());
-    let summary = trainer::pretrain(
-        &cfg,
-        &RunOptions {
-            out: out.clone(),
-            resume,
-            quiet,
-        },
-        &mut tb,
-    )?;
+    let summary = trainer::pretrain(&cfg, &RunOptions { out: out.clone(), resume, quiet }, &mut tb)?;
     println!(
         "pretrained {} steps ({} epochs) on {} in {:.1}s: {:.0} img/s, waited for data {:.1}% of the time, final loss {:.4}",
         summary.steps,
@@ -185,63 +137,37 @@ fn pretrain(
         summary.final_loss
     );
     if summary.unreadable_samples > 0 {
-        println!(
-            "{} unreadable sample(s) were skipped (listed above)",
-            summary.unreadable_samples
-        );
+        println!("{} unreadable sample(s) were skipped (listed above)", summary.unreadable_samples);
     }
     if let Some(report) = &summary.eval {
         println!("{report}");
         if let Some(raw) = &report.raw_pixels_linear {
-            let verdict = if report.linear.top1 > raw.top1 {
-                "beats"
-            } else {
-                "does NOT beat"
-            };
-            println!(
-                "linear probe {:.2}% {verdict} raw pixels {:.2}%",
-                100.0 * report.linear.top1,
-                100.0 * raw.top1
-            );
+            let verdict = if report.linear.top1 > raw.top1 { "beats" } else { "does NOT beat" };
+            println!("linear probe {:.2}% {verdict} raw pixels {:.2}%", 100.0 * report.linear.top1, 100.0 * raw.top1);
         }
     }
     let summary_path = out.join("summary.json");
     std::fs::write(&summary_path, serde_json::to_vec_pretty(&summary)?)
         .with_context(|| summary_path.display().to_string())?;
-    println!(
-        "run folder: {}  (tensorboard --logdir {})",
-        out.display(),
-        out.display()
-    );
+    println!("run folder: {}  (tensorboard --logdir {})", out.display(), out.display());
     Ok(())
 }
 
 fn eval(ckpt: PathBuf, set: Vec<String>, out: Option<PathBuf>) -> Result<()> {
     let ckpt = checkpoint::resolve(&ckpt)?;
     let base = checkpoint::load_config(&ckpt)?;
-    let cfg = Config::from_toml(
-        &base.to_toml(),
-        &ckpt.join("config.toml").display().to_string(),
-        &set,
-    )?;
+    let cfg = Config::from_toml(&base.to_toml(), &ckpt.join("config.toml").display().to_string(), &set)?;
     let device = select_device(cfg.train.device)?;
     let source = selfsup_pipeline::source::open(&cfg.data.train, cfg.data.channels)?;
     let mut model = trainer::build_model(&cfg, source.channels(), device)?;
     checkpoint::load_weights(&mut model.vs, &ckpt)?;
     eprintln!("evaluating {}", ckpt.display());
-    let ctx = EvalContext {
-        cfg: &cfg,
-        device,
-        threads: cfg.train.threads,
-    };
+    let ctx = EvalContext { cfg: &cfg, device, threads: cfg.train.threads };
     let report = transfer::evaluate(model.objective.backbone(), &ctx, &mut NullSink, 0)?;
     println!("{report}");
     // checkpoints live in <run>/checkpoints/<name>: the report goes to the run folder by default.
-    let dir = out.unwrap_or_else(|| {
-        ckpt.parent()
-            .and_then(Path::parent)
-            .map_or_else(|| ckpt.clone(), Path::to_path_buf)
-    });
+    let dir =
+        out.unwrap_or_else(|| ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf));
     std::fs::create_dir_all(&dir)?;
     transfer::write_report(&report, &dir)?;
     println!("wrote {}", dir.join("eval.json").display());
@@ -251,25 +177,10 @@ fn eval(ckpt: PathBuf, set: Vec<String>, out: Option<PathBuf>) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Pretrain {
-            config,
-            set,
-            out,
-            resume,
-            quiet,
-        } => pretrain(config, set, out, resume, quiet),
-        Command::Eval {
-            checkpoint,
-            set,
-            out,
-        } => eval(checkpoint, set, out),
+        Command::Pretrain { config, set, out, resume, quiet } => pretrain(config, set, out, resume, quiet),
+        Command::Eval { checkpoint, set, out } => eval(checkpoint, set, out),
         Command::Info => info::print(),
-        Command::BenchLoader {
-            config,
-            set,
-            seconds,
-            threads,
-        } => bench::run(&config, &set, seconds, threads),
+        Command::BenchLoader { config, set, seconds, threads } => bench::run(&config, &set, seconds, threads),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -5,10 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn selfsup(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_selfsup"))
-        .args(args)
-        .output()
-        .expect("running selfsup")
+    Command::new(env!("CARGO_BIN_EXE_selfsup")).args(args).output().expect("running selfsup")
 }
 
 fn ok(args: &[&str]) -> String {
@@ -27,10 +24,7 @@ fn read_events(dir: &Path) -> serde_json::Value {
 }
 
 fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_slice(
-        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .unwrap()
+    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }
 
 /// The tiny preset cut down to seconds: 12 steps of batch 64, evaluation on 2000 labeled train images.
@@ -51,14 +45,8 @@ const QUICK: [&str; 10] = [
 fn pretrain_checkpoint_eval_and_tensorboard() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let mut args = vec![
-        "pretrain",
-        "--config",
-        "configs/simclr-fmnist-tiny.toml",
-        "--out",
-        run.to_str().unwrap(),
-        "--quiet",
-    ];
+    let mut args =
+        vec!["pretrain", "--config", "configs/simclr-fmnist-tiny.toml", "--out", run.to_str().unwrap(), "--quiet"];
     args.extend(QUICK);
     let stdout = ok(&args);
     assert!(stdout.contains("k-NN (k=200, T=0.1) top-1"), "{stdout}");
@@ -66,14 +54,8 @@ fn pretrain_checkpoint_eval_and_tensorboard() {
 
     // Run folder contents.
     assert!(run.join("config.toml").is_file());
-    let ckpt = run.join("checkpoints").join(
-        std::fs::read_to_string(run.join("checkpoints/LATEST"))
-            .unwrap()
-            .trim(),
-    );
-    assert!(
-        ckpt.join("model.safetensors").is_file() && ckpt.join("optimizer.safetensors").is_file()
-    );
+    let ckpt = run.join("checkpoints").join(std::fs::read_to_string(run.join("checkpoints/LATEST")).unwrap().trim());
+    assert!(ckpt.join("model.safetensors").is_file() && ckpt.join("optimizer.safetensors").is_file());
     let report = json(&run.join("eval.json"));
     let knn = report["knn"]["top1"].as_f64().unwrap();
     let linear = report["linear"]["top1"].as_f64().unwrap();
@@ -89,12 +71,7 @@ fn pretrain_checkpoint_eval_and_tensorboard() {
 
     // TensorBoard's reader sees the tags, the steps, and the view grid at its true size.
     let ev = read_events(&run);
-    for tag in [
-        "train/loss",
-        "train/lr",
-        "train/images_per_s",
-        "train/data_wait_fraction",
-    ] {
+    for tag in ["train/loss", "train/lr", "train/images_per_s", "train/data_wait_fraction"] {
         let steps: Vec<i64> = ev["scalars"][tag]
             .as_array()
             .unwrap_or_else(|| panic!("{tag} missing"))
@@ -103,38 +80,20 @@ fn pretrain_checkpoint_eval_and_tensorboard() {
             .collect();
         assert_eq!(steps, vec![4, 8, 12], "{tag}");
     }
-    let losses: Vec<f64> = ev["scalars"]["train/loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p[1].as_f64().unwrap())
-        .collect();
-    assert!(
-        losses.iter().all(|l| l.is_finite() && *l > 0.0),
-        "{losses:?}"
-    );
-    let wait = ev["scalars"]["train/data_wait_fraction"][0][1]
-        .as_f64()
-        .unwrap();
+    let losses: Vec<f64> =
+        ev["scalars"]["train/loss"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    let wait = ev["scalars"]["train/data_wait_fraction"][0][1].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&wait));
     let knn_tb = ev["scalars"]["eval/knn_top1"][0][1].as_f64().unwrap();
     assert!((knn_tb - knn).abs() < 1e-6);
     assert!(ev["scalars"]["eval/linear_top1"].is_array());
     // 16 pairs, 8 tiles per row (4 pairs), 28 px views shown at 56 px with 2 px borders: 8*58+2 by 4*58+2.
-    assert_eq!(
-        ev["images"]["views/pairs"][0],
-        serde_json::json!([0, 466, 234])
-    );
+    assert_eq!(ev["images"]["views/pairs"][0], serde_json::json!([0, 466, 234]));
 
     // `eval` on the checkpoint reproduces the k-NN result exactly (deterministic features and vote).
     let out2 = dir.path().join("eval2");
-    let stdout = ok(&[
-        "eval",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--out",
-        out2.to_str().unwrap(),
-    ]);
+    let stdout = ok(&["eval", "--checkpoint", run.to_str().unwrap(), "--out", out2.to_str().unwrap()]);
     assert!(stdout.contains("linear probe top-1"), "{stdout}");
     let again = json(&out2.join("eval.json"));
     assert_eq!(again["knn"]["top1"].as_f64().unwrap(), knn);
@@ -160,19 +119,11 @@ fn config_errors_name_the_key_and_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[train]\nbatch_sise = 64\n").unwrap();
-    let out = selfsup(&[
-        "pretrain",
-        "--config",
-        bad.to_str().unwrap(),
-        "--out",
-        dir.path().join("r").to_str().unwrap(),
-    ]);
+    let out =
+        selfsup(&["pretrain", "--config", bad.to_str().unwrap(), "--out", dir.path().join("r").to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("bad.toml") && err.contains("train.batch_sise"),
-        "{err}"
-    );
+    assert!(err.contains("bad.toml") && err.contains("train.batch_sise"), "{err}");
 
     let out = selfsup(&[
         "pretrain",
@@ -188,33 +139,15 @@ fn config_errors_name_the_key_and_the_file() {
     assert!(err.contains("optimizer.base_lr"), "{err}");
 
     let out = selfsup(&["pretrain", "--config", "no-such-preset"]);
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("simclr-fmnist-tiny"),
-        "lists the presets"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("simclr-fmnist-tiny"), "lists the presets");
 }
 
 #[test]
 fn bench_loader_and_info() {
-    let stdout = ok(&[
-        "bench-loader",
-        "--config",
-        "simclr-fmnist-tiny",
-        "--seconds",
-        "1",
-        "--threads",
-        "1",
-    ]);
+    let stdout = ok(&["bench-loader", "--config", "simclr-fmnist-tiny", "--seconds", "1", "--threads", "1"]);
     let last = stdout.lines().last().unwrap();
-    let v: f64 = last
-        .strip_prefix("pairs_per_s=")
-        .expect(last)
-        .parse()
-        .unwrap();
+    let v: f64 = last.strip_prefix("pairs_per_s=").expect(last).parse().unwrap();
     assert!(v > 100.0, "{last}");
     let info = ok(&["info"]);
-    assert!(
-        info.contains("libtorch  2.11.0") && info.contains("/usr/share/datasets/fashion-mnist"),
-        "{info}"
-    );
+    assert!(info.contains("libtorch  2.11.0") && info.contains("/usr/share/datasets/fashion-mnist"), "{info}");
 }

@@ -84,10 +84,7 @@ fn fixed_weights(kernel_size: usize, sigma: f32, out: &mut Vec<i32>) {
 /// # Panics
 /// If `kernel_size` is even or zero, or `sigma <= 0`.
 pub fn gaussian_blur(img: &mut Image, kernel_size: usize, sigma: f32) {
-    assert!(
-        kernel_size % 2 == 1,
-        "kernel_size must be odd, got {kernel_size}"
-    );
+    assert!(kernel_size % 2 == 1, "kernel_size must be odd, got {kernel_size}");
     assert!(sigma > 0.0, "sigma must be > 0, got {sigma}");
     SCRATCH.with(|s| {
         let mut guard = s.borrow_mut();
@@ -118,11 +115,7 @@ fn blur_body(img: &mut Image, taps: &[i32], s: &mut Buffers) {
     s.padded.resize((w + 2 * r) * c, 0);
 
     // Horizontal: pad each row by reflection, then out[i] = Σ_k w[k] * padded[i + k*c].
-    for (row, tmp_row) in img
-        .data
-        .chunks_exact(row_len)
-        .zip(s.tmp.chunks_exact_mut(row_len))
-    {
+    for (row, tmp_row) in img.data.chunks_exact(row_len).zip(s.tmp.chunks_exact_mut(row_len)) {
         for (px, dst) in s.padded.chunks_exact_mut(c).enumerate() {
             let sx = reflect(px as isize - r as isize, w);
             dst.copy_from_slice(&row[sx * c..sx * c + c]);
@@ -153,12 +146,7 @@ fn blur_body(img: &mut Image, taps: &[i32], s: &mut Buffers) {
             *a = (1 << (WEIGHT_BITS + 8 - 1)) + taps[r] * p as i32;
         }
         for (k, &wk) in taps[..r].iter().enumerate() {
-            for ((a, &p), &q) in s
-                .acc
-                .iter_mut()
-                .zip(tmp_row(y, k))
-                .zip(tmp_row(y, last - k))
-            {
+            for ((a, &p), &q) in s.acc.iter_mut().zip(tmp_row(y, k)).zip(tmp_row(y, last - k)) {
                 *a += wk * (p as i32 + q as i32);
             }
         }
@@ -180,18 +168,11 @@ impl GaussianBlur {
     /// `kernel_size` must be odd (1 = no-op); `sigma` = (lo, hi) with 0 < lo <= hi.
     pub fn new(kernel_size: u32, sigma: (f32, f32), p: f32) -> Result<GaussianBlur, AugmentError> {
         if kernel_size.is_multiple_of(2) {
-            return Err(AugmentError::param(
-                "blur.kernel_size",
-                format!("must be odd, got {kernel_size}"),
-            ));
+            return Err(AugmentError::param("blur.kernel_size", format!("must be odd, got {kernel_size}")));
         }
         check_range("blur.sigma", sigma, 0.0)?;
         check_prob("blur.p", p)?;
-        Ok(GaussianBlur {
-            kernel_size: kernel_size as usize,
-            sigma,
-            p,
-        })
+        Ok(GaussianBlur { kernel_size: kernel_size as usize, sigma, p })
     }
 
     /// The (odd) kernel size.

@@ -57,15 +57,9 @@ multiversion!(fn sum_gray(img: &Image, out: &mut u64) => sum_gray_body);
 fn sum_gray_body(img: &Image, out: &mut u64) {
     *out = if img.channels == 1 {
         // u32 partial sums vectorize better than u64; 2^16 values cannot overflow them.
-        img.data
-            .chunks(1 << 16)
-            .map(|c| c.iter().map(|&v| v as u32).sum::<u32>() as u64)
-            .sum()
+        img.data.chunks(1 << 16).map(|c| c.iter().map(|&v| v as u32).sum::<u32>() as u64).sum()
     } else {
-        img.data
-            .chunks_exact(3)
-            .map(|p| luma(p[0], p[1], p[2]) as u64)
-            .sum()
+        img.data.chunks_exact(3).map(|p| luma(p[0], p[1], p[2]) as u64).sum()
     };
 }
 

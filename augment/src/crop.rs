@@ -27,16 +27,9 @@ pub struct RandomResizedCrop {
 impl RandomResizedCrop {
     /// `size` = output (width, height); `scale` = range of the box area as a fraction of the
     /// image area; `ratio` = range of box width/height, sampled log-uniformly.
-    pub fn new(
-        size: (u32, u32),
-        scale: (f32, f32),
-        ratio: (f32, f32),
-    ) -> Result<RandomResizedCrop, AugmentError> {
+    pub fn new(size: (u32, u32), scale: (f32, f32), ratio: (f32, f32)) -> Result<RandomResizedCrop, AugmentError> {
         if size.0 == 0 || size.1 == 0 {
-            return Err(AugmentError::param(
-                "size",
-                format!("must be > 0, got {size:?}"),
-            ));
+            return Err(AugmentError::param("size", format!("must be > 0, got {size:?}")));
         }
         let (lo, hi) = scale;
         if !(lo.is_finite() && hi.is_finite() && lo >= 0.0 && hi > 0.0 && lo <= hi) {
@@ -69,47 +62,26 @@ impl RandomResizedCrop {
                 let (w, h) = (w as u32, h as u32);
                 let y = rng.below((height - h + 1) as u64) as u32;
                 let x = rng.below((width - w + 1) as u64) as u32;
-                return CropBox {
-                    x,
-                    y,
-                    width: w,
-                    height: h,
-                };
+                return CropBox { x, y, width: w, height: h };
             }
         }
         let in_ratio = width as f64 / height as f64;
         let (min_r, max_r) = (self.ratio.0 as f64, self.ratio.1 as f64);
         let (w, h) = if in_ratio < min_r {
-            (
-                width,
-                ((width as f64 / min_r).round_ties_even() as u32).clamp(1, height),
-            )
+            (width, ((width as f64 / min_r).round_ties_even() as u32).clamp(1, height))
         } else if in_ratio > max_r {
-            (
-                ((height as f64 * max_r).round_ties_even() as u32).clamp(1, width),
-                height,
-            )
+            (((height as f64 * max_r).round_ties_even() as u32).clamp(1, width), height)
         } else {
             (width, height)
         };
-        CropBox {
-            x: (width - w) / 2,
-            y: (height - h) / 2,
-            width: w,
-            height: h,
-        }
+        CropBox { x: (width - w) / 2, y: (height - h) / 2, width: w, height: h }
     }
 }
 
 impl Transform for RandomResizedCrop {
     fn apply(&self, img: &mut Image, rng: &mut Rng) {
         let crop = self.get_params(img.width, img.height, rng);
-        let mut out = Image {
-            width: 0,
-            height: 0,
-            channels: img.channels,
-            data: SPARE.take(),
-        };
+        let mut out = Image { width: 0, height: 0, channels: img.channels, data: SPARE.take() };
         resize_crop_into(img, crop, self.size.0, self.size.1, &mut out);
         std::mem::swap(img, &mut out);
         SPARE.set(out.data);

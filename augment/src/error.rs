@@ -15,10 +15,7 @@ pub enum AugmentError {
 
 impl AugmentError {
     pub(crate) fn param(field: &str, message: impl Into<String>) -> AugmentError {
-        AugmentError::InvalidParam {
-            field: field.to_string(),
-            message: message.into(),
-        }
+        AugmentError::InvalidParam { field: field.to_string(), message: message.into() }
     }
 }
 
@@ -27,36 +24,20 @@ pub(crate) fn check_prob(field: &str, p: f32) -> Result<(), AugmentError> {
     if (0.0..=1.0).contains(&p) {
         Ok(())
     } else {
-        Err(AugmentError::param(
-            field,
-            format!("must be in [0,1], got {p}"),
-        ))
+        Err(AugmentError::param(field, format!("must be in [0,1], got {p}")))
     }
 }
 
 /// `Ok` when `(lo, hi)` is an ordered range of finite numbers with `lo > min_exclusive`.
-pub(crate) fn check_range(
-    field: &str,
-    (lo, hi): (f32, f32),
-    min_exclusive: f32,
-) -> Result<(), AugmentError> {
+pub(crate) fn check_range(field: &str, (lo, hi): (f32, f32), min_exclusive: f32) -> Result<(), AugmentError> {
     if !(lo.is_finite() && hi.is_finite()) {
-        return Err(AugmentError::param(
-            field,
-            format!("must be finite, got ({lo}, {hi})"),
-        ));
+        return Err(AugmentError::param(field, format!("must be finite, got ({lo}, {hi})")));
     }
     if lo <= min_exclusive {
-        return Err(AugmentError::param(
-            field,
-            format!("lower bound must be > {min_exclusive}, got ({lo}, {hi})"),
-        ));
+        return Err(AugmentError::param(field, format!("lower bound must be > {min_exclusive}, got ({lo}, {hi})")));
     }
     if lo > hi {
-        return Err(AugmentError::param(
-            field,
-            format!("must have lo <= hi, got ({lo}, {hi})"),
-        ));
+        return Err(AugmentError::param(field, format!("must have lo <= hi, got ({lo}, {hi})")));
     }
     Ok(())
 }

@@ -23,10 +23,7 @@ pub struct ColorJitter {
 
 fn factor_range(field: &str, x: f32) -> Result<Option<(f32, f32)>, AugmentError> {
     if !(x.is_finite() && x >= 0.0) {
-        return Err(AugmentError::param(
-            field,
-            format!("must be a finite number >= 0, got {x}"),
-        ));
+        return Err(AugmentError::param(field, format!("must be a finite number >= 0, got {x}")));
     }
     Ok((x > 0.0).then(|| ((1.0 - x).max(0.0), 1.0 + x)))
 }
@@ -34,18 +31,9 @@ fn factor_range(field: &str, x: f32) -> Result<Option<(f32, f32)>, AugmentError>
 impl ColorJitter {
     /// Strengths as in torchvision `ColorJitter(brightness, contrast, saturation, hue)`;
     /// `hue` must be in [0, 0.5]. `p` is the probability the jitter is applied at all.
-    pub fn new(
-        brightness: f32,
-        contrast: f32,
-        saturation: f32,
-        hue: f32,
-        p: f32,
-    ) -> Result<ColorJitter, AugmentError> {
+    pub fn new(brightness: f32, contrast: f32, saturation: f32, hue: f32, p: f32) -> Result<ColorJitter, AugmentError> {
         if !(0.0..=0.5).contains(&hue) {
-            return Err(AugmentError::param(
-                "jitter.hue",
-                format!("must be in [0,0.5], got {hue}"),
-            ));
+            return Err(AugmentError::param("jitter.hue", format!("must be in [0,0.5], got {hue}")));
         }
         check_prob("jitter.p", p)?;
         Ok(ColorJitter {

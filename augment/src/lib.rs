@@ -26,8 +26,8 @@ mod simd;
 
 pub use blur::{gaussian_blur, gaussian_kernel, GaussianBlur};
 pub use color::{
-    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, luma, solarize,
-    to_grayscale, RandomGrayscale, Solarize,
+    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, luma, solarize, to_grayscale, RandomGrayscale,
+    Solarize,
 };
 pub use crop::{flip_horizontal, HorizontalFlip, RandomResizedCrop};
 pub use equalize::{equalize, Equalize};

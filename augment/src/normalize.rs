@@ -19,41 +19,23 @@ impl Normalize {
     /// One (mean, std) per channel; a single value is broadcast to all channels.
     pub fn new(mean: Vec<f32>, std: Vec<f32>) -> Result<Normalize, AugmentError> {
         if mean.is_empty() || mean.len() > 3 || mean.len() == 2 {
-            return Err(AugmentError::param(
-                "mean",
-                format!("must have 1 or 3 values, got {}", mean.len()),
-            ));
+            return Err(AugmentError::param("mean", format!("must have 1 or 3 values, got {}", mean.len())));
         }
         if std.len() != mean.len() {
             return Err(AugmentError::param(
                 "std",
-                format!(
-                    "must have as many values as mean ({}), got {}",
-                    mean.len(),
-                    std.len()
-                ),
+                format!("must have as many values as mean ({}), got {}", mean.len(), std.len()),
             ));
         }
         if let Some(m) = mean.iter().find(|m| !m.is_finite()) {
-            return Err(AugmentError::param(
-                "mean",
-                format!("must be finite, got {m}"),
-            ));
+            return Err(AugmentError::param("mean", format!("must be finite, got {m}")));
         }
         if let Some(s) = std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-            return Err(AugmentError::param(
-                "std",
-                format!("must be finite and > 0, got {s}"),
-            ));
+            return Err(AugmentError::param("std", format!("must be finite and > 0, got {s}")));
         }
         let scale = std.iter().map(|s| 1.0 / (255.0 * s)).collect();
         let bias = mean.iter().zip(&std).map(|(m, s)| -m / s).collect();
-        Ok(Normalize {
-            mean,
-            std,
-            scale,
-            bias,
-        })
+        Ok(Normalize { mean, std, scale, bias })
     }
 
     /// Number of (mean, std) pairs: 1 (broadcast) or 3.
@@ -76,11 +58,7 @@ impl Normalize {
     pub fn write_chw(&self, img: &Image, out: &mut [f32]) {
         let c = img.channels as usize;
         let n = img.pixels();
-        assert_eq!(
-            out.len(),
-            n * c,
-            "Normalize::write_chw: output slice has wrong length"
-        );
+        assert_eq!(out.len(), n * c, "Normalize::write_chw: output slice has wrong length");
         assert!(
             self.channels() == 1 || self.channels() == c,
             "Normalize has {} channels, image has {c}",

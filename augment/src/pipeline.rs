@@ -36,12 +36,7 @@ thread_local! {
 }
 
 fn empty_image() -> Image {
-    Image {
-        width: 0,
-        height: 0,
-        channels: 1,
-        data: Vec::new(),
-    }
+    Image { width: 0, height: 0, channels: 1, data: Vec::new() }
 }
 
 /// One view's recipe: transforms in order, then conversion to the output channel count and
@@ -76,25 +71,14 @@ impl Pipeline {
         out_channels: u8,
         out_size: (u32, u32),
     ) -> Pipeline {
-        assert!(
-            out_channels == 1 || out_channels == 3,
-            "out_channels must be 1 or 3"
-        );
-        assert!(
-            out_size.0 > 0 && out_size.1 > 0,
-            "out_size must be non-zero"
-        );
+        assert!(out_channels == 1 || out_channels == 3, "out_channels must be 1 or 3");
+        assert!(out_size.0 > 0 && out_size.1 > 0, "out_size must be non-zero");
         assert!(
             normalize.channels() == 1 || normalize.channels() == out_channels as usize,
             "Normalize has {} channels but out_channels is {out_channels}",
             normalize.channels()
         );
-        Pipeline {
-            transforms,
-            normalize,
-            out_channels,
-            out_size,
-        }
+        Pipeline { transforms, normalize, out_channels, out_size }
     }
 
     /// Number of floats one view occupies: channels * height * width.
@@ -104,11 +88,7 @@ impl Pipeline {
 
     /// `[channels, height, width]`.
     pub fn out_shape(&self) -> [usize; 3] {
-        [
-            self.out_channels as usize,
-            self.out_size.1 as usize,
-            self.out_size.0 as usize,
-        ]
+        [self.out_channels as usize, self.out_size.1 as usize, self.out_size.0 as usize]
     }
 
     pub fn normalize(&self) -> &Normalize {
@@ -128,13 +108,7 @@ impl Pipeline {
         }
         convert_channels(work, self.out_channels);
         if (work.width, work.height) != self.out_size {
-            resize_crop_into(
-                work,
-                CropBox::full(work),
-                self.out_size.0,
-                self.out_size.1,
-                spare,
-            );
+            resize_crop_into(work, CropBox::full(work), self.out_size.0, self.out_size.1, spare);
             std::mem::swap(work, spare);
         }
     }
@@ -144,11 +118,7 @@ impl Pipeline {
     /// # Panics
     /// If `out.len() != self.out_len()`.
     pub fn run(&self, src: &Image, rng: &mut Rng, out: &mut [f32]) {
-        assert_eq!(
-            out.len(),
-            self.out_len(),
-            "Pipeline::run: output slice has wrong length"
-        );
+        assert_eq!(out.len(), self.out_len(), "Pipeline::run: output slice has wrong length");
         WORK.with(|cell| {
             // A transform that itself runs a pipeline would re-enter; give it fresh buffers.
             let Ok(mut guard) = cell.try_borrow_mut() else {
@@ -214,11 +184,7 @@ impl Views {
     /// # Panics
     /// If `outs.len() != self.recipes.len()` or a slice has the wrong length.
     pub fn run(&self, src: &Image, rng: &mut Rng, outs: &mut [&mut [f32]]) {
-        assert_eq!(
-            outs.len(),
-            self.recipes.len(),
-            "Views::run: one output slice per recipe"
-        );
+        assert_eq!(outs.len(), self.recipes.len(), "Views::run: one output slice per recipe");
         for (recipe, out) in self.recipes.iter().zip(outs.iter_mut()) {
             recipe.run(src, rng, out);
         }

@@ -29,13 +29,7 @@ pub struct JitterConfig {
 
 impl Default for JitterConfig {
     fn default() -> JitterConfig {
-        JitterConfig {
-            brightness: 0.4,
-            contrast: 0.4,
-            saturation: 0.4,
-            hue: 0.1,
-            p: 0.8,
-        }
+        JitterConfig { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1, p: 0.8 }
     }
 }
 
@@ -50,11 +44,7 @@ pub struct BlurConfig {
 
 impl Default for BlurConfig {
     fn default() -> BlurConfig {
-        BlurConfig {
-            p: 0.0,
-            sigma: (0.1, 2.0),
-            kernel_size: 0,
-        }
+        BlurConfig { p: 0.0, sigma: (0.1, 2.0), kernel_size: 0 }
     }
 }
 
@@ -116,10 +106,7 @@ impl RecipeConfig {
     /// grayscale p 0.2, and blur p 0.5 when `size >= 96` (SimCLR drops blur for CIFAR-sized
     /// images, where it hurts).
     pub fn simclr(size: u32, channels: u8) -> RecipeConfig {
-        let mut cfg = RecipeConfig {
-            size,
-            ..RecipeConfig::default()
-        };
+        let mut cfg = RecipeConfig { size, ..RecipeConfig::default() };
         if channels == 1 {
             cfg.jitter.saturation = 0.0;
             cfg.jitter.hue = 0.0;
@@ -140,21 +127,14 @@ impl RecipeConfig {
     /// the same channel count and is `size x size`. Ops whose probability is 0 are left out.
     pub fn build(&self, channels: u8) -> Result<Pipeline, AugmentError> {
         if channels != 1 && channels != 3 {
-            return Err(AugmentError::param(
-                "channels",
-                format!("must be 1 or 3, got {channels}"),
-            ));
+            return Err(AugmentError::param("channels", format!("must be 1 or 3, got {channels}")));
         }
         if self.size == 0 {
             return Err(AugmentError::param("size", "must be > 0, got 0"));
         }
         let size = self.size;
         let mut ops: Vec<Box<dyn Transform>> = Vec::new();
-        ops.push(Box::new(RandomResizedCrop::new(
-            (size, size),
-            self.crop_scale,
-            self.crop_ratio,
-        )?));
+        ops.push(Box::new(RandomResizedCrop::new((size, size), self.crop_scale, self.crop_ratio)?));
 
         let flip = HorizontalFlip::new(self.flip_p)?;
         if self.flip_p > 0.0 {
@@ -173,11 +153,7 @@ impl RecipeConfig {
             ops.push(Box::new(gray));
         }
 
-        let blur = GaussianBlur::new(
-            self.blur.kernel_size_for(size),
-            self.blur.sigma,
-            self.blur.p,
-        )?;
+        let blur = GaussianBlur::new(self.blur.kernel_size_for(size), self.blur.sigma, self.blur.p)?;
         if self.blur.p > 0.0 {
             ops.push(Box::new(blur));
         }

@@ -29,12 +29,7 @@ pub struct CropBox {
 impl CropBox {
     /// The whole of `img`.
     pub fn full(img: &Image) -> CropBox {
-        CropBox {
-            x: 0,
-            y: 0,
-            width: img.width,
-            height: img.height,
-        }
+        CropBox { x: 0, y: 0, width: img.width, height: img.height }
     }
 }
 
@@ -85,11 +80,7 @@ impl Coeffs {
                 *t = (1.0 - d.abs()).max(0.0);
                 total += *t;
             }
-            let norm = if total != 0.0 {
-                (1 << PRECISION_BITS) as f64 / total
-            } else {
-                0.0
-            };
+            let norm = if total != 0.0 { (1 << PRECISION_BITS) as f64 / total } else { 0.0 };
             let taps = &self.taps[..n];
             let k = &mut self.weights[xx * self.ksize..(xx + 1) * self.ksize];
             if fixed {
@@ -129,10 +120,7 @@ struct CoeffCache {
 
 impl Default for CoeffCache {
     fn default() -> CoeffCache {
-        CoeffCache {
-            keys: vec![None; CACHE_SLOTS],
-            slots: (0..CACHE_SLOTS + 2).map(|_| Coeffs::default()).collect(),
-        }
+        CoeffCache { keys: vec![None; CACHE_SLOTS], slots: (0..CACHE_SLOTS + 2).map(|_| Coeffs::default()).collect() }
     }
 }
 
@@ -241,19 +229,11 @@ multiversion!(fn vertical(input: Rows, row_len: usize, co: &Coeffs, acc: &mut Ve
 /// [`horizontal_pass`] for fixed windows of exactly `K` taps, fully unrolled: the common
 /// small windows (upscaling has 3) then run without a data-dependent inner loop.
 #[inline(always)]
-fn horizontal_pass_k<const C: usize, const K: usize>(
-    input: Rows,
-    in_w: usize,
-    co: &Coeffs,
-    dst: &mut [u8],
-) {
+fn horizontal_pass_k<const C: usize, const K: usize>(input: Rows, in_w: usize, co: &Coeffs, dst: &mut [u8]) {
     let out_w = co.bounds.len();
     for (r, out) in dst.chunks_exact_mut(out_w * C).enumerate() {
         let row = input.row(r, in_w * C);
-        let per_pixel = out
-            .chunks_exact_mut(C)
-            .zip(&co.bounds)
-            .zip(co.weights.chunks_exact(co.ksize));
+        let per_pixel = out.chunks_exact_mut(C).zip(&co.bounds).zip(co.weights.chunks_exact(co.ksize));
         for ((px, &(first, _)), w) in per_pixel {
             let w: &[i32; K] = w[..K].try_into().expect("window of K taps");
             let taps = &row[first * C..(first + K) * C];
@@ -292,28 +272,17 @@ fn horizontal_body(c: usize, input: Rows, in_w: usize, co: &Coeffs, dst: &mut [u
 /// If the box is empty or not inside `src`, or an output side is zero.
 pub fn resize_crop_into(src: &Image, crop: CropBox, out_w: u32, out_h: u32, dst: &mut Image) {
     assert!(
-        crop.width > 0
-            && crop.height > 0
-            && crop.x + crop.width <= src.width
-            && crop.y + crop.height <= src.height,
+        crop.width > 0 && crop.height > 0 && crop.x + crop.width <= src.width && crop.y + crop.height <= src.height,
         "crop box {crop:?} not inside {}x{} image",
         src.width,
         src.height
     );
-    assert!(
-        out_w > 0 && out_h > 0,
-        "resize to empty size {out_w}x{out_h}"
-    );
+    assert!(out_w > 0 && out_h > 0, "resize to empty size {out_w}x{out_h}");
     let c = src.channels as usize;
     dst.reshape(out_w, out_h, src.channels);
     let (ow, oh) = (out_w as usize, out_h as usize);
     let (bw, bh) = (crop.width as usize, crop.height as usize);
-    let boxed = Rows {
-        data: &src.data,
-        stride: src.stride(),
-        row0: crop.y as usize,
-        col0: crop.x as usize * c,
-    };
+    let boxed = Rows { data: &src.data, stride: src.stride(), row0: crop.y as usize, col0: crop.x as usize * c };
 
     if bw == ow && bh == oh {
         // Pure crop: the triangle weights would be exactly one tap of 1.0 anyway.
@@ -348,22 +317,12 @@ pub fn resize_crop_into(src: &Image, crop: CropBox, out_w: u32, out_h: u32, dst:
             if h_first <= v_first {
                 s.tmp.resize(bh * ow * c, 0);
                 horizontal(c, boxed, bw, hco, &mut s.tmp);
-                let tmp = Rows {
-                    data: &s.tmp,
-                    stride: ow * c,
-                    row0: 0,
-                    col0: 0,
-                };
+                let tmp = Rows { data: &s.tmp, stride: ow * c, row0: 0, col0: 0 };
                 vertical(tmp, ow * c, vco, &mut s.acc, &mut dst.data);
             } else {
                 s.tmp.resize(oh * bw * c, 0);
                 vertical(boxed, bw * c, vco, &mut s.acc, &mut s.tmp);
-                let tmp = Rows {
-                    data: &s.tmp,
-                    stride: bw * c,
-                    row0: 0,
-                    col0: 0,
-                };
+                let tmp = Rows { data: &s.tmp, stride: bw * c, row0: 0, col0: 0 };
                 horizontal(c, tmp, bw, hco, &mut dst.data);
             }
         }

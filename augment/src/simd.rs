@@ -55,9 +55,7 @@ mod tests {
 
     fn noise(w: u32, h: u32, c: u8, seed: u64) -> Image {
         let mut rng = Rng::new(seed);
-        let data = (0..w * h * c as u32)
-            .map(|_| rng.below(256) as u8)
-            .collect();
+        let data = (0..w * h * c as u32).map(|_| rng.below(256) as u8).collect();
         Image::new(w, h, c, data).unwrap()
     }
 
@@ -90,10 +88,7 @@ mod tests {
             let slow = outputs(&pipe, &src);
             let resized_slow = resize(&src, 17, 33);
             FORCE_BASELINE.set(false);
-            assert!(
-                fast == slow,
-                "outputs differ between copies for {c} channels"
-            );
+            assert!(fast == slow, "outputs differ between copies for {c} channels");
             assert_eq!(resized, resized_slow);
         }
     }

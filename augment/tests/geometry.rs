@@ -4,18 +4,12 @@ mod common;
 
 use common::{checkerboard, constant, noise};
 use selfsup_augment::{
-    flip_horizontal, resize, resize_crop_into, CropBox, HorizontalFlip, Image, RandomResizedCrop,
-    Rng, Transform,
+    flip_horizontal, resize, resize_crop_into, CropBox, HorizontalFlip, Image, RandomResizedCrop, Rng, Transform,
 };
 
 #[test]
 fn resize_of_constant_image_is_constant() {
-    for &(w, h, ow, oh) in &[
-        (28, 28, 28, 28),
-        (28, 28, 13, 7),
-        (10, 6, 37, 50),
-        (512, 300, 224, 224),
-    ] {
+    for &(w, h, ow, oh) in &[(28, 28, 28, 28), (28, 28, 13, 7), (10, 6, 37, 50), (512, 300, 224, 224)] {
         for c in [1u8, 3] {
             let out = resize(&constant(w, h, c, 173), ow, oh);
             assert_eq!((out.width, out.height, out.channels), (ow, oh, c));
@@ -34,10 +28,7 @@ fn downscaled_checkerboard_is_mid_gray() {
             assert!((120..=135).contains(&v), "got {v}");
         }
         let naive: Vec<u8> = (0..32).map(|x| img.get(2 * x, 0, 0)).collect();
-        assert!(
-            naive.iter().all(|&v| v == 255),
-            "the test image must alias without a filter"
-        );
+        assert!(naive.iter().all(|&v| v == 255), "the test image must alias without a filter");
         // A 3x downscale (odd factor, wider support) also comes out gray.
         let out = resize(&img, 21, 21);
         let mean = out.data.iter().map(|&v| v as f64).sum::<f64>() / out.data.len() as f64;
@@ -55,13 +46,7 @@ fn resize_matches_closed_form_triangle_weights() {
     let img = Image::new(4, 1, 1, vec![0, 0, 255, 255]).unwrap();
     assert_eq!(resize(&img, 2, 1).data, vec![36, 219]);
     // Same along the vertical axis, on RGB.
-    let img = Image::new(
-        1,
-        4,
-        3,
-        vec![0, 0, 0, 0, 0, 0, 255, 255, 255, 255, 255, 255],
-    )
-    .unwrap();
+    let img = Image::new(1, 4, 3, vec![0, 0, 0, 0, 0, 0, 255, 255, 255, 255, 255, 255]).unwrap();
     assert_eq!(resize(&img, 1, 2).data, vec![36, 36, 36, 219, 219, 219]);
 }
 
@@ -79,10 +64,7 @@ fn two_axis_resize_matches_one_axis_at_a_time() {
         let split = resize(&resize(&noisy, ow, 70), ow, oh);
         let split2 = resize(&resize(&noisy, 90, oh), ow, oh);
         for ((&a, &b), &c) in both.data.iter().zip(&split.data).zip(&split2.data) {
-            assert!(
-                a.abs_diff(b) <= 1 || a.abs_diff(c) <= 1,
-                "{ow}x{oh}: {a} vs {b}/{c}"
-            );
+            assert!(a.abs_diff(b) <= 1 || a.abs_diff(c) <= 1, "{ow}x{oh}: {a} vs {b}/{c}");
         }
     }
 }
@@ -92,18 +74,7 @@ fn resize_to_same_size_and_crop_box_are_exact_copies() {
     let img = noise(17, 11, 3, 1);
     assert_eq!(resize(&img, 17, 11), img);
     let mut out = Image::zeros(1, 1, 3);
-    resize_crop_into(
-        &img,
-        CropBox {
-            x: 3,
-            y: 2,
-            width: 5,
-            height: 4,
-        },
-        5,
-        4,
-        &mut out,
-    );
+    resize_crop_into(&img, CropBox { x: 3, y: 2, width: 5, height: 4 }, 5, 4, &mut out);
     for y in 0..4 {
         for x in 0..5 {
             for c in 0..3 {
@@ -123,18 +94,7 @@ fn resize_never_reads_outside_the_crop_box() {
         }
     }
     let mut out = Image::zeros(1, 1, 1);
-    resize_crop_into(
-        &img,
-        CropBox {
-            x: 10,
-            y: 10,
-            width: 20,
-            height: 10,
-        },
-        7,
-        33,
-        &mut out,
-    );
+    resize_crop_into(&img, CropBox { x: 10, y: 10, width: 20, height: 10 }, 7, 33, &mut out);
     assert!(out.data.iter().all(|&v| v == 255));
 }
 
@@ -173,25 +133,9 @@ fn crop_falls_back_to_center_crop() {
     // largest centered box with ratio clamped to 1.
     let crop = RandomResizedCrop::new((8, 8), (1.0, 1.0), (1.0, 1.0)).unwrap();
     let b = crop.get_params(40, 20, &mut Rng::new(0));
-    assert_eq!(
-        b,
-        CropBox {
-            x: 10,
-            y: 0,
-            width: 20,
-            height: 20
-        }
-    );
+    assert_eq!(b, CropBox { x: 10, y: 0, width: 20, height: 20 });
     let b = crop.get_params(20, 40, &mut Rng::new(0));
-    assert_eq!(
-        b,
-        CropBox {
-            x: 0,
-            y: 10,
-            width: 20,
-            height: 20
-        }
-    );
+    assert_eq!(b, CropBox { x: 0, y: 10, width: 20, height: 20 });
 }
 
 #[test]
@@ -227,13 +171,9 @@ fn crop_apply_and_apply_to_agree_and_seeds_matter() {
 #[test]
 fn crop_rejects_bad_params() {
     assert!(RandomResizedCrop::new((0, 5), (0.1, 1.0), (1.0, 1.0)).is_err());
-    let e = RandomResizedCrop::new((5, 5), (0.9, 0.1), (1.0, 1.0))
-        .unwrap_err()
-        .to_string();
+    let e = RandomResizedCrop::new((5, 5), (0.9, 0.1), (1.0, 1.0)).unwrap_err().to_string();
     assert!(e.contains("crop_scale"), "{e}");
-    let e = RandomResizedCrop::new((5, 5), (0.1, 1.0), (0.0, 1.0))
-        .unwrap_err()
-        .to_string();
+    let e = RandomResizedCrop::new((5, 5), (0.1, 1.0), (0.0, 1.0)).unwrap_err().to_string();
     assert!(e.contains("crop_ratio"), "{e}");
 }
 

@@ -4,9 +4,9 @@ mod common;
 
 use common::{constant, gradient_rgb, noise};
 use selfsup_augment::{
-    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, equalize, gaussian_blur,
-    gaussian_kernel, luma, solarize, to_grayscale, ColorJitter, Equalize, GaussianBlur, Image,
-    Normalize, RandomGrayscale, Rng, Solarize, Transform,
+    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, equalize, gaussian_blur, gaussian_kernel, luma,
+    solarize, to_grayscale, ColorJitter, Equalize, GaussianBlur, Image, Normalize, RandomGrayscale, Rng, Solarize,
+    Transform,
 };
 
 fn rgb(pixels: &[[u8; 3]]) -> Image {
@@ -47,11 +47,7 @@ fn contrast_closed_form() {
     let mean = (luma(255, 0, 0) as f32 + luma(0, 0, 255) as f32) / 2.0;
     adjust_contrast(&mut img, 0.0);
     assert_eq!(mean, 52.5);
-    assert!(
-        img.data.iter().all(|&v| v == 52),
-        "ties round to even: {:?}",
-        img.data
-    );
+    assert!(img.data.iter().all(|&v| v == 52), "ties round to even: {:?}", img.data);
 }
 
 #[test]
@@ -130,10 +126,7 @@ fn jitter_probability_zero_and_factor_ranges() {
         hi = hi.max(img.data[0]);
         assert!(img.data.iter().all(|&v| v == img.data[0]));
     }
-    assert!(
-        (50..=53).contains(&lo) && (147..=150).contains(&hi),
-        "{lo}..{hi}"
-    );
+    assert!((50..=53).contains(&lo) && (147..=150).contains(&hi), "{lo}..{hi}");
     let src = noise(16, 16, 3, 7);
     let full = ColorJitter::new(0.4, 0.4, 0.4, 0.1, 1.0).unwrap();
     let (mut a, mut b2, mut c) = (src.clone(), src.clone(), src.clone());
@@ -143,13 +136,9 @@ fn jitter_probability_zero_and_factor_ranges() {
     assert_eq!(a, b2);
     assert_ne!(a, c);
     assert_ne!(a, src);
-    let e = ColorJitter::new(0.4, 0.4, 0.4, 0.6, 0.8)
-        .unwrap_err()
-        .to_string();
+    let e = ColorJitter::new(0.4, 0.4, 0.4, 0.6, 0.8).unwrap_err().to_string();
     assert!(e.contains("jitter.hue"), "{e}");
-    let e = ColorJitter::new(-1.0, 0.4, 0.4, 0.1, 0.8)
-        .unwrap_err()
-        .to_string();
+    let e = ColorJitter::new(-1.0, 0.4, 0.4, 0.1, 0.8).unwrap_err().to_string();
     assert!(e.contains("jitter.brightness"), "{e}");
 }
 
@@ -158,10 +147,7 @@ fn random_grayscale_probability() {
     let src = gradient_rgb(10, 10);
     let mut gray = src.clone();
     to_grayscale(&mut gray);
-    let (never, always) = (
-        RandomGrayscale::new(0.0).unwrap(),
-        RandomGrayscale::new(1.0).unwrap(),
-    );
+    let (never, always) = (RandomGrayscale::new(0.0).unwrap(), RandomGrayscale::new(1.0).unwrap());
     let mut img = src.clone();
     never.apply(&mut img, &mut Rng::new(0));
     assert_eq!(img, src);
@@ -198,13 +184,7 @@ fn equalize_keeps_uniform_ramp_and_stretches_narrow_histograms() {
     equalize(&mut img);
     assert_eq!(img, ramp);
     // Levels 100..=131 only: spread to the full range, order kept.
-    let narrow = Image::new(
-        32,
-        32,
-        3,
-        (0..3072).map(|i| 100 + (i / 3 % 32) as u8).collect(),
-    )
-    .unwrap();
+    let narrow = Image::new(32, 32, 3, (0..3072).map(|i| 100 + (i / 3 % 32) as u8).collect()).unwrap();
     let mut img = narrow.clone();
     equalize(&mut img);
     assert_eq!(*img.data.iter().min().unwrap(), 0);
@@ -253,21 +233,13 @@ fn blur_smooths_noise_and_p_zero_is_identity() {
     let src = noise(32, 32, 3, 9);
     let var = |img: &Image| {
         let m = img.data.iter().map(|&v| v as f64).sum::<f64>() / img.data.len() as f64;
-        img.data
-            .iter()
-            .map(|&v| (v as f64 - m).powi(2))
-            .sum::<f64>()
-            / img.data.len() as f64
+        img.data.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / img.data.len() as f64
     };
     let mut img = src.clone();
-    GaussianBlur::new(9, (1.5, 2.0), 1.0)
-        .unwrap()
-        .apply(&mut img, &mut Rng::new(0));
+    GaussianBlur::new(9, (1.5, 2.0), 1.0).unwrap().apply(&mut img, &mut Rng::new(0));
     assert!(var(&img) < var(&src) / 10.0);
     let mut img = src.clone();
-    GaussianBlur::new(9, (1.5, 2.0), 0.0)
-        .unwrap()
-        .apply(&mut img, &mut Rng::new(0));
+    GaussianBlur::new(9, (1.5, 2.0), 0.0).unwrap().apply(&mut img, &mut Rng::new(0));
     assert_eq!(img, src);
     // Kernel wider than a tiny image: reflection wraps around without panicking.
     let mut tiny = noise(2, 3, 1, 1);
@@ -276,9 +248,7 @@ fn blur_smooths_noise_and_p_zero_is_identity() {
     let before = one.clone();
     gaussian_blur(&mut one, 5, 2.0);
     assert_eq!(one, before);
-    let e = GaussianBlur::new(4, (0.1, 2.0), 0.5)
-        .unwrap_err()
-        .to_string();
+    let e = GaussianBlur::new(4, (0.1, 2.0), 0.5).unwrap_err().to_string();
     assert!(e.contains("blur.kernel_size"), "{e}");
     assert!(GaussianBlur::new(5, (0.0, 2.0), 0.5).is_err());
 }

@@ -33,18 +33,8 @@ fn matches_pillow() {
         if op == "resize" {
             let got = resize(&src, ow, oh);
             assert_eq!(got.data.len(), want.len());
-            let worst = got
-                .data
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap();
-            assert!(
-                worst <= 1,
-                "{w}x{h}x{c} -> {ow}x{oh}: off by {worst}\n{:?}\n{want:?}",
-                got.data
-            );
+            let worst = got.data.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            assert!(worst <= 1, "{w}x{h}x{c} -> {ow}x{oh}: off by {worst}\n{:?}\n{want:?}", got.data);
         } else {
             let mut got = src.clone();
             equalize(&mut got);

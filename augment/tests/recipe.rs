@@ -14,10 +14,7 @@ fn assert_on_lattice(out: &[f32], mean: f32, std: f32) {
         assert!(x.is_finite());
         let v = (x * std + mean) * 255.0;
         assert!((-1e-3..=255.001).contains(&v), "value {x} maps to {v}");
-        assert!(
-            (v - v.round()).abs() < 2e-3,
-            "value {x} maps to non-integer {v}"
-        );
+        assert!((v - v.round()).abs() < 2e-3, "value {x} maps to non-integer {v}");
     }
 }
 
@@ -29,36 +26,20 @@ fn run(p: &Pipeline, src: &Image, seed: u64) -> Vec<f32> {
 
 #[test]
 fn simclr_gray_and_rgb_shapes_ranges_and_determinism() {
-    let cases = [
-        (28u32, 1u8, 28u32, 28u32),
-        (32, 3, 40, 30),
-        (96, 3, 120, 100),
-        (24, 3, 17, 64),
-    ];
+    let cases = [(28u32, 1u8, 28u32, 28u32), (32, 3, 40, 30), (96, 3, 120, 100), (24, 3, 17, 64)];
     for (size, c, w, h) in cases {
         let pipe = RecipeConfig::simclr(size, c).build(c).unwrap();
         assert_eq!(pipe.out_shape(), [c as usize, size as usize, size as usize]);
         assert_eq!(pipe.out_len(), (c as u32 * size * size) as usize);
-        let src = if c == 1 {
-            noise(w, h, 1, 1)
-        } else {
-            gradient_rgb(w, h)
-        };
+        let src = if c == 1 { noise(w, h, 1, 1) } else { gradient_rgb(w, h) };
         let mut distinct = std::collections::HashSet::new();
         for seed in 0..30 {
             let a = run(&pipe, &src, seed);
             assert_on_lattice(&a, 0.5, 0.5);
-            assert_eq!(
-                a,
-                run(&pipe, &src, seed),
-                "same seed must give the same view"
-            );
+            assert_eq!(a, run(&pipe, &src, seed), "same seed must give the same view");
             distinct.insert(a.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
         }
-        assert!(
-            distinct.len() >= 29,
-            "different seeds must give different views"
-        );
+        assert!(distinct.len() >= 29, "different seeds must give different views");
     }
 }
 
@@ -70,15 +51,9 @@ fn all_probabilities_zero_full_crop_is_identity() {
             crop_scale: (1.0, 1.0),
             crop_ratio: (1.0, 1.0),
             flip_p: 0.0,
-            jitter: selfsup_augment::JitterConfig {
-                p: 0.0,
-                ..Default::default()
-            },
+            jitter: selfsup_augment::JitterConfig { p: 0.0, ..Default::default() },
             grayscale_p: 0.0,
-            blur: selfsup_augment::BlurConfig {
-                p: 0.0,
-                ..Default::default()
-            },
+            blur: selfsup_augment::BlurConfig { p: 0.0, ..Default::default() },
             solarize_p: 0.0,
             equalize_p: 0.0,
             mean: vec![],
@@ -87,9 +62,7 @@ fn all_probabilities_zero_full_crop_is_identity() {
         let pipe = cfg.build(c).unwrap();
         let src = noise(28, 28, c, 2);
         let mut want = vec![0f32; pipe.out_len()];
-        Normalize::new(vec![0.5; c as usize], vec![0.5; c as usize])
-            .unwrap()
-            .write_chw(&src, &mut want);
+        Normalize::new(vec![0.5; c as usize], vec![0.5; c as usize]).unwrap().write_chw(&src, &mut want);
         for seed in 0..10 {
             assert_eq!(run(&pipe, &src, seed), want);
             assert_eq!(pipe.run_image(&src, &mut Rng::new(seed)), src);
@@ -104,10 +77,7 @@ fn run_image_matches_run_and_custom_stats_apply() {
         std: vec![0.229, 0.224, 0.225],
         solarize_p: 0.3,
         equalize_p: 0.3,
-        blur: selfsup_augment::BlurConfig {
-            p: 0.5,
-            ..Default::default()
-        },
+        blur: selfsup_augment::BlurConfig { p: 0.5, ..Default::default() },
         ..RecipeConfig::simclr(48, 3)
     };
     let pipe = cfg.build(3).unwrap();
@@ -128,12 +98,7 @@ fn run_image_matches_run_and_custom_stats_apply() {
 
 #[test]
 fn gray_source_into_rgb_recipe_replicates_channels() {
-    let pipe = RecipeConfig {
-        grayscale_p: 0.0,
-        ..RecipeConfig::simclr(16, 3)
-    }
-    .build(3)
-    .unwrap();
+    let pipe = RecipeConfig { grayscale_p: 0.0, ..RecipeConfig::simclr(16, 3) }.build(3).unwrap();
     let src = noise(30, 30, 1, 4);
     let out = run(&pipe, &src, 1);
     let n = 16 * 16;
@@ -147,22 +112,12 @@ fn gray_source_into_rgb_recipe_replicates_channels() {
 #[test]
 fn views_run_recipes_in_order_from_one_stream() {
     let a = RecipeConfig::simclr(20, 3).build(3).unwrap();
-    let b = RecipeConfig {
-        solarize_p: 1.0,
-        ..RecipeConfig::simclr(12, 3)
-    }
-    .build(3)
-    .unwrap();
+    let b = RecipeConfig { solarize_p: 1.0, ..RecipeConfig::simclr(12, 3) }.build(3).unwrap();
     let src = gradient_rgb(40, 40);
     let (mut va, mut vb) = (vec![0f32; a.out_len()], vec![0f32; b.out_len()]);
     let views = Views::new(vec![
         RecipeConfig::simclr(20, 3).build(3).unwrap(),
-        RecipeConfig {
-            solarize_p: 1.0,
-            ..RecipeConfig::simclr(12, 3)
-        }
-        .build(3)
-        .unwrap(),
+        RecipeConfig { solarize_p: 1.0, ..RecipeConfig::simclr(12, 3) }.build(3).unwrap(),
     ]);
     views.run(&src, &mut Rng::for_sample(1, 2, 3), &mut [&mut va, &mut vb]);
     let mut rng = Rng::for_sample(1, 2, 3);
@@ -183,10 +138,7 @@ fn results_do_not_depend_on_thread() {
             // Each thread visits the samples in a different order, with warm scratch buffers
             // left behind by other samples.
             std::thread::spawn(move || {
-                (0..8u64)
-                    .map(|k| (k * 3 + t) % 8)
-                    .map(|i| (i, run(&pipe, &src, i)))
-                    .collect::<Vec<_>>()
+                (0..8u64).map(|k| (k * 3 + t) % 8).map(|i| (i, run(&pipe, &src, i))).collect::<Vec<_>>()
             })
         })
         .collect();
@@ -200,24 +152,12 @@ fn results_do_not_depend_on_thread() {
 #[test]
 fn config_presets_defaults_and_toml() {
     let gray = RecipeConfig::simclr(28, 1);
-    assert_eq!(
-        (
-            gray.jitter.saturation,
-            gray.jitter.hue,
-            gray.grayscale_p,
-            gray.blur.p
-        ),
-        (0.0, 0.0, 0.0, 0.0)
-    );
+    assert_eq!((gray.jitter.saturation, gray.jitter.hue, gray.grayscale_p, gray.blur.p), (0.0, 0.0, 0.0, 0.0));
     assert_eq!(RecipeConfig::simclr(32, 3).blur.p, 0.0);
     let big = RecipeConfig::simclr(224, 3);
-    assert_eq!(
-        (big.blur.p, big.blur.kernel_size_for(224), big.grayscale_p),
-        (0.5, 23, 0.2)
-    );
+    assert_eq!((big.blur.p, big.blur.kernel_size_for(224), big.grayscale_p), (0.5, 23, 0.2));
     assert_eq!(big.blur.kernel_size_for(96), 9);
-    let cfg: RecipeConfig =
-        toml::from_str("size = 32\ncrop_scale = [0.2, 1.0]\n[jitter]\np = 0.5\n").unwrap();
+    let cfg: RecipeConfig = toml::from_str("size = 32\ncrop_scale = [0.2, 1.0]\n[jitter]\np = 0.5\n").unwrap();
     assert_eq!(cfg.size, 32);
     assert_eq!(cfg.crop_scale, (0.2, 1.0));
     assert_eq!(cfg.jitter.p, 0.5);
@@ -232,102 +172,29 @@ fn config_presets_defaults_and_toml() {
 #[test]
 fn validation_names_the_field() {
     let check = |cfg: RecipeConfig, channels: u8, want: &str| {
-        let e = cfg
-            .build(channels)
-            .err()
-            .unwrap_or_else(|| panic!("expected error for {want}"));
+        let e = cfg.build(channels).err().unwrap_or_else(|| panic!("expected error for {want}"));
         assert!(e.to_string().contains(want), "{e} should mention {want}");
     };
     let base = RecipeConfig::simclr(32, 3);
     let mut c = base.clone();
     c.jitter.p = 1.5;
     check(c.clone(), 3, "jitter.p must be in [0,1], got 1.5");
-    check(
-        RecipeConfig {
-            size: 0,
-            ..base.clone()
-        },
-        3,
-        "size",
-    );
-    check(
-        RecipeConfig {
-            crop_scale: (0.9, 0.2),
-            ..base.clone()
-        },
-        3,
-        "crop_scale",
-    );
-    check(
-        RecipeConfig {
-            crop_ratio: (-1.0, 1.0),
-            ..base.clone()
-        },
-        3,
-        "crop_ratio",
-    );
-    check(
-        RecipeConfig {
-            flip_p: 2.0,
-            ..base.clone()
-        },
-        3,
-        "flip_p",
-    );
-    check(
-        RecipeConfig {
-            grayscale_p: -0.5,
-            ..base.clone()
-        },
-        3,
-        "grayscale_p",
-    );
-    check(
-        RecipeConfig {
-            solarize_p: 1.1,
-            ..base.clone()
-        },
-        3,
-        "solarize_p",
-    );
-    check(
-        RecipeConfig {
-            equalize_p: f32::NAN,
-            ..base.clone()
-        },
-        3,
-        "equalize_p",
-    );
+    check(RecipeConfig { size: 0, ..base.clone() }, 3, "size");
+    check(RecipeConfig { crop_scale: (0.9, 0.2), ..base.clone() }, 3, "crop_scale");
+    check(RecipeConfig { crop_ratio: (-1.0, 1.0), ..base.clone() }, 3, "crop_ratio");
+    check(RecipeConfig { flip_p: 2.0, ..base.clone() }, 3, "flip_p");
+    check(RecipeConfig { grayscale_p: -0.5, ..base.clone() }, 3, "grayscale_p");
+    check(RecipeConfig { solarize_p: 1.1, ..base.clone() }, 3, "solarize_p");
+    check(RecipeConfig { equalize_p: f32::NAN, ..base.clone() }, 3, "equalize_p");
     let mut c = base.clone();
     c.blur.kernel_size = 8;
     check(c, 3, "blur.kernel_size");
     let mut c = base.clone();
     c.blur.sigma = (2.0, 1.0);
     check(c, 3, "blur.sigma");
-    check(
-        RecipeConfig {
-            mean: vec![0.5, 0.5],
-            ..base.clone()
-        },
-        3,
-        "mean",
-    );
-    check(
-        RecipeConfig {
-            mean: vec![0.1, 0.2, 0.3],
-            ..base.clone()
-        },
-        1,
-        "mean",
-    );
-    check(
-        RecipeConfig {
-            std: vec![0.0, 1.0, 1.0],
-            ..base.clone()
-        },
-        3,
-        "std",
-    );
+    check(RecipeConfig { mean: vec![0.5, 0.5], ..base.clone() }, 3, "mean");
+    check(RecipeConfig { mean: vec![0.1, 0.2, 0.3], ..base.clone() }, 1, "mean");
+    check(RecipeConfig { std: vec![0.0, 1.0, 1.0], ..base.clone() }, 3, "std");
     check(base.clone(), 2, "channels");
     assert!(base.validate(3).is_ok());
 }

@@ -6,21 +6,12 @@ use selfsup_augment::Rng;
 
 #[test]
 fn same_seed_same_stream_different_seed_differs() {
-    let a: Vec<u64> = (0..100)
-        .scan(Rng::new(7), |r, _| Some(r.next_u64()))
-        .collect();
-    let b: Vec<u64> = (0..100)
-        .scan(Rng::new(7), |r, _| Some(r.next_u64()))
-        .collect();
-    let c: Vec<u64> = (0..100)
-        .scan(Rng::new(8), |r, _| Some(r.next_u64()))
-        .collect();
+    let a: Vec<u64> = (0..100).scan(Rng::new(7), |r, _| Some(r.next_u64())).collect();
+    let b: Vec<u64> = (0..100).scan(Rng::new(7), |r, _| Some(r.next_u64())).collect();
+    let c: Vec<u64> = (0..100).scan(Rng::new(8), |r, _| Some(r.next_u64())).collect();
     assert_eq!(a, b);
     assert_ne!(a, c);
-    assert!(
-        a.iter().zip(&c).all(|(x, y)| x != y),
-        "neighbouring seeds must decorrelate"
-    );
+    assert!(a.iter().zip(&c).all(|(x, y)| x != y), "neighbouring seeds must decorrelate");
 }
 
 #[test]
@@ -31,18 +22,12 @@ fn for_sample_is_deterministic_and_distinct() {
             for index in 0..500u64 {
                 let x = Rng::for_sample(seed, epoch, index).next_u64();
                 assert_eq!(x, Rng::for_sample(seed, epoch, index).next_u64());
-                assert!(
-                    seen.insert(x),
-                    "collision at seed {seed} epoch {epoch} index {index}"
-                );
+                assert!(seen.insert(x), "collision at seed {seed} epoch {epoch} index {index}");
             }
         }
     }
     // Swapping epoch and index must not give the same stream.
-    assert_ne!(
-        Rng::for_sample(0, 1, 2).next_u64(),
-        Rng::for_sample(0, 2, 1).next_u64()
-    );
+    assert_ne!(Rng::for_sample(0, 1, 2).next_u64(), Rng::for_sample(0, 2, 1).next_u64());
 }
 
 #[test]
@@ -107,11 +92,7 @@ fn shuffle_is_a_permutation_and_varies() {
         assert_eq!(sorted, vec![0, 1, 2, 3]);
         orders.insert(v);
     }
-    assert_eq!(
-        orders.len(),
-        24,
-        "all 4! orders should appear in 200 shuffles"
-    );
+    assert_eq!(orders.len(), 24, "all 4! orders should appear in 200 shuffles");
     let mut empty: [u8; 0] = [];
     rng.shuffle(&mut empty);
 }

@@ -58,21 +58,14 @@ pub struct ResNetConfig {
 
 impl Default for ResNetConfig {
     fn default() -> Self {
-        ResNetConfig {
-            layers: [2, 2, 2, 2],
-            width: 64,
-            cifar_stem: true,
-        }
+        ResNetConfig { layers: [2, 2, 2, 2], width: 64, cifar_stem: true }
     }
 }
 
 impl ResNetConfig {
     pub fn validate(&self) -> Result<(), ModelError> {
         if self.width < 1 {
-            return Err(invalid(
-                "model.backbone.width",
-                format!("must be >= 1, got {}", self.width),
-            ));
+            return Err(invalid("model.backbone.width", format!("must be >= 1, got {}", self.width)));
         }
         if self.layers.iter().any(|&n| n < 1) {
             return Err(invalid(
@@ -102,10 +95,7 @@ fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D {
 
 /// Batch-norm settings as torchvision: tch initialises BN weights uniformly in [0,1); every recipe starts at 1.
 pub(crate) fn bn_config() -> nn::BatchNormConfig {
-    nn::BatchNormConfig {
-        ws_init: nn::Init::Const(1.0),
-        ..Default::default()
-    }
+    nn::BatchNormConfig { ws_init: nn::Init::Const(1.0), ..Default::default() }
 }
 
 fn batch_norm(p: nn::Path, c: i64) -> nn::BatchNorm {
@@ -123,12 +113,8 @@ struct BasicBlock {
 
 impl BasicBlock {
     fn new(p: nn::Path, cin: i64, cout: i64, stride: i64) -> Self {
-        let downsample = (stride != 1 || cin != cout).then(|| {
-            (
-                conv(&p / "downsample" / "0", cin, cout, 1, stride),
-                batch_norm(&p / "downsample" / "1", cout),
-            )
-        });
+        let downsample = (stride != 1 || cin != cout)
+            .then(|| (conv(&p / "downsample" / "0", cin, cout, 1, stride), batch_norm(&p / "downsample" / "1", cout)));
         BasicBlock {
             conv1: conv(&p / "conv1", cin, cout, 3, stride),
             bn1: batch_norm(&p / "bn1", cout),
@@ -180,13 +166,7 @@ impl ResNet {
                 .collect();
             stages.push(blocks);
         }
-        ResNet {
-            conv1,
-            bn1,
-            cifar_stem: cfg.cifar_stem,
-            stages,
-            dim: cin,
-        }
+        ResNet { conv1, bn1, cifar_stem: cfg.cifar_stem, stages, dim: cin }
     }
 }
 

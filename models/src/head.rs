@@ -11,14 +11,8 @@ use crate::backbone::bn_config;
 pub fn linear(p: nn::Path, input: i64, output: i64) -> nn::Linear {
     let bound = 1.0 / (input as f64).sqrt();
     let cfg = nn::LinearConfig {
-        ws_init: nn::Init::Uniform {
-            lo: -bound,
-            up: bound,
-        },
-        bs_init: Some(nn::Init::Uniform {
-            lo: -bound,
-            up: bound,
-        }),
+        ws_init: nn::Init::Uniform { lo: -bound, up: bound },
+        bs_init: Some(nn::Init::Uniform { lo: -bound, up: bound }),
         bias: true,
     };
     nn::linear(p, input, output, cfg)
@@ -46,9 +40,6 @@ impl ModuleT for ProjectionHead {
     /// # Shapes
     /// `[N, input]` → `[N, output]`.
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        x.apply(&self.fc1)
-            .apply_t(&self.bn, train)
-            .relu()
-            .apply(&self.fc2)
+        x.apply(&self.fc1).apply_t(&self.bn, train).relu().apply(&self.fc2)
     }
 }

@@ -26,8 +26,5 @@ pub enum ModelError {
 }
 
 pub(crate) fn invalid(field: &str, message: impl Into<String>) -> ModelError {
-    ModelError::InvalidConfig {
-        field: field.to_string(),
-        message: message.into(),
-    }
+    ModelError::InvalidConfig { field: field.to_string(), message: message.into() }
 }

@@ -13,9 +13,7 @@ use tch::{Kind, Tensor};
 pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Tensor {
     let n = z1.size()[0];
     let z = Tensor::cat(&[z1, z2], 0).to_kind(Kind::Float);
-    let z = &z
-        / z.norm_scalaropt_dim(2.0, [1i64].as_slice(), true)
-            .clamp_min(1e-12);
+    let z = &z / z.norm_scalaropt_dim(2.0, [1i64].as_slice(), true).clamp_min(1e-12);
     let logits = z.matmul(&z.tr()) / temperature;
     // An embedding is never its own negative: mask the diagonal out of the softmax.
     let eye = Tensor::eye(2 * n, (Kind::Bool, z.device()));

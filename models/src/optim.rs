@@ -53,10 +53,7 @@ impl OptimizerConfig {
             ("optimizer.weight_decay", self.weight_decay >= 0.0),
             ("optimizer.eta", self.eta > 0.0),
             ("optimizer.warmup_epochs", self.warmup_epochs >= 0.0),
-            (
-                "optimizer.final_lr_fraction",
-                (0.0..=1.0).contains(&self.final_lr_fraction),
-            ),
+            ("optimizer.final_lr_fraction", (0.0..=1.0).contains(&self.final_lr_fraction)),
         ];
         for (field, ok) in checks {
             if !ok {
@@ -96,28 +93,16 @@ impl Optimizer {
     /// Takes every trainable variable of `vs`, sorted by name so the order (and the checkpoint) is stable.
     pub fn new(vs: &nn::VarStore, cfg: &OptimizerConfig) -> Result<Self, ModelError> {
         cfg.validate()?;
-        let mut named: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let params = named
             .into_iter()
             .map(|(name, tensor)| {
                 let momentum = tensor.zeros_like().set_requires_grad(false);
-                Param {
-                    adapt: tensor.dim() > 1,
-                    name,
-                    tensor,
-                    momentum,
-                }
+                Param { adapt: tensor.dim() > 1, name, tensor, momentum }
             })
             .collect();
-        Ok(Optimizer {
-            cfg: cfg.clone(),
-            params,
-        })
+        Ok(Optimizer { cfg: cfg.clone(), params })
     }
 
     pub fn zero_grad(&mut self) {
@@ -157,10 +142,7 @@ impl Optimizer {
 
     /// Momentum buffers by parameter name, for checkpoints.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        self.params
-            .iter()
-            .map(|p| (format!("momentum.{}", p.name), p.momentum.shallow_clone()))
-            .collect()
+        self.params.iter().map(|p| (format!("momentum.{}", p.name), p.momentum.shallow_clone())).collect()
     }
 
     /// Restores momentum buffers saved by [`Optimizer::state`]; every buffer must be present with the right shape.
@@ -189,11 +171,7 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let cfg = OptimizerConfig {
-            warmup_epochs: 2.0,
-            final_lr_fraction: 0.0,
-            ..Default::default()
-        };
+        let cfg = OptimizerConfig { warmup_epochs: 2.0, final_lr_fraction: 0.0, ..Default::default() };
         assert_eq!(cfg.lr_at(1.0, 0.0, 10.0), 0.0);
         assert!((cfg.lr_at(1.0, 1.0, 10.0) - 0.5).abs() < 1e-12);
         assert!((cfg.lr_at(1.0, 2.0, 10.0) - 1.0).abs() < 1e-12);
@@ -204,16 +182,9 @@ mod tests {
     #[test]
     fn sgd_matches_hand_computation_and_skips_decay_on_biases() {
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        let w = vs
-            .root()
-            .var_copy("w", &Tensor::from_slice(&[1f32, 2., 3., 4.]).view([2, 2]));
+        let w = vs.root().var_copy("w", &Tensor::from_slice(&[1f32, 2., 3., 4.]).view([2, 2]));
         let b = vs.root().var_copy("b", &Tensor::from_slice(&[1f32, 1.]));
-        let cfg = OptimizerConfig {
-            kind: OptimizerKind::Sgd,
-            momentum: 0.9,
-            weight_decay: 0.1,
-            ..Default::default()
-        };
+        let cfg = OptimizerConfig { kind: OptimizerKind::Sgd, momentum: 0.9, weight_decay: 0.1, ..Default::default() };
         let mut opt = Optimizer::new(&vs, &cfg).unwrap();
         for _ in 0..2 {
             opt.zero_grad();
@@ -231,9 +202,7 @@ mod tests {
     #[test]
     fn lars_scales_update_by_trust_ratio() {
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        let w = vs
-            .root()
-            .var_copy("w", &Tensor::from_slice(&[3f32, 4.]).view([1, 2]));
+        let w = vs.root().var_copy("w", &Tensor::from_slice(&[3f32, 4.]).view([1, 2]));
         let cfg = OptimizerConfig {
             kind: OptimizerKind::Lars,
             momentum: 0.0,

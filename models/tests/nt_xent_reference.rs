@@ -4,57 +4,35 @@ use selfsup_models::nt_xent;
 use tch::{Kind, Tensor};
 
 fn floats(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
 #[test]
 fn matches_pytorch_loss_and_gradients() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/nt_xent_reference.json"
-    ))
-    .unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/nt_xent_reference.json")).unwrap();
     let r: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let shape: Vec<i64> = r["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect();
+    let shape: Vec<i64> = r["shape"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
     let cases = r["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 4);
     for case in cases {
         let t = case["temperature"].as_f64().unwrap();
         // Our loss runs in fp32 internally; feed fp32 inputs and compare with fp32 tolerances.
-        let z1 = Tensor::from_slice(&floats(&r["z1"]))
-            .view(shape.as_slice())
-            .to_kind(Kind::Float)
-            .set_requires_grad(true);
-        let z2 = Tensor::from_slice(&floats(&r["z2"]))
-            .view(shape.as_slice())
-            .to_kind(Kind::Float)
-            .set_requires_grad(true);
+        let z1 =
+            Tensor::from_slice(&floats(&r["z1"])).view(shape.as_slice()).to_kind(Kind::Float).set_requires_grad(true);
+        let z2 =
+            Tensor::from_slice(&floats(&r["z2"])).view(shape.as_slice()).to_kind(Kind::Float).set_requires_grad(true);
         let loss = nt_xent(&z1, &z2, t);
         loss.backward();
         let want = case["loss"].as_f64().unwrap();
         let got = loss.double_value(&[]);
-        assert!(
-            (got - want).abs() < 1e-4 * want.abs().max(1.0),
-            "t={t}: loss {got} vs PyTorch {want}"
-        );
+        assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "t={t}: loss {got} vs PyTorch {want}");
         for (grad, key) in [(z1.grad(), "grad_z1"), (z2.grad(), "grad_z2")] {
             let got: Vec<f64> = Vec::try_from(&grad.flatten(0, -1).to_kind(Kind::Double)).unwrap();
             let want = floats(&case[key]);
             let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
             for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (g - w).abs() < 1e-4 * scale.max(1e-3),
-                    "t={t} {key}: {g} vs {w}"
-                );
+                assert!((g - w).abs() < 1e-4 * scale.max(1e-3), "t={t} {key}: {g} vs {w}");
             }
         }
     }
@@ -77,10 +55,6 @@ fn gradient_matches_finite_differences() {
         };
         let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
         // fp32 inside the loss limits the agreement to ~1e-3.
-        assert!(
-            (fd - grad[i as usize]).abs() < 2e-3,
-            "coord {i}: fd {fd} vs autograd {}",
-            grad[i as usize]
-        );
+        assert!((fd - grad[i as usize]).abs() < 2e-3, "coord {i}: fd {fd} vs autograd {}", grad[i as usize]);
     }
 }

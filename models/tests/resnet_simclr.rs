@@ -1,43 +1,29 @@
 //! ResNet matches torchvision's ResNet-18 (names, shapes, parameter count); SimCLR smoke test: a tiny backbone
 //! trains for 3 steps with a finite loss, every weight moves, and batch-norm statistics update.
 
-use selfsup_models::{
-    BackboneConfig, Batch, ObjectiveConfig, Optimizer, OptimizerConfig, ResNetConfig,
-};
+use selfsup_models::{BackboneConfig, Batch, ObjectiveConfig, Optimizer, OptimizerConfig, ResNetConfig};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 #[test]
 fn resnet18_has_torchvision_names_shapes_and_parameter_count() {
     let vs = VarStore::new(Device::Cpu);
-    let cfg = ResNetConfig {
-        layers: [2, 2, 2, 2],
-        width: 64,
-        cifar_stem: false,
-    };
+    let cfg = ResNetConfig { layers: [2, 2, 2, 2], width: 64, cifar_stem: false };
     let net = BackboneConfig::Resnet(cfg).build(vs.root(), 3).unwrap();
     assert_eq!(net.dim(), 512);
     let vars = vs.variables();
     // torchvision.models.resnet18() has 11,689,512 parameters, of which the classifier fc has 513,000.
-    let trainable: i64 = vars
-        .values()
-        .filter(|t| t.requires_grad())
-        .map(|t| t.numel() as i64)
-        .sum();
+    let trainable: i64 = vars.values().filter(|t| t.requires_grad()).map(|t| t.numel() as i64).sum();
     assert_eq!(trainable, 11_176_512);
     let shape = |n: &str| vars.get(n).unwrap_or_else(|| panic!("{n} missing")).size();
     assert_eq!(shape("conv1.weight"), vec![64, 3, 7, 7]);
     assert_eq!(shape("layer1.1.conv2.weight"), vec![64, 64, 3, 3]);
     assert_eq!(shape("layer2.0.downsample.0.weight"), vec![128, 64, 1, 1]);
     assert_eq!(shape("layer4.1.bn2.running_var"), vec![512]);
-    assert!(
-        !vars.contains_key("layer1.0.downsample.0.weight"),
-        "no projection shortcut where shapes match"
-    );
+    assert!(!vars.contains_key("layer1.0.downsample.0.weight"), "no projection shortcut where shapes match");
     // Every key follows torchvision's pattern.
     for name in vars.keys() {
-        let ok =
-            name.starts_with("conv1.") || name.starts_with("bn1.") || name.starts_with("layer");
+        let ok = name.starts_with("conv1.") || name.starts_with("bn1.") || name.starts_with("layer");
         assert!(ok, "unexpected parameter {name}");
     }
     // Standard stem: 224 px → 7x7 before pooling; the CIFAR stem keeps 28 px at stage 1.
@@ -49,53 +35,30 @@ fn resnet18_has_torchvision_names_shapes_and_parameter_count() {
 fn simclr_three_steps_train_every_weight() {
     tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
-    let backbone = BackboneConfig::Resnet(ResNetConfig {
-        layers: [1, 1, 1, 1],
-        width: 4,
-        cifar_stem: true,
-    })
-    .build(vs.root() / "backbone", 1)
-    .unwrap();
-    let obj_cfg: ObjectiveConfig =
-        toml::from_str("kind = \"simclr\"\nproj_hidden = 16\nproj_dim = 8").unwrap();
+    let backbone = BackboneConfig::Resnet(ResNetConfig { layers: [1, 1, 1, 1], width: 4, cifar_stem: true })
+        .build(vs.root() / "backbone", 1)
+        .unwrap();
+    let obj_cfg: ObjectiveConfig = toml::from_str("kind = \"simclr\"\nproj_hidden = 16\nproj_dim = 8").unwrap();
     let mut objective = obj_cfg.build(&vs.root(), backbone).unwrap();
     let mut opt = Optimizer::new(&vs, &OptimizerConfig::default()).unwrap();
-    let before: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.copy()))
-        .collect();
+    let before: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (n, t.copy())).collect();
     let x = Tensor::randn([16, 1, 12, 12], tch::kind::FLOAT_CPU);
-    let batch = Batch {
-        views: vec![
-            &x + 0.1 * Tensor::randn_like(&x),
-            &x + 0.1 * Tensor::randn_like(&x),
-        ],
-    };
+    let batch = Batch { views: vec![&x + 0.1 * Tensor::randn_like(&x), &x + 0.1 * Tensor::randn_like(&x)] };
     let mut losses = Vec::new();
     for _ in 0..3 {
         let step = objective.loss(&batch, true);
         assert_eq!(step.features.size(), vec![16, 32]);
-        assert!(
-            !step.features.requires_grad(),
-            "probe features are detached"
-        );
+        assert!(!step.features.requires_grad(), "probe features are detached");
         opt.zero_grad();
         step.loss.backward();
         opt.step(0.5);
         losses.push(step.loss.double_value(&[]));
     }
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
-    assert!(
-        losses[2] < losses[0],
-        "the same batch three times: the loss must fall {losses:?}"
-    );
+    assert!(losses[2] < losses[0], "the same batch three times: the loss must fall {losses:?}");
     let after = vs.variables();
     for (name, t0) in &before {
-        let moved = (after[name].to_kind(Kind::Double) - t0.to_kind(Kind::Double))
-            .abs()
-            .max()
-            .double_value(&[]);
+        let moved = (after[name].to_kind(Kind::Double) - t0.to_kind(Kind::Double)).abs().max().double_value(&[]);
         assert!(moved > 0.0, "{name} did not move");
     }
 }

@@ -17,26 +17,17 @@ use crate::config::Config;
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
 }
 
 fn invalid(path: &Path, message: impl ToString) -> CheckpointError {
-    CheckpointError::Invalid {
-        path: path.to_path_buf(),
-        message: message.to_string(),
-    }
+    CheckpointError::Invalid { path: path.to_path_buf(), message: message.to_string() }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -61,9 +52,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 }
 
 fn sync_file(path: &Path) -> Result<(), CheckpointError> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io(path))
+    File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
 }
 
 /// Writes checkpoint `name` (e.g. `epoch-0005`) under `dir` and points `LATEST` at it.
@@ -96,9 +85,7 @@ pub fn save(
     let latest_tmp = dir.join(format!(".{LATEST}.tmp"));
     write_synced(&latest_tmp, name.as_bytes())?;
     std::fs::rename(&latest_tmp, dir.join(LATEST)).map_err(io(dir))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
     Ok(dst)
 }
 
@@ -116,16 +103,10 @@ pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
             if ckpt.join(WEIGHTS).is_file() {
                 return Ok(ckpt);
             }
-            return Err(invalid(
-                &latest,
-                format!("names {} which has no {WEIGHTS}", ckpt.display()),
-            ));
+            return Err(invalid(&latest, format!("names {} which has no {WEIGHTS}", ckpt.display())));
         }
     }
-    Err(invalid(
-        path,
-        format!("no checkpoint here (expected {WEIGHTS}, LATEST or checkpoints/LATEST)"),
-    ))
+    Err(invalid(path, format!("no checkpoint here (expected {WEIGHTS}, LATEST or checkpoints/LATEST)")))
 }
 
 pub fn load_config(ckpt: &Path) -> Result<Config, CheckpointError> {

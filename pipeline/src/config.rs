@@ -13,18 +13,11 @@ pub enum ConfigError {
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
     #[error("{file}: `{key}`: {message}")]
-    Key {
-        file: String,
-        key: String,
-        message: String,
-    },
+    Key { file: String, key: String, message: String },
     #[error("--set {arg}: {message}")]
     Override { arg: String, message: String },
     #[error("cannot read {file}: {source}")]
-    Io {
-        file: String,
-        source: std::io::Error,
-    },
+    Io { file: String, source: std::io::Error },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -63,9 +56,7 @@ impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
             train: PathBuf::from("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
-            test: Some(PathBuf::from(
-                "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
-            )),
+            test: Some(PathBuf::from("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")),
             channels: 3,
             max_bad_fraction: 0.01,
             class_names: Vec::new(),
@@ -179,20 +170,11 @@ impl Default for Config {
     }
 }
 
-fn check(
-    file: &str,
-    key: &str,
-    ok: bool,
-    message: impl FnOnce() -> String,
-) -> Result<(), ConfigError> {
+fn check(file: &str, key: &str, ok: bool, message: impl FnOnce() -> String) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::Key {
-            file: file.into(),
-            key: key.into(),
-            message: message(),
-        })
+        Err(ConfigError::Key { file: file.into(), key: key.into(), message: message() })
     }
 }
 
@@ -200,91 +182,51 @@ impl Config {
     /// Loads `path`, applies `key=value` overrides (values in TOML syntax; bare words are strings), validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            file: file.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { file: file.clone(), source })?;
         Self::from_toml(&text, &file, overrides)
     }
 
     pub fn from_toml(text: &str, file: &str, overrides: &[String]) -> Result<Config, ConfigError> {
-        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            file: file.into(),
-            message: e.to_string(),
-        })?;
+        let mut value: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { file: file.into(), message: e.to_string() })?;
         for arg in overrides {
             apply_override(&mut value, arg)?;
         }
-        let cfg: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
-                ConfigError::Key {
-                    file: file.into(),
-                    key: e.path().to_string(),
-                    message: e.inner().to_string(),
-                }
-            })?;
+        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+            ConfigError::Key { file: file.into(), key: e.path().to_string(), message: e.inner().to_string() }
+        })?;
         cfg.validate(file)?;
         Ok(cfg)
     }
 
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
         let t = &self.train;
-        check(file, "train.epochs", t.epochs >= 1, || {
-            "must be >= 1".into()
+        check(file, "train.epochs", t.epochs >= 1, || "must be >= 1".into())?;
+        check(file, "train.batch_size", t.batch_size >= 2, || format!("must be >= 2, got {}", t.batch_size))?;
+        check(file, "train.log_every", t.log_every >= 1, || "must be >= 1".into())?;
+        check(file, "data.channels", matches!(self.data.channels, 1 | 3), || "must be 1 or 3".into())?;
+        check(file, "data.max_bad_fraction", (0.0..=1.0).contains(&self.data.max_bad_fraction), || {
+            "must be in [0, 1]".into()
         })?;
-        check(file, "train.batch_size", t.batch_size >= 2, || {
-            format!("must be >= 2, got {}", t.batch_size)
-        })?;
-        check(file, "train.log_every", t.log_every >= 1, || {
-            "must be >= 1".into()
-        })?;
-        check(
-            file,
-            "data.channels",
-            matches!(self.data.channels, 1 | 3),
-            || "must be 1 or 3".into(),
-        )?;
-        check(
-            file,
-            "data.max_bad_fraction",
-            (0.0..=1.0).contains(&self.data.max_bad_fraction),
-            || "must be in [0, 1]".into(),
-        )?;
         let e = &self.eval;
         check(file, "eval.knn_k", e.knn_k >= 1, || "must be >= 1".into())?;
-        check(
-            file,
-            "eval.knn_temperature",
-            e.knn_temperature > 0.0,
-            || "must be > 0".into(),
-        )?;
-        check(file, "eval.probe_batch", e.probe_batch >= 1, || {
-            "must be >= 1".into()
-        })?;
-        check(file, "eval.probe_lr", e.probe_lr > 0.0, || {
-            "must be > 0".into()
-        })?;
+        check(file, "eval.knn_temperature", e.knn_temperature > 0.0, || "must be > 0".into())?;
+        check(file, "eval.probe_batch", e.probe_batch >= 1, || "must be >= 1".into())?;
+        check(file, "eval.probe_lr", e.probe_lr > 0.0, || "must be > 0".into())?;
         let model_err = |e: selfsup_models::ModelError| match e {
-            selfsup_models::ModelError::InvalidConfig { field, message } => ConfigError::Key {
-                file: file.into(),
-                key: field,
-                message,
-            },
-            other => ConfigError::Parse {
-                file: file.into(),
-                message: other.to_string(),
-            },
+            selfsup_models::ModelError::InvalidConfig { field, message } => {
+                ConfigError::Key { file: file.into(), key: field, message }
+            }
+            other => ConfigError::Parse { file: file.into(), message: other.to_string() },
         };
         self.model.backbone.validate().map_err(model_err)?;
         self.objective.validate().map_err(model_err)?;
         self.optimizer.validate().map_err(model_err)?;
-        self.augment
-            .validate(self.channels_hint())
-            .map_err(|e| ConfigError::Key {
-                file: file.into(),
-                key: "augment".into(),
-                message: e.to_string(),
-            })?;
+        self.augment.validate(self.channels_hint()).map_err(|e| ConfigError::Key {
+            file: file.into(),
+            key: "augment".into(),
+            message: e.to_string(),
+        })?;
         Ok(())
     }
 
@@ -305,13 +247,8 @@ impl Config {
 
 /// `train.batch_size=256` → sets that key in the table, creating intermediate tables.
 fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
-    let err = |message: String| ConfigError::Override {
-        arg: arg.into(),
-        message,
-    };
-    let (key, raw) = arg
-        .split_once('=')
-        .ok_or_else(|| err("expected key=value".into()))?;
+    let err = |message: String| ConfigError::Override { arg: arg.into(), message };
+    let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected key=value".into()))?;
     let key = key.trim();
     // Parse the value as TOML (numbers, booleans, arrays, quoted strings); anything else is a bare string.
     let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
@@ -340,47 +277,28 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_its_path_and_file() {
-        let e = Config::from_toml("[train]\nbatchsize = 3\n", "x.toml", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("x.toml") && e.contains("train.batchsize") && e.contains("unknown field"),
-            "{e}"
-        );
-        let e = Config::from_toml("", "y.toml", &["optimizer.lr=0.1".into()])
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_toml("[train]\nbatchsize = 3\n", "x.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("x.toml") && e.contains("train.batchsize") && e.contains("unknown field"), "{e}");
+        let e = Config::from_toml("", "y.toml", &["optimizer.lr=0.1".into()]).unwrap_err().to_string();
         assert!(e.contains("optimizer.lr"), "{e}");
     }
 
     #[test]
     fn invalid_value_names_the_field() {
-        let e = Config::from_toml("[train]\nbatch_size = 1\n", "x.toml", &[])
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_toml("[train]\nbatch_size = 1\n", "x.toml", &[]).unwrap_err().to_string();
         assert!(e.contains("train.batch_size"), "{e}");
-        let e = Config::from_toml(
-            "[objective]\nkind = \"simclr\"\ntemperature = -1.0\n",
-            "x.toml",
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("objective.temperature"), "{e}");
-        let e = Config::from_toml("[objective]\nkind = \"nope\"\n", "x.toml", &[])
+        let e = Config::from_toml("[objective]\nkind = \"simclr\"\ntemperature = -1.0\n", "x.toml", &[])
             .unwrap_err()
             .to_string();
+        assert!(e.contains("objective.temperature"), "{e}");
+        let e = Config::from_toml("[objective]\nkind = \"nope\"\n", "x.toml", &[]).unwrap_err().to_string();
         assert!(e.contains("objective") && e.contains("nope"), "{e}");
     }
 
     #[test]
     fn overrides_apply_and_round_trip() {
-        let c = Config::from_toml(
-            "[train]\nepochs = 3\n",
-            "x.toml",
-            &["train.epochs=7".into(), "name=demo".into()],
-        )
-        .unwrap();
+        let c = Config::from_toml("[train]\nepochs = 3\n", "x.toml", &["train.epochs=7".into(), "name=demo".into()])
+            .unwrap();
         assert_eq!((c.train.epochs, c.name.as_str()), (7, "demo"));
         let again = Config::from_toml(&c.to_toml(), "resolved.toml", &[]).unwrap();
         assert_eq!(again, c);

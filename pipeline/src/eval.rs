@@ -54,9 +54,7 @@ pub fn extract(
 ) -> Result<Features, String> {
     let first = source.get(0).map_err(|e| e.to_string())?.image;
     let channels = source.channels();
-    let pipe = eval_recipe(opts.recipe, first.width, first.height)
-        .build(channels)
-        .map_err(|e| e.to_string())?;
+    let pipe = eval_recipe(opts.recipe, first.width, first.height).build(channels).map_err(|e| e.to_string())?;
     let shape = pipe.out_shape();
     let views = Arc::new(Views::new(vec![pipe]));
     let source: Arc<dyn Source> = if opts.limit > 0 && opts.limit < source.len() {
@@ -79,17 +77,9 @@ pub fn extract(
         if batch.is_empty() {
             continue;
         }
-        let labels = batch
-            .labels
-            .as_ref()
-            .ok_or("the evaluation data has no labels")?;
+        let labels = batch.labels.as_ref().ok_or("the evaluation data has no labels")?;
         let x = Tensor::from_slice(&batch.views[0])
-            .view([
-                batch.len() as i64,
-                shape[0] as i64,
-                shape[1] as i64,
-                shape[2] as i64,
-            ])
+            .view([batch.len() as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64])
             .to_device(opts.device);
         let feats = tch::no_grad(|| tch::autocast(opts.device.is_cuda(), || f(&x)));
         xs.push(feats.to_kind(Kind::Float).to_device(Device::Cpu));
@@ -98,11 +88,7 @@ pub fn extract(
     if xs.is_empty() {
         return Err("no readable evaluation samples".into());
     }
-    Ok(Features {
-        x: Tensor::cat(&xs, 0),
-        y: Tensor::cat(&ys, 0),
-        bad,
-    })
+    Ok(Features { x: Tensor::cat(&xs, 0), y: Tensor::cat(&ys, 0), bad })
 }
 
 /// Weighted k-NN predictions for `test` from the bank `train`.
@@ -120,9 +106,7 @@ pub fn knn_predict(
     tch::no_grad(|| {
         let unit = |x: &Tensor| {
             let x = x.to_device(device);
-            &x / x
-                .norm_scalaropt_dim(2.0, [1i64].as_slice(), true)
-                .clamp_min(1e-12)
+            &x / x.norm_scalaropt_dim(2.0, [1i64].as_slice(), true).clamp_min(1e-12)
         };
         let bank = unit(&train.x);
         let bank_y = train.y.to_device(device);
@@ -136,8 +120,8 @@ pub fn knn_predict(
                 let (vals, idx) = sim.topk(k, 1, true, true);
                 let neighbour_y = bank_y.index_select(0, &idx.flatten(0, -1)).view_as(&idx);
                 let w = (vals / temperature).exp();
-                let votes = Tensor::zeros([q.size()[0], classes], (Kind::Float, device))
-                    .scatter_add(1, &neighbour_y, &w);
+                let votes =
+                    Tensor::zeros([q.size()[0], classes], (Kind::Float, device)).scatter_add(1, &neighbour_y, &w);
                 votes.argmax(1, false)
             })
             .collect();
@@ -156,12 +140,7 @@ pub struct ProbeOptions {
 
 /// Fits a linear classifier on standardized `train` features with SGD (momentum 0.9, cosine learning rate)
 /// and returns its predictions on `test`.
-pub fn linear_probe_predict(
-    train: &Features,
-    test: &Features,
-    classes: i64,
-    o: &ProbeOptions,
-) -> Tensor {
+pub fn linear_probe_predict(train: &Features, test: &Features, classes: i64, o: &ProbeOptions) -> Tensor {
     tch::manual_seed(o.seed);
     let x = train.x.to_device(o.device);
     let mean = x.mean_dim([0i64].as_slice(), true, Kind::Float);
@@ -171,14 +150,9 @@ pub fn linear_probe_predict(
     let xt = (test.x.to_device(o.device) - &mean) / &std;
     let vs = nn::VarStore::new(o.device);
     let lin = selfsup_models::linear(vs.root(), x.size()[1], classes);
-    let mut opt = nn::Sgd {
-        momentum: 0.9,
-        dampening: 0.0,
-        wd: o.weight_decay,
-        nesterov: true,
-    }
-    .build(&vs, o.lr)
-    .expect("building SGD for the probe");
+    let mut opt = nn::Sgd { momentum: 0.9, dampening: 0.0, wd: o.weight_decay, nesterov: true }
+        .build(&vs, o.lr)
+        .expect("building SGD for the probe");
     let n = x.size()[0];
     let bs = o.batch_size as i64;
     for epoch in 0..o.epochs {
@@ -187,9 +161,7 @@ pub fn linear_probe_predict(
         let perm = Tensor::randperm(n, (Kind::Int64, o.device));
         for start in (0..n).step_by(bs as usize) {
             let idx = perm.narrow(0, start, bs.min(n - start));
-            let loss = lin
-                .forward(&x.index_select(0, &idx))
-                .cross_entropy_for_logits(&y.index_select(0, &idx));
+            let loss = lin.forward(&x.index_select(0, &idx)).cross_entropy_for_logits(&y.index_select(0, &idx));
             opt.backward_step(&loss);
         }
     }
@@ -213,12 +185,7 @@ pub struct ClassReport {
 }
 
 impl ClassReport {
-    pub fn new(
-        pred: &Tensor,
-        truth: &Tensor,
-        class_names: &[String],
-        classes: usize,
-    ) -> ClassReport {
+    pub fn new(pred: &Tensor, truth: &Tensor, class_names: &[String], classes: usize) -> ClassReport {
         let p: Vec<i64> = Vec::try_from(pred).expect("predictions are i64");
         let t: Vec<i64> = Vec::try_from(truth).expect("labels are i64");
         let mut hit = vec![0usize; classes];
@@ -231,11 +198,7 @@ impl ClassReport {
         let per_class: Vec<ClassAccuracy> = (0..classes)
             .map(|c| ClassAccuracy {
                 class: name(c),
-                accuracy: if count[c] > 0 {
-                    hit[c] as f64 / count[c] as f64
-                } else {
-                    f64::NAN
-                },
+                accuracy: if count[c] > 0 { hit[c] as f64 / count[c] as f64 } else { f64::NAN },
                 count: count[c],
             })
             .collect();
@@ -244,11 +207,7 @@ impl ClassReport {
             .filter(|c| c.count > 0)
             .min_by(|a, b| a.accuracy.total_cmp(&b.accuracy))
             .cloned()
-            .unwrap_or(ClassAccuracy {
-                class: "-".into(),
-                accuracy: f64::NAN,
-                count: 0,
-            });
+            .unwrap_or(ClassAccuracy { class: "-".into(), accuracy: f64::NAN, count: 0 });
         ClassReport {
             top1: hit.iter().sum::<usize>() as f64 / t.len().max(1) as f64,
             per_class,
@@ -263,11 +222,7 @@ mod tests {
     use super::*;
 
     fn features(x: &[f32], d: i64, y: &[i64]) -> Features {
-        Features {
-            x: Tensor::from_slice(x).view([-1, d]),
-            y: Tensor::from_slice(y),
-            bad: vec![],
-        }
+        Features { x: Tensor::from_slice(x).view([-1, d]), y: Tensor::from_slice(y), bad: vec![] }
     }
 
     #[test]
@@ -282,8 +237,7 @@ mod tests {
         assert_eq!(p1, vec![0, 1]);
         assert_eq!(p3, vec![0, 1]);
         // With a huge temperature the vote is a plain majority: two class-0 neighbours win.
-        let p3_flat: Vec<i64> =
-            Vec::try_from(&knn_predict(&bank, &q, 3, 1e6, 2, Device::Cpu)).unwrap();
+        let p3_flat: Vec<i64> = Vec::try_from(&knn_predict(&bank, &q, 3, 1e6, 2, Device::Cpu)).unwrap();
         assert_eq!(p3_flat, vec![0, 0]);
     }
 
@@ -295,14 +249,7 @@ mod tests {
         let centers = Tensor::from_slice(&[3f32, 0., 0., 3., -3., -3.]).view([3, 2]);
         let x = centers.index_select(0, &y) + Tensor::randn([n, 2], tch::kind::FLOAT_CPU) * 0.5;
         let f = Features { x, y, bad: vec![] };
-        let o = ProbeOptions {
-            epochs: 10,
-            lr: 0.1,
-            batch_size: 64,
-            weight_decay: 0.0,
-            seed: 0,
-            device: Device::Cpu,
-        };
+        let o = ProbeOptions { epochs: 10, lr: 0.1, batch_size: 64, weight_decay: 0.0, seed: 0, device: Device::Cpu };
         let pred = linear_probe_predict(&f, &f, 3, &o);
         let r = ClassReport::new(&pred, &f.y, &[], 3);
         assert!(r.top1 > 0.97, "{r:?}");
@@ -316,13 +263,6 @@ mod tests {
         let r = ClassReport::new(&pred, &truth, &names, 3);
         assert!((r.top1 - 5.0 / 6.0).abs() < 1e-12);
         assert_eq!((r.worst_class.as_str(), r.worst_accuracy), ("b", 0.5));
-        assert_eq!(
-            r.per_class[0],
-            ClassAccuracy {
-                class: "a".into(),
-                accuracy: 1.0,
-                count: 2
-            }
-        );
+        assert_eq!(r.per_class[0], ClassAccuracy { class: "a".into(), accuracy: 1.0, count: 2 });
     }
 }

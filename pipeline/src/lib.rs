@@ -57,8 +57,6 @@ pub fn select_device(choice: config::DeviceChoice) -> Result<tch::Device> {
         Auto => Ok(tch::Device::cuda_if_available()),
         Cpu => Ok(tch::Device::Cpu),
         Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
-        Cuda => Err(Error::Other(
-            "train.device = \"cuda\" but no CUDA device is visible to libtorch".into(),
-        )),
+        Cuda => Err(Error::Other("train.device = \"cuda\" but no CUDA device is visible to libtorch".into())),
     }
 }

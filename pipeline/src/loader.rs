@@ -83,13 +83,7 @@ impl Loader {
             .num_threads(cfg.threads)
             .thread_name(|i| format!("selfsup-loader-{i}"))
             .build()?;
-        Ok(Loader {
-            source,
-            views,
-            cfg,
-            pool: Arc::new(pool),
-            stage_times: Arc::default(),
-        })
+        Ok(Loader { source, views, cfg, pool: Arc::new(pool), stage_times: Arc::default() })
     }
 
     pub fn threads(&self) -> usize {
@@ -123,30 +117,22 @@ impl Loader {
         let (tx, rx) = bounded(self.cfg.prefetch.max(1));
         let order = self.order(epoch);
         let nb = self.batches_per_epoch();
-        let (source, views, pool, times) = (
-            self.source.clone(),
-            self.views.clone(),
-            self.pool.clone(),
-            self.stage_times.clone(),
-        );
+        let (source, views, pool, times) =
+            (self.source.clone(), self.views.clone(), self.pool.clone(), self.stage_times.clone());
         let (bs, seed) = (self.cfg.batch_size, self.cfg.seed);
         let handle = std::thread::Builder::new()
             .name("selfsup-loader".into())
             .spawn(move || {
                 for b in 0..nb {
                     let idx = &order[b * bs..((b + 1) * bs).min(order.len())];
-                    let batch = pool
-                        .install(|| build_batch(source.as_ref(), &views, idx, seed, epoch, &times));
+                    let batch = pool.install(|| build_batch(source.as_ref(), &views, idx, seed, epoch, &times));
                     if tx.send(batch).is_err() {
                         return; // the consumer stopped early
                     }
                 }
             })
             .expect("spawning the loader thread");
-        EpochIter {
-            rx,
-            handle: Some(handle),
-        }
+        EpochIter { rx, handle: Some(handle) }
     }
 }
 
@@ -183,12 +169,8 @@ pub fn build_batch(
             let mut rng = Rng::for_sample(seed, epoch, index as u64);
             views.run(&sample.image, &mut rng, &mut outs);
             let t2 = Instant::now();
-            times
-                .read_decode_ns
-                .fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
-            times
-                .augment_ns
-                .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+            times.read_decode_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
+            times.augment_ns.fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
             times.samples.fetch_add(1, Ordering::Relaxed);
             Ok(sample.label)
         })
@@ -216,10 +198,7 @@ pub fn build_batch(
     for (buf, &l) in bufs.iter_mut().zip(&lens) {
         buf.truncate(kept.len() * l);
     }
-    let labels = labels
-        .iter()
-        .all(Option::is_some)
-        .then(|| labels.into_iter().flatten().collect());
+    let labels = labels.iter().all(Option::is_some).then(|| labels.into_iter().flatten().collect());
     HostBatch {
         views: bufs,
         shapes: views.recipes.iter().map(|p| p.out_shape()).collect(),

@@ -17,14 +17,7 @@ impl Progress {
     pub fn new(total_steps: u64, quiet: bool) -> Self {
         let tty = std::io::stderr().is_terminal();
         let interval = Duration::from_secs(if tty { 0 } else { 15 });
-        Progress {
-            total_steps,
-            start: Instant::now(),
-            last_print: None,
-            tty,
-            interval,
-            quiet,
-        }
+        Progress { total_steps, start: Instant::now(), last_print: None, tty, interval, quiet }
     }
 
     /// `done`: steps finished so far (of the whole run, resumed ones excluded from the rate).
@@ -46,11 +39,7 @@ impl Progress {
         let width = 24;
         let filled = ((frac * width as f64) as usize).min(width);
         let elapsed = self.start.elapsed().as_secs_f64();
-        let eta = if frac > 0.0 {
-            elapsed * (1.0 - frac) / frac
-        } else {
-            0.0
-        };
+        let eta = if frac > 0.0 { elapsed * (1.0 - frac) / frac } else { 0.0 };
         let line = format!(
             "epoch {}/{} [{}{}] {:>3.0}% loss {:.4} {:.0} img/s wait {:.1}% eta {}",
             epoch + 1,

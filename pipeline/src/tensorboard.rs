@@ -36,23 +36,14 @@ pub struct TensorBoard {
 impl TensorBoard {
     pub fn create(dir: &Path) -> Result<Self, tfrecord::Error> {
         let prefix = dir.join("events");
-        let writer = EventWriter::from_prefix(
-            prefix.to_string_lossy().into_owned(),
-            "",
-            Default::default(),
-        )?;
-        Ok(TensorBoard {
-            writer,
-            failed: false,
-        })
+        let writer = EventWriter::from_prefix(prefix.to_string_lossy().into_owned(), "", Default::default())?;
+        Ok(TensorBoard { writer, failed: false })
     }
 
     fn check(&mut self, r: Result<(), tfrecord::Error>) {
         if let Err(e) = r {
             if !self.failed {
-                eprintln!(
-                    "warning: TensorBoard event write failed ({e}); further errors are not shown"
-                );
+                eprintln!("warning: TensorBoard event write failed ({e}); further errors are not shown");
                 self.failed = true;
             }
         }
@@ -61,11 +52,7 @@ impl TensorBoard {
 
 /// PNG bytes of an 8-bit gray or RGB image.
 pub fn encode_png(image: &Image) -> Vec<u8> {
-    let color = if image.channels == 1 {
-        image::ExtendedColorType::L8
-    } else {
-        image::ExtendedColorType::Rgb8
-    };
+    let color = if image.channels == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
     let mut out = Vec::new();
     image::ImageEncoder::write_image(
         image::codecs::png::PngEncoder::new(Cursor::new(&mut out)),
@@ -111,11 +98,7 @@ pub fn upscale(image: &Image, factor: u32) -> Image {
     if factor <= 1 {
         return image.clone();
     }
-    let (w, h, c) = (
-        image.width as usize,
-        image.height as usize,
-        image.channels as usize,
-    );
+    let (w, h, c) = (image.width as usize, image.height as usize, image.channels as usize);
     let f = factor as usize;
     let mut data = Vec::with_capacity(w * h * c * f * f);
     for y in 0..h * f {
@@ -124,29 +107,17 @@ pub fn upscale(image: &Image, factor: u32) -> Image {
             data.extend_from_slice(&row[(x / f) * c..(x / f + 1) * c]);
         }
     }
-    Image {
-        width: image.width * factor,
-        height: image.height * factor,
-        channels: image.channels,
-        data,
-    }
+    Image { width: image.width * factor, height: image.height * factor, channels: image.channels, data }
 }
 
 /// Lays images of equal size out in a grid with `cols` columns and a 2-pixel gray border.
 pub fn grid(images: &[Image], cols: usize) -> Image {
-    let (w, h, c) = images.first().map_or((1, 1, 1), |i| {
-        (i.width as usize, i.height as usize, i.channels as usize)
-    });
+    let (w, h, c) = images.first().map_or((1, 1, 1), |i| (i.width as usize, i.height as usize, i.channels as usize));
     let cols = cols.max(1).min(images.len().max(1));
     let rows = images.len().div_ceil(cols).max(1);
     let pad = 2;
     let (gw, gh) = (cols * (w + pad) + pad, rows * (h + pad) + pad);
-    let mut out = Image {
-        width: gw as u32,
-        height: gh as u32,
-        channels: c as u8,
-        data: vec![128; gw * gh * c],
-    };
+    let mut out = Image { width: gw as u32, height: gh as u32, channels: c as u8, data: vec![128; gw * gh * c] };
     for (k, img) in images.iter().enumerate() {
         let (x0, y0) = (pad + (k % cols) * (w + pad), pad + (k / cols) * (h + pad));
         for y in 0..h.min(img.height as usize) {
@@ -167,16 +138,10 @@ pub fn read_back(dir: &Path) -> Result<serde_json::Value, String> {
     if !py.exists() {
         return Err(format!("{} missing: run scripts/setup", py.display()));
     }
-    let out = std::process::Command::new(&py)
-        .arg(&script)
-        .arg(dir)
-        .output()
-        .map_err(|e| format!("{}: {e}", py.display()))?;
+    let out =
+        std::process::Command::new(&py).arg(&script).arg(dir).output().map_err(|e| format!("{}: {e}", py.display()))?;
     if !out.status.success() {
-        return Err(format!(
-            "read_events.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
+        return Err(format!("read_events.py failed: {}", String::from_utf8_lossy(&out.stderr)));
     }
     serde_json::from_slice(&out.stdout).map_err(|e| format!("read_events.py output: {e}"))
 }

@@ -57,10 +57,7 @@ pub struct Model {
 pub fn build_model(cfg: &Config, channels: u8, device: Device) -> Result<Model> {
     tch::manual_seed(cfg.seed as i64);
     let vs = VarStore::new(device);
-    let backbone = cfg
-        .model
-        .backbone
-        .build(vs.root() / "backbone", i64::from(channels))?;
+    let backbone = cfg.model.backbone.build(vs.root() / "backbone", i64::from(channels))?;
     let objective = cfg.objective.build(&vs.root(), backbone)?;
     Ok(Model { vs, objective })
 }
@@ -72,15 +69,9 @@ pub fn to_device(batch: &HostBatch, device: Device) -> Vec<Tensor> {
         .iter()
         .zip(&batch.shapes)
         .map(|(v, s)| {
-            let t = Tensor::from_slice(v).view([
-                batch.len() as i64,
-                s[0] as i64,
-                s[1] as i64,
-                s[2] as i64,
-            ]);
+            let t = Tensor::from_slice(v).view([batch.len() as i64, s[0] as i64, s[1] as i64, s[2] as i64]);
             if device.is_cuda() {
-                t.pin_memory(device)
-                    .to_device_(device, Kind::Float, true, false)
+                t.pin_memory(device).to_device_(device, Kind::Float, true, false)
             } else {
                 t
             }
@@ -89,13 +80,7 @@ pub fn to_device(batch: &HostBatch, device: Device) -> Vec<Tensor> {
 }
 
 /// The first `pairs` samples of epoch 0, every view side by side, as one image grid.
-fn preview(
-    source: &dyn Source,
-    views: &Views,
-    order: &[usize],
-    seed: u64,
-    pairs: usize,
-) -> Option<Image> {
+fn preview(source: &dyn Source, views: &Views, order: &[usize], seed: u64, pairs: usize) -> Option<Image> {
     let mut tiles = Vec::new();
     for &i in order.iter().take(pairs) {
         let Ok(sample) = source.get(i) else { continue };
@@ -115,11 +100,7 @@ fn report_bad(epoch: usize, bad: &[BadSample], seen: usize, max_fraction: f64) -
     if bad.is_empty() {
         return Ok(());
     }
-    eprintln!(
-        "\nepoch {}: {} unreadable sample(s) skipped:",
-        epoch + 1,
-        bad.len()
-    );
+    eprintln!("\nepoch {}: {} unreadable sample(s) skipped:", epoch + 1, bad.len());
     for b in bad.iter().take(20) {
         eprintln!("  {}: {}", b.location, b.error);
     }
@@ -161,9 +142,7 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     let channels = source.channels();
     let mut model = build_model(cfg, channels, device)?;
     let nviews = model.objective.num_views();
-    let recipes = (0..nviews)
-        .map(|_| cfg.augment.build(channels))
-        .collect::<Result<Vec<_>, _>>()?;
+    let recipes = (0..nviews).map(|_| cfg.augment.build(channels)).collect::<Result<Vec<_>, _>>()?;
     let views = Arc::new(Views::new(recipes));
     let t = &cfg.train;
     let loader_cfg = LoaderConfig {
@@ -174,15 +153,10 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
         shuffle: true,
         drop_last: true,
     };
-    let loader = Loader::new(source.clone(), views.clone(), loader_cfg)
-        .map_err(|e| Error::Other(e.to_string()))?;
+    let loader = Loader::new(source.clone(), views.clone(), loader_cfg).map_err(|e| Error::Other(e.to_string()))?;
     let steps_per_epoch = loader.batches_per_epoch() as u64;
     if steps_per_epoch == 0 {
-        return Err(Error::Other(format!(
-            "{} samples < train.batch_size {}",
-            source.len(),
-            t.batch_size
-        )));
+        return Err(Error::Other(format!("{} samples < train.batch_size {}", source.len(), t.batch_size)));
     }
     let mut opt = Optimizer::new(&model.vs, &cfg.optimizer)?;
     let ckpt_dir = opts.out.join("checkpoints");
@@ -193,39 +167,20 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
         opt.load_state(&checkpoint::load_optimizer(&ckpt)?)?;
         let st = checkpoint::load_state(&ckpt)?;
         (start_epoch, step) = (st.epoch, st.step);
-        eprintln!(
-            "resuming from {} (epoch {}, step {})",
-            ckpt.display(),
-            st.epoch,
-            st.step
-        );
-    } else if let Some(img) = preview(
-        source.as_ref(),
-        &views,
-        &loader.order(0),
-        cfg.seed,
-        t.preview_pairs,
-    ) {
+        eprintln!("resuming from {} (epoch {}, step {})", ckpt.display(), st.epoch, st.step);
+    } else if let Some(img) = preview(source.as_ref(), &views, &loader.order(0), cfg.seed, t.preview_pairs) {
         sink.image("views/pairs", 0, &img);
     }
 
     let total_steps = steps_per_epoch * t.epochs as u64;
-    let max_steps = if t.max_steps > 0 {
-        (t.max_steps as u64).min(total_steps)
-    } else {
-        total_steps
-    };
+    let max_steps = if t.max_steps > 0 { (t.max_steps as u64).min(total_steps) } else { total_steps };
     let peak_lr = cfg.optimizer.base_lr * t.batch_size as f64 / 256.0;
     let mut progress = Progress::new(max_steps, opts.quiet);
     let run_start = Instant::now();
     let (mut total_wait, mut total_train, mut images_seen) = (0f64, 0f64, 0u64);
     let mut unreadable = 0usize;
     let mut final_loss = f64::NAN;
-    let eval_ctx = EvalContext {
-        cfg,
-        device,
-        threads: t.threads,
-    };
+    let eval_ctx = EvalContext { cfg, device, threads: t.threads };
     let mut last_saved = None;
     let mut epoch = start_epoch;
     // The logging window runs across epoch boundaries and counts only time inside the training loop (not
@@ -249,17 +204,9 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
                 continue; // nothing to contrast in a batch emptied by unreadable samples
             }
             let progress_epochs = step as f64 / steps_per_epoch as f64;
-            let lr = cfg
-                .optimizer
-                .lr_at(peak_lr, progress_epochs, t.epochs as f64);
-            let out = tch::autocast(autocast, || {
-                model.objective.loss(
-                    &Batch {
-                        views: to_device(&batch, device),
-                    },
-                    true,
-                )
-            });
+            let lr = cfg.optimizer.lr_at(peak_lr, progress_epochs, t.epochs as f64);
+            let out =
+                tch::autocast(autocast, || model.objective.loss(&Batch { views: to_device(&batch, device) }, true));
             opt.zero_grad();
             out.loss.backward();
             opt.step(lr);
@@ -282,9 +229,7 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
                 sink.scalar("train/data_wait_fraction", step as i64, wait);
                 progress.update(epoch, t.epochs, step, loss, ips, wait, step >= max_steps);
                 if !loss.is_finite() {
-                    return Err(Error::Other(format!(
-                        "loss is {loss} at step {step}; lower optimizer.base_lr?"
-                    )));
+                    return Err(Error::Other(format!("loss is {loss} at step {step}; lower optimizer.base_lr?")));
                 }
                 final_loss = loss;
                 loss_acc = Tensor::zeros([], (Kind::Float, device));
@@ -301,26 +246,11 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
         }
         epoch += 1;
         if t.checkpoint_every > 0 && epoch % t.checkpoint_every == 0 {
-            let state = TrainerState {
-                epoch,
-                step,
-                selfsup_version: env!("CARGO_PKG_VERSION").into(),
-            };
-            checkpoint::save(
-                &ckpt_dir,
-                &format!("epoch-{epoch:04}"),
-                &model.vs,
-                &opt.state(),
-                &state,
-                cfg,
-            )?;
+            let state = TrainerState { epoch, step, selfsup_version: env!("CARGO_PKG_VERSION").into() };
+            checkpoint::save(&ckpt_dir, &format!("epoch-{epoch:04}"), &model.vs, &opt.state(), &state, cfg)?;
             last_saved = Some(step);
         }
-        if cfg.eval.knn_every > 0
-            && epoch % cfg.eval.knn_every == 0
-            && epoch < t.epochs
-            && cfg.data.test.is_some()
-        {
+        if cfg.eval.knn_every > 0 && epoch % cfg.eval.knn_every == 0 && epoch < t.epochs && cfg.data.test.is_some() {
             let top1 = transfer::knn_only(model.objective.backbone(), &eval_ctx)?;
             sink.scalar("eval/knn_top1", step as i64, top1);
         }
@@ -329,11 +259,7 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     progress.finish();
     if last_saved != Some(step) {
         // The final checkpoint; a run cut short by train.max_steps is named by its step too.
-        let state = TrainerState {
-            epoch,
-            step,
-            selfsup_version: env!("CARGO_PKG_VERSION").into(),
-        };
+        let state = TrainerState { epoch, step, selfsup_version: env!("CARGO_PKG_VERSION").into() };
         let name = if step % steps_per_epoch == 0 {
             format!("epoch-{epoch:04}")
         } else {

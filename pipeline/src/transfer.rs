@@ -10,9 +10,7 @@ use serde::Serialize;
 use tch::{Device, Tensor};
 
 use crate::config::Config;
-use crate::eval::{
-    extract, knn_predict, linear_probe_predict, ClassReport, ExtractOptions, Features, ProbeOptions,
-};
+use crate::eval::{extract, knn_predict, linear_probe_predict, ClassReport, ExtractOptions, Features, ProbeOptions};
 use crate::source::{self, Source};
 use crate::tensorboard::Sink;
 use crate::{Error, Result};
@@ -39,41 +37,16 @@ impl std::fmt::Display for EvalReport {
             "evaluation on {} test images ({} labeled train images, {}-d features)",
             self.test_samples, self.train_samples, self.feature_dim
         )?;
-        writeln!(
-            f,
-            "  k-NN (k={}, T={}) top-1: {:.2}%",
-            self.knn_k,
-            self.knn_temperature,
-            100.0 * self.knn.top1
-        )?;
-        writeln!(
-            f,
-            "  linear probe top-1:     {:.2}%",
-            100.0 * self.linear.top1
-        )?;
+        writeln!(f, "  k-NN (k={}, T={}) top-1: {:.2}%", self.knn_k, self.knn_temperature, 100.0 * self.knn.top1)?;
+        writeln!(f, "  linear probe top-1:     {:.2}%", 100.0 * self.linear.top1)?;
         if let Some(raw) = &self.raw_pixels_linear {
-            writeln!(
-                f,
-                "  linear probe on raw pixels (baseline): {:.2}%",
-                100.0 * raw.top1
-            )?;
+            writeln!(f, "  linear probe on raw pixels (baseline): {:.2}%", 100.0 * raw.top1)?;
         }
         writeln!(f, "  linear probe per class:")?;
         for c in &self.linear.per_class {
-            writeln!(
-                f,
-                "    {:<14} {:6.2}%  (n={})",
-                c.class,
-                100.0 * c.accuracy,
-                c.count
-            )?;
+            writeln!(f, "    {:<14} {:6.2}%  (n={})", c.class, 100.0 * c.accuracy, c.count)?;
         }
-        write!(
-            f,
-            "  worst class: {} ({:.2}%)",
-            self.linear.worst_class,
-            100.0 * self.linear.worst_accuracy
-        )
+        write!(f, "  worst class: {} ({:.2}%)", self.linear.worst_class, 100.0 * self.linear.worst_accuracy)
     }
 }
 
@@ -87,10 +60,7 @@ pub struct EvalContext<'a> {
 fn labeled(path: &Path, channels: u8) -> Result<Arc<dyn Source>> {
     let s: Arc<dyn Source> = source::open(path, channels)?.into();
     if s.num_classes().is_none() {
-        return Err(Error::Other(format!(
-            "{}: evaluation needs labels and this source has none",
-            path.display()
-        )));
+        return Err(Error::Other(format!("{}: evaluation needs labels and this source has none", path.display())));
     }
     Ok(s)
 }
@@ -103,13 +73,7 @@ fn class_names(cfg: &Config, src: &dyn Source) -> Vec<String> {
     }
 }
 
-fn knn_report(
-    train: &Features,
-    test: &Features,
-    classes: i64,
-    names: &[String],
-    ctx: &EvalContext,
-) -> ClassReport {
+fn knn_report(train: &Features, test: &Features, classes: i64, names: &[String], ctx: &EvalContext) -> ClassReport {
     let e = &ctx.cfg.eval;
     let pred = knn_predict(train, test, e.knn_k, e.knn_temperature, classes, ctx.device);
     ClassReport::new(&pred, &test.y, names, classes as usize)
@@ -125,17 +89,11 @@ type FeatureSets = (Features, Features, i64, Option<(Features, Features)>);
 
 fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<FeatureSets> {
     let cfg = ctx.cfg;
-    let test_path = cfg
-        .data
-        .test
-        .as_ref()
-        .ok_or_else(|| Error::Other("data.test is not set: nothing to evaluate on".into()))?;
+    let test_path =
+        cfg.data.test.as_ref().ok_or_else(|| Error::Other("data.test is not set: nothing to evaluate on".into()))?;
     let train_src = labeled(&cfg.data.train, cfg.data.channels)?;
     let test_src = labeled(test_path, cfg.data.channels)?;
-    let classes = train_src
-        .num_classes()
-        .max(test_src.num_classes())
-        .unwrap_or(0) as i64;
+    let classes = train_src.num_classes().max(test_src.num_classes()).unwrap_or(0) as i64;
     let opts = |limit| ExtractOptions {
         recipe: &cfg.augment,
         batch_size: 512,
@@ -159,21 +117,13 @@ fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<Fea
 }
 
 /// Full evaluation: k-NN, linear probe, and (if configured) the raw-pixel probe baseline.
-pub fn evaluate(
-    backbone: &dyn Backbone,
-    ctx: &EvalContext,
-    sink: &mut dyn Sink,
-    step: i64,
-) -> Result<EvalReport> {
+pub fn evaluate(backbone: &dyn Backbone, ctx: &EvalContext, sink: &mut dyn Sink, step: i64) -> Result<EvalReport> {
     let t0 = Instant::now();
     let cfg = ctx.cfg;
     let e = &cfg.eval;
     let (train, test, classes, raw) = features(backbone, ctx, e.raw_pixel_baseline)?;
     let names = {
-        let test_src = labeled(
-            cfg.data.test.as_ref().expect("checked in features()"),
-            cfg.data.channels,
-        )?;
+        let test_src = labeled(cfg.data.test.as_ref().expect("checked in features()"), cfg.data.channels)?;
         class_names(cfg, test_src.as_ref())
     };
     let probe = ProbeOptions {
@@ -185,19 +135,10 @@ pub fn evaluate(
         device: ctx.device,
     };
     let knn = knn_report(&train, &test, classes, &names, ctx);
-    let linear = ClassReport::new(
-        &linear_probe_predict(&train, &test, classes, &probe),
-        &test.y,
-        &names,
-        classes as usize,
-    );
+    let linear =
+        ClassReport::new(&linear_probe_predict(&train, &test, classes, &probe), &test.y, &names, classes as usize);
     let raw_pixels_linear = raw.map(|(rtr, rte)| {
-        ClassReport::new(
-            &linear_probe_predict(&rtr, &rte, classes, &probe),
-            &rte.y,
-            &names,
-            classes as usize,
-        )
+        ClassReport::new(&linear_probe_predict(&rtr, &rte, classes, &probe), &rte.y, &names, classes as usize)
     });
     sink.scalar("eval/knn_top1", step, knn.top1);
     sink.scalar("eval/linear_top1", step, linear.top1);
@@ -224,10 +165,6 @@ pub fn write_report(report: &EvalReport, dir: &Path) -> Result<()> {
     let p = dir.join("eval.json");
     let tmp = dir.join(".eval.json.tmp");
     let io = |e: std::io::Error| Error::Other(format!("{}: {e}", p.display()));
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(report).expect("report serializes"),
-    )
-    .map_err(io)?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(report).expect("report serializes")).map_err(io)?;
     std::fs::rename(&tmp, &p).map_err(io)
 }

@@ -25,18 +25,9 @@ fn round_trip_and_crash_safety() {
     let mut opt = Optimizer::new(&model.vs, &OptimizerConfig::default()).unwrap();
     // Take one step so the momentum buffers are non-zero.
     let x = Tensor::randn([4, 1, 8, 8], tch::kind::FLOAT_CPU);
-    model
-        .objective
-        .backbone()
-        .features(&x, true)
-        .sum(Kind::Float)
-        .backward();
+    model.objective.backbone().features(&x, true).sum(Kind::Float).backward();
     opt.step(0.1);
-    let state = TrainerState {
-        epoch: 3,
-        step: 42,
-        selfsup_version: "test".into(),
-    };
+    let state = TrainerState { epoch: 3, step: 42, selfsup_version: "test".into() };
     checkpoint::save(&ckdir, "epoch-0003", &model.vs, &opt.state(), &state, &cfg).unwrap();
 
     // torchvision names, under the backbone prefix.
@@ -52,57 +43,31 @@ fn round_trip_and_crash_safety() {
         "backbone.bn1.running_mean",
         "projector.0.weight",
     ] {
-        assert!(
-            names.iter().any(|n| n == want),
-            "{want} missing from {names:?}"
-        );
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
 
     // A crash while writing the next checkpoint leaves only a temporary folder behind.
     std::fs::create_dir_all(ckdir.join(".epoch-0004.tmp-999")).unwrap();
     std::fs::write(ckdir.join(".epoch-0004.tmp-999/model.safetensors"), b"half").unwrap();
-    for p in [
-        dir.path().to_path_buf(),
-        ckdir.clone(),
-        ckdir.join("epoch-0003"),
-    ] {
+    for p in [dir.path().to_path_buf(), ckdir.clone(), ckdir.join("epoch-0003")] {
         assert_eq!(checkpoint::resolve(&p).unwrap(), ckdir.join("epoch-0003"));
     }
 
     let ckpt = checkpoint::resolve(dir.path()).unwrap();
     assert_eq!(checkpoint::load_state(&ckpt).unwrap(), state);
     assert_eq!(checkpoint::load_config(&ckpt).unwrap(), cfg);
-    let mut other = build_model(
-        &Config {
-            seed: 99,
-            ..cfg.clone()
-        },
-        1,
-        Device::Cpu,
-    )
-    .unwrap();
+    let mut other = build_model(&Config { seed: 99, ..cfg.clone() }, 1, Device::Cpu).unwrap();
     let w = |m: &selfsup_pipeline::trainer::Model| m.vs.variables()["backbone.conv1.weight"].copy();
-    assert!(
-        w(&other)
-            .not_equal_tensor(&w(&model))
-            .any()
-            .int64_value(&[])
-            == 1,
-        "different seed, different init"
-    );
+    assert!(w(&other).not_equal_tensor(&w(&model)).any().int64_value(&[]) == 1, "different seed, different init");
     checkpoint::load_weights(&mut other.vs, &ckpt).unwrap();
     assert!(w(&other).equal(&w(&model)));
     let mut opt2 = Optimizer::new(&other.vs, &OptimizerConfig::default()).unwrap();
-    opt2.load_state(&checkpoint::load_optimizer(&ckpt).unwrap())
-        .unwrap();
+    opt2.load_state(&checkpoint::load_optimizer(&ckpt).unwrap()).unwrap();
     for ((n1, a), (n2, b)) in opt.state().iter().zip(opt2.state().iter()) {
         assert_eq!(n1, n2);
         assert!(a.equal(b), "{n1}");
     }
-    assert!(opt
-        .state()
-        .iter()
-        .any(|(_, t)| t.abs().sum(Kind::Float).double_value(&[]) > 0.0));
+    assert!(opt.state().iter().any(|(_, t)| t.abs().sum(Kind::Float).double_value(&[]) > 0.0));
 }
 
 #[test]

@@ -14,26 +14,12 @@ fn loader(n: usize, threads: usize, batch: usize, drop_last: bool) -> Loader {
     let src: Arc<dyn Source> = Arc::new(Prefix::new(src, n));
     let recipe = RecipeConfig::simclr(28, 1);
     let views = Views::new(vec![recipe.build(1).unwrap(), recipe.build(1).unwrap()]);
-    let cfg = LoaderConfig {
-        batch_size: batch,
-        threads,
-        prefetch: 2,
-        seed: 42,
-        shuffle: true,
-        drop_last,
-    };
+    let cfg = LoaderConfig { batch_size: batch, threads, prefetch: 2, seed: 42, shuffle: true, drop_last };
     Loader::new(src, Arc::new(views), cfg).unwrap()
 }
 
 fn bits(batches: &[HostBatch]) -> Vec<Vec<u32>> {
-    batches
-        .iter()
-        .flat_map(|b| {
-            b.views
-                .iter()
-                .map(|v| v.iter().map(|x| x.to_bits()).collect())
-        })
-        .collect()
+    batches.iter().flat_map(|b| b.views.iter().map(|v| v.iter().map(|x| x.to_bits()).collect())).collect()
 }
 
 #[test]
@@ -63,10 +49,7 @@ fn an_epoch_visits_every_sample_once_in_a_new_order() {
     assert_ne!(a, b);
     assert_ne!(a, (0..300).collect::<Vec<_>>(), "shuffled");
     // drop_last = false keeps the short final batch: 9 full + 12.
-    assert_eq!(
-        l.epoch(0).map(|b| b.len()).collect::<Vec<_>>().last(),
-        Some(&12)
-    );
+    assert_eq!(l.epoch(0).map(|b| b.len()).collect::<Vec<_>>().last(), Some(&12));
 }
 
 #[test]
@@ -81,11 +64,7 @@ fn batch_layout_and_labels() {
         assert_eq!(labels[row], all[i]);
     }
     // Normalized with mean/std 0.5: values lie in [-1, 1].
-    assert!(b
-        .views
-        .iter()
-        .flatten()
-        .all(|x| (-1.0001..=1.0001).contains(x)));
+    assert!(b.views.iter().flatten().all(|x| (-1.0001..=1.0001).contains(x)));
 }
 
 #[test]

@@ -24,18 +24,14 @@ fn idx_gzip_and_raw_agree_and_labels_are_found() {
 
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("train-images-idx3-ubyte");
-    let mut dec =
-        flate2::read::GzDecoder::new(std::fs::File::open(common::fmnist_train()).unwrap());
+    let mut dec = flate2::read::GzDecoder::new(std::fs::File::open(common::fmnist_train()).unwrap());
     std::io::copy(&mut dec, &mut std::fs::File::create(&raw).unwrap()).unwrap();
     let raw_src = IdxSource::open(&raw).unwrap();
     assert_eq!(raw_src.labels(), None, "no labels file beside the raw copy");
     for i in [0, 1, 12_345, 59_999] {
         let (a, b) = (gz.get(i).unwrap(), raw_src.get(i).unwrap());
         assert_eq!(a.image, b.image);
-        assert_eq!(
-            (a.image.width, a.image.height, a.image.channels),
-            (28, 28, 1)
-        );
+        assert_eq!((a.image.width, a.image.height, a.image.channels), (28, 28, 1));
         assert_eq!(a.label, Some(labels[i]));
     }
     assert!(gz.get(60_000).is_err());
@@ -46,17 +42,12 @@ fn truncated_or_bad_idx_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x-images-idx3-ubyte");
     let mut f = std::fs::File::create(&p).unwrap();
-    f.write_all(&[0, 0, 8, 3, 0, 0, 0, 10, 0, 0, 0, 28, 0, 0, 0, 28])
-        .unwrap();
+    f.write_all(&[0, 0, 8, 3, 0, 0, 0, 10, 0, 0, 0, 28, 0, 0, 0, 28]).unwrap();
     f.write_all(&[0u8; 100]).unwrap();
     let e = IdxSource::open(&p).err().expect("truncated").to_string();
     assert!(e.contains("truncated"), "{e}");
     std::fs::write(&p, b"not an idx file").unwrap();
-    assert!(IdxSource::open(&p)
-        .err()
-        .unwrap()
-        .to_string()
-        .contains("magic"));
+    assert!(IdxSource::open(&p).err().unwrap().to_string().contains("magic"));
 }
 
 fn write_png(path: &Path, w: u32, h: u32, seed: u8) {
@@ -81,11 +72,7 @@ fn png_header(w: u32, h: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&h.to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
     chunk(&mut v, b"IHDR", &ihdr);
-    chunk(
-        &mut v,
-        b"IDAT",
-        &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01],
-    );
+    chunk(&mut v, b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
     chunk(&mut v, b"IEND", &[]);
     v
 }
@@ -95,11 +82,7 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         c ^= u32::from(b);
         for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xedb8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
+            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
         }
     }
     !c
@@ -115,9 +98,7 @@ fn image_folder_with_classes_and_bad_files() {
             write_png(&d.join(format!("{i}.png")), 40 + i, 30, i as u8);
         }
         // A real JPEG in a nested folder, and a PNG with a .jpg extension (decoded by content).
-        image::RgbImage::from_pixel(33, 33, image::Rgb([200, 10, 10]))
-            .save(d.join("nested/a.jpeg"))
-            .unwrap();
+        image::RgbImage::from_pixel(33, 33, image::Rgb([200, 10, 10])).save(d.join("nested/a.jpeg")).unwrap();
         write_png(&d.join("nested/b.png"), 20, 20, 7);
         std::fs::rename(d.join("nested/b.png"), d.join("nested/b.jpg")).unwrap();
     }
@@ -137,61 +118,31 @@ fn image_folder_with_classes_and_bad_files() {
     for (name, bytes) in &bad {
         std::fs::write(dir.path().join(name), bytes).unwrap();
     }
-    std::fs::write(
-        dir.path().join("cat/notes.txt"),
-        "ignored: not an image extension",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("cat/notes.txt"), "ignored: not an image extension").unwrap();
 
     let folder = ImageFolder::open(dir.path(), 3).unwrap();
     assert_eq!(folder.len(), 5 + 2 + 4 + 2 + bad.len());
     assert_eq!(folder.class_names(), vec!["cat".to_string(), "dog".into()]);
     assert_eq!(folder.num_classes(), Some(2));
-    let huge = (0..folder.len())
-        .find(|&i| folder.describe(i).ends_with("huge.png"))
-        .unwrap();
+    let huge = (0..folder.len()).find(|&i| folder.describe(i).ends_with("huge.png")).unwrap();
     let e = folder.get(huge).unwrap_err().to_string();
     assert!(e.contains("exceeds the limit"), "{e}");
 
     let src: Arc<dyn Source> = source::open(dir.path(), 3).unwrap().into();
     let recipe = RecipeConfig::simclr(16, 3);
-    let views = Arc::new(Views::new(vec![
-        recipe.build(3).unwrap(),
-        recipe.build(3).unwrap(),
-    ]));
-    let cfg = LoaderConfig {
-        batch_size: 6,
-        threads: 2,
-        prefetch: 2,
-        seed: 1,
-        shuffle: true,
-        drop_last: false,
-    };
+    let views = Arc::new(Views::new(vec![recipe.build(3).unwrap(), recipe.build(3).unwrap()]));
+    let cfg = LoaderConfig { batch_size: 6, threads: 2, prefetch: 2, seed: 1, shuffle: true, drop_last: false };
     let loader = Loader::new(src, views, cfg).unwrap();
     let batches: Vec<_> = loader.epoch(0).collect();
     let good: usize = batches.iter().map(|b| b.len()).sum();
-    let reported: Vec<String> = batches
-        .iter()
-        .flat_map(|b| b.bad.iter().map(|x| x.location.clone()))
-        .collect();
+    let reported: Vec<String> = batches.iter().flat_map(|b| b.bad.iter().map(|x| x.location.clone())).collect();
     assert_eq!(good, 13, "every good image delivered");
-    assert_eq!(
-        reported.len(),
-        bad.len(),
-        "every bad file counted: {reported:?}"
-    );
+    assert_eq!(reported.len(), bad.len(), "every bad file counted: {reported:?}");
     for (name, _) in &bad {
-        assert!(
-            reported.iter().any(|r| r.ends_with(name)),
-            "{name} named in {reported:?}"
-        );
+        assert!(reported.iter().any(|r| r.ends_with(name)), "{name} named in {reported:?}");
     }
     for b in &batches {
-        assert_eq!(
-            b.views[0].len(),
-            b.len() * 3 * 16 * 16,
-            "rows compacted over dropped samples"
-        );
+        assert_eq!(b.views[0].len(), b.len() * 3 * 16 * 16, "rows compacted over dropped samples");
         assert_eq!(b.labels.as_ref().map(Vec::len), Some(b.len()));
     }
 }

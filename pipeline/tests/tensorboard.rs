@@ -11,25 +11,10 @@ fn scalars_images_and_histograms_read_back_with_tensorboard() {
         for step in 0..5 {
             tb.scalar("train/loss", step * 10, 1.0 / (step as f64 + 1.0));
         }
-        let tiles: Vec<Image> = (0..6)
-            .map(|i| Image {
-                width: 28,
-                height: 20,
-                channels: 1,
-                data: vec![i * 40; 28 * 20],
-            })
-            .collect();
+        let tiles: Vec<Image> =
+            (0..6).map(|i| Image { width: 28, height: 20, channels: 1, data: vec![i * 40; 28 * 20] }).collect();
         tb.image("views/pairs", 0, &grid(&tiles, 4));
-        tb.image(
-            "rgb",
-            3,
-            &Image {
-                width: 7,
-                height: 5,
-                channels: 3,
-                data: (0..105).map(|x| x as u8).collect(),
-            },
-        );
+        tb.image("rgb", 3, &Image { width: 7, height: 5, channels: 3, data: (0..105).map(|x| x as u8).collect() });
         tb.histogram("weights", 2, &[0.5, 1.0, 1.5, 2.0]);
         tb.flush();
     }
@@ -39,22 +24,14 @@ fn scalars_images_and_histograms_read_back_with_tensorboard() {
     assert_eq!(loss[2][0], 20);
     assert!((loss[2][1].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-6);
     // 4 columns x 2 rows of 28x20 tiles with 2-px borders: width 4*30+2, height 2*22+2 (not transposed).
-    assert_eq!(
-        ev["images"]["views/pairs"][0],
-        serde_json::json!([0, 122, 46])
-    );
+    assert_eq!(ev["images"]["views/pairs"][0], serde_json::json!([0, 122, 46]));
     assert_eq!(ev["images"]["rgb"][0], serde_json::json!([3, 7, 5]));
     assert_eq!(ev["histograms"]["weights"][0], serde_json::json!([2, 4.0]));
 }
 
 #[test]
 fn upscale_repeats_pixels() {
-    let img = Image {
-        width: 2,
-        height: 1,
-        channels: 3,
-        data: vec![1, 2, 3, 4, 5, 6],
-    };
+    let img = Image { width: 2, height: 1, channels: 3, data: vec![1, 2, 3, 4, 5, 6] };
     let up = upscale(&img, 2);
     assert_eq!((up.width, up.height), (4, 2));
     assert_eq!(up.data, [[1, 2, 3, 1, 2, 3, 4, 5, 6, 4, 5, 6]; 2].concat());

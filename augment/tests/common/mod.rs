@@ -6,9 +6,7 @@ use selfsup_augment::{Image, Rng};
 /// Uniform noise, reproducible from `seed`.
 pub fn noise(w: u32, h: u32, c: u8, seed: u64) -> Image {
     let mut rng = Rng::new(seed);
-    let data = (0..w as usize * h as usize * c as usize)
-        .map(|_| rng.below(256) as u8)
-        .collect();
+    let data = (0..w as usize * h as usize * c as usize).map(|_| rng.below(256) as u8).collect();
     Image::new(w, h, c, data).unwrap()
 }
 

@@ -53,11 +53,7 @@ impl ObjectiveConfig {
     }
 
     /// Builds the objective's heads under `root` around an already built backbone.
-    pub fn build(
-        &self,
-        root: &nn::Path,
-        backbone: Box<dyn Backbone>,
-    ) -> Result<Box<dyn Objective>, ModelError> {
+    pub fn build(&self, root: &nn::Path, backbone: Box<dyn Backbone>) -> Result<Box<dyn Objective>, ModelError> {
         self.validate()?;
         Ok(match self {
             ObjectiveConfig::Simclr(c) => Box::new(SimClr::new(root, backbone, c)),

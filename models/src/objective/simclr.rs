@@ -21,21 +21,14 @@ pub struct SimClrConfig {
 
 impl Default for SimClrConfig {
     fn default() -> Self {
-        SimClrConfig {
-            temperature: 0.2,
-            proj_hidden: 2048,
-            proj_dim: 128,
-        }
+        SimClrConfig { temperature: 0.2, proj_hidden: 2048, proj_dim: 128 }
     }
 }
 
 impl SimClrConfig {
     pub fn validate(&self) -> Result<(), ModelError> {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(invalid(
-                "objective.temperature",
-                format!("must be > 0, got {}", self.temperature),
-            ));
+            return Err(invalid("objective.temperature", format!("must be > 0, got {}", self.temperature)));
         }
         if self.proj_hidden < 1 || self.proj_dim < 1 {
             return Err(invalid("objective.proj_hidden/proj_dim", "must be >= 1"));
@@ -52,17 +45,8 @@ pub struct SimClr {
 
 impl SimClr {
     pub fn new(root: &nn::Path, backbone: Box<dyn Backbone>, cfg: &SimClrConfig) -> Self {
-        let projector = ProjectionHead::new(
-            root / "projector",
-            backbone.dim(),
-            cfg.proj_hidden,
-            cfg.proj_dim,
-        );
-        SimClr {
-            backbone,
-            projector,
-            temperature: cfg.temperature,
-        }
+        let projector = ProjectionHead::new(root / "projector", backbone.dim(), cfg.proj_hidden, cfg.proj_dim);
+        SimClr { backbone, projector, temperature: cfg.temperature }
     }
 }
 
@@ -76,13 +60,8 @@ impl Objective for SimClr {
         let h = self.backbone.features(&x, train);
         let z = self.projector.forward_t(&h, train);
         // Outside autocast: under it the similarity matmul would run in bf16 despite the fp32 inputs.
-        let loss = tch::autocast(false, || {
-            nt_xent(&z.narrow(0, 0, n), &z.narrow(0, n, n), self.temperature)
-        });
-        Step {
-            loss,
-            features: h.narrow(0, 0, n).detach(),
-        }
+        let loss = tch::autocast(false, || nt_xent(&z.narrow(0, 0, n), &z.narrow(0, n, n), self.temperature));
+        Step { loss, features: h.narrow(0, 0, n).detach() }
     }
 
     fn backbone(&self) -> &dyn Backbone {

@@ -22,10 +22,8 @@ pub struct ImageFolder {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| DataError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
+    let mut entries: Vec<_> =
+        std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     entries.sort();
     for p in entries {
         if p.is_dir() {
@@ -62,25 +60,14 @@ impl ImageFolder {
             for dir in &top {
                 let before = files.len();
                 walk(dir, &mut files)?;
-                labels.extend(std::iter::repeat_n(
-                    classes.len() as u32,
-                    files.len() - before,
-                ));
-                classes.push(
-                    dir.file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned(),
-                );
+                labels.extend(std::iter::repeat_n(classes.len() as u32, files.len() - before));
+                classes.push(dir.file_name().unwrap_or_default().to_string_lossy().into_owned());
             }
         } else {
             walk(root, &mut files)?;
         }
         if files.is_empty() {
-            return Err(DataError::Invalid {
-                path: root.into(),
-                message: "no .jpg/.jpeg/.png files found".into(),
-            });
+            return Err(DataError::Invalid { path: root.into(), message: "no .jpg/.jpeg/.png files found".into() });
         }
         Ok(ImageFolder {
             root: root.to_path_buf(),
@@ -112,10 +99,7 @@ impl ImageFolder {
             r.limits(limits_for(self.max_pixels));
             Ok(r)
         };
-        let decode_err = |source| DataError::Decode {
-            path: path.to_path_buf(),
-            source,
-        };
+        let decode_err = |source| DataError::Decode { path: path.to_path_buf(), source };
         // Dimensions from the header are checked against the pixel limit before anything is allocated.
         let (w, h) = reader()?.into_dimensions().map_err(decode_err)?;
         if u64::from(w) * u64::from(h) > self.max_pixels {
@@ -126,17 +110,8 @@ impl ImageFolder {
         }
         let img = reader()?.decode().map_err(decode_err)?;
         let (width, height) = (img.width(), img.height());
-        let data = if self.channels == 1 {
-            img.into_luma8().into_raw()
-        } else {
-            img.into_rgb8().into_raw()
-        };
-        Ok(Image {
-            width,
-            height,
-            channels: self.channels,
-            data,
-        })
+        let data = if self.channels == 1 { img.into_luma8().into_raw() } else { img.into_rgb8().into_raw() };
+        Ok(Image { width, height, channels: self.channels, data })
     }
 }
 
@@ -157,10 +132,7 @@ impl Source for ImageFolder {
             message: format!("index {index} out of range ({})", self.files.len()),
         })?;
         let image = self.decode(path)?;
-        Ok(Sample {
-            image,
-            label: self.labels.as_ref().map(|l| l[index] as i64),
-        })
+        Ok(Sample { image, label: self.labels.as_ref().map(|l| l[index] as i64) })
     }
 
     fn channels(&self) -> u8 {
@@ -168,9 +140,7 @@ impl Source for ImageFolder {
     }
 
     fn describe(&self, index: usize) -> String {
-        self.files
-            .get(index)
-            .map_or_else(|| format!("#{index}"), |p| p.display().to_string())
+        self.files.get(index).map_or_else(|| format!("#{index}"), |p| p.display().to_string())
     }
 
     fn num_classes(&self) -> Option<usize> {
@@ -182,8 +152,6 @@ impl Source for ImageFolder {
     }
 
     fn labels(&self) -> Option<Vec<i64>> {
-        self.labels
-            .as_ref()
-            .map(|l| l.iter().map(|&x| x as i64).collect())
+        self.labels.as_ref().map(|l| l.iter().map(|&x| x as i64).collect())
     }
 }

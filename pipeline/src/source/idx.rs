@@ -23,28 +23,18 @@ pub struct IdxSource {
 }
 
 fn idx_err(path: &Path, message: impl Into<String>) -> DataError {
-    DataError::Idx {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
+    DataError::Idx { path: path.to_path_buf(), message: message.into() }
 }
 
 /// Reads the IDX header: returns (dims, header length). Only unsigned-byte data (type 0x08) is supported.
 fn read_header(path: &Path, r: &mut impl Read) -> Result<(Vec<u32>, u64), DataError> {
     let mut magic = [0u8; 4];
-    r.read_exact(&mut magic)
-        .map_err(|_| idx_err(path, "shorter than its 4-byte magic"))?;
+    r.read_exact(&mut magic).map_err(|_| idx_err(path, "shorter than its 4-byte magic"))?;
     if magic[0] != 0 || magic[1] != 0 {
         return Err(idx_err(path, format!("bad magic {magic:02x?}")));
     }
     if magic[2] != 0x08 {
-        return Err(idx_err(
-            path,
-            format!(
-                "element type 0x{:02x} unsupported (only u8, 0x08)",
-                magic[2]
-            ),
-        ));
+        return Err(idx_err(path, format!("element type 0x{:02x} unsupported (only u8, 0x08)", magic[2])));
     }
     let ndim = magic[3] as usize;
     if ndim == 0 || ndim > 4 {
@@ -53,8 +43,7 @@ fn read_header(path: &Path, r: &mut impl Read) -> Result<(Vec<u32>, u64), DataEr
     let mut dims = Vec::with_capacity(ndim);
     for _ in 0..ndim {
         let mut b = [0u8; 4];
-        r.read_exact(&mut b)
-            .map_err(|_| idx_err(path, "truncated header"))?;
+        r.read_exact(&mut b).map_err(|_| idx_err(path, "truncated header"))?;
         dims.push(u32::from_be_bytes(b));
     }
     Ok((dims, 4 + 4 * ndim as u64))
@@ -73,20 +62,12 @@ fn uncompressed(path: &Path) -> Result<PathBuf, DataError> {
         return Ok(path.to_path_buf());
     }
     let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs());
+    let mtime =
+        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
     let abs = std::fs::canonicalize(path).map_err(|e| DataError::io(path, e))?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     std::hash::Hash::hash(&(abs.as_os_str(), meta.len(), mtime), &mut h);
-    let stem = path
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .trim_end_matches(".gz")
-        .to_string();
+    let stem = path.file_name().unwrap_or_default().to_string_lossy().trim_end_matches(".gz").to_string();
     let dir = crate::cache_dir().join("idx");
     let out = dir.join(format!("{stem}-{:016x}", std::hash::Hasher::finish(&h)));
     if out.exists() {
@@ -104,10 +85,7 @@ fn uncompressed(path: &Path) -> Result<PathBuf, DataError> {
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(DataError::Invalid {
-            path: path.to_path_buf(),
-            message: format!("cannot inflate gzip: {e}"),
-        });
+        return Err(DataError::Invalid { path: path.to_path_buf(), message: format!("cannot inflate gzip: {e}") });
     }
     Ok(out)
 }
@@ -115,17 +93,12 @@ fn uncompressed(path: &Path) -> Result<PathBuf, DataError> {
 /// `train-images-idx3-ubyte.gz` → `train-labels-idx1-ubyte.gz` (or without `.gz`), if it exists.
 fn labels_path(images: &Path) -> Option<PathBuf> {
     let name = images.file_name()?.to_str()?;
-    let base = name
-        .replace("images-idx3", "labels-idx1")
-        .replace("images.idx3", "labels.idx1");
+    let base = name.replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1");
     if base == name {
         return None;
     }
     let base = base.trim_end_matches(".gz");
-    [base.to_string(), format!("{base}.gz")]
-        .into_iter()
-        .map(|n| images.with_file_name(n))
-        .find(|p| p.exists())
+    [base.to_string(), format!("{base}.gz")].into_iter().map(|n| images.with_file_name(n)).find(|p| p.exists())
 }
 
 impl IdxSource {
@@ -135,30 +108,19 @@ impl IdxSource {
         let (dims, data_offset) = read_header(path, &mut file)?;
         let (count, height, width) = match dims[..] {
             [n, h, w] => (n as usize, h, w),
-            _ => {
-                return Err(idx_err(
-                    path,
-                    format!("expected 3 dimensions [N,H,W] for images, got {dims:?}"),
-                ))
-            }
+            _ => return Err(idx_err(path, format!("expected 3 dimensions [N,H,W] for images, got {dims:?}"))),
         };
         let want = data_offset + count as u64 * height as u64 * width as u64;
         let have = file.metadata().map_err(|e| DataError::io(path, e))?.len();
         if have < want {
-            return Err(idx_err(
-                path,
-                format!("truncated: header promises {want} bytes, file has {have}"),
-            ));
+            return Err(idx_err(path, format!("truncated: header promises {want} bytes, file has {have}")));
         }
         let labels = match labels_path(path) {
             Some(lp) => {
                 let mut lf = File::open(uncompressed(&lp)?).map_err(|e| DataError::io(&lp, e))?;
                 let (ldims, _) = read_header(&lp, &mut lf)?;
                 if ldims != [count as u32] {
-                    return Err(idx_err(
-                        &lp,
-                        format!("labels {ldims:?} do not match {count} images"),
-                    ));
+                    return Err(idx_err(&lp, format!("labels {ldims:?} do not match {count} images")));
                 }
                 let mut l = Vec::with_capacity(count);
                 lf.read_to_end(&mut l).map_err(|e| DataError::io(&lp, e))?;
@@ -170,15 +132,7 @@ impl IdxSource {
             }
             None => None,
         };
-        Ok(IdxSource {
-            path: path.to_path_buf(),
-            file,
-            data_offset,
-            count,
-            height,
-            width,
-            labels,
-        })
+        Ok(IdxSource { path: path.to_path_buf(), file, data_offset, count, height, width, labels })
     }
 
     pub fn path(&self) -> &Path {
@@ -193,26 +147,15 @@ impl Source for IdxSource {
 
     fn get(&self, index: usize) -> Result<Sample, DataError> {
         if index >= self.count {
-            return Err(idx_err(
-                &self.path,
-                format!("index {index} out of range ({})", self.count),
-            ));
+            return Err(idx_err(&self.path, format!("index {index} out of range ({})", self.count)));
         }
         let n = (self.height * self.width) as usize;
         let mut data = vec![0u8; n];
         self.file
             .read_exact_at(&mut data, self.data_offset + (index * n) as u64)
             .map_err(|e| DataError::io(&self.path, e))?;
-        let image = Image {
-            width: self.width,
-            height: self.height,
-            channels: 1,
-            data,
-        };
-        Ok(Sample {
-            image,
-            label: self.labels.as_ref().map(|l| l[index] as i64),
-        })
+        let image = Image { width: self.width, height: self.height, channels: 1, data };
+        Ok(Sample { image, label: self.labels.as_ref().map(|l| l[index] as i64) })
     }
 
     fn channels(&self) -> u8 {
@@ -224,14 +167,10 @@ impl Source for IdxSource {
     }
 
     fn num_classes(&self) -> Option<usize> {
-        self.labels
-            .as_ref()
-            .map(|l| l.iter().copied().max().map_or(0, |m| m as usize + 1))
+        self.labels.as_ref().map(|l| l.iter().copied().max().map_or(0, |m| m as usize + 1))
     }
 
     fn labels(&self) -> Option<Vec<i64>> {
-        self.labels
-            .as_ref()
-            .map(|l| l.iter().map(|&x| x as i64).collect())
+        self.labels.as_ref().map(|l| l.iter().map(|&x| x as i64).collect())
     }
 }

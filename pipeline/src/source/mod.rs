@@ -21,27 +21,18 @@ pub struct Sample {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a valid IDX file: {message}")]
     Idx { path: PathBuf, message: String },
     #[error("{path}: cannot decode image: {source}")]
-    Decode {
-        path: PathBuf,
-        source: image::ImageError,
-    },
+    Decode { path: PathBuf, source: image::ImageError },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
 
 impl DataError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        DataError::Io { path: path.to_path_buf(), source }
     }
 }
 

@@ -9,9 +9,6 @@ pub const FMNIST_TRAIN: &str = "/usr/share/datasets/fashion-mnist/train-images-i
 /// Fashion-MNIST is installed by scripts/setup; a test that needs it fails loudly without it.
 pub fn fmnist_train() -> &'static Path {
     let p = Path::new(FMNIST_TRAIN);
-    assert!(
-        p.exists(),
-        "{FMNIST_TRAIN} missing: run scripts/setup (Debian package dataset-fashion-mnist)"
-    );
+    assert!(p.exists(), "{FMNIST_TRAIN} missing: run scripts/setup (Debian package dataset-fashion-mnist)");
     p
 }
