@@ -10,7 +10,14 @@ use selfsup_augment::Views;
 use selfsup_pipeline::loader::{Loader, LoaderConfig};
 use selfsup_pipeline::source::{self, Source};
 
-pub fn run(spec: &str, set: &[String], seconds: f64, threads: Option<usize>) -> Result<()> {
+pub struct Options {
+    pub seconds: f64,
+    pub threads: Option<usize>,
+    pub gpu_img_per_s: Option<f64>,
+}
+
+pub fn run(spec: &str, set: &[String], opts: Options) -> Result<()> {
+    let Options { seconds, threads, gpu_img_per_s } = opts;
     let cfg = crate::load_config(spec, set)?;
     let src: Arc<dyn Source> = source::open(&cfg.data.train, cfg.data.channels)?.into();
     let channels = src.channels();
@@ -62,6 +69,23 @@ pub fn run(spec: &str, set: &[String], seconds: f64, threads: Option<usize>) -> 
         per(times.read_decode_ns.load(Ordering::Relaxed) - d0),
         per(times.augment_ns.load(Ordering::Relaxed) - a0)
     );
-    println!("pairs_per_s={:.1}", pairs as f64 / dt);
+    let rate = pairs as f64 / dt;
+    if let Some(gpu) = gpu_img_per_s {
+        // Assumes near-linear scaling with threads (see scripts/bench-augment --scaling).
+        let per_thread = rate / loader.threads() as f64;
+        let needed = (gpu / per_thread).ceil() as usize;
+        if rate >= gpu {
+            println!(
+                "a GPU at {gpu:.0} samples/s would not wait: this loader makes {rate:.0}/s ({:.1}x headroom)",
+                rate / gpu
+            );
+        } else {
+            println!(
+                "a GPU at {gpu:.0} samples/s WOULD wait ({:.0}% of the time): it needs ~{needed} threads at {per_thread:.0}/s each",
+                100.0 * (1.0 - rate / gpu)
+            );
+        }
+    }
+    println!("pairs_per_s={rate:.1}");
     Ok(())
 }

@@ -71,6 +71,10 @@ enum Command {
         /// Loader threads (default: the config's train.threads; 0 = all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// A GPU's training rate in samples/s: say whether it would wait for this loader, and how many
+        /// threads it would take not to.
+        #[arg(long)]
+        gpu_img_per_s: Option<f64>,
     },
 }
 
@@ -180,7 +184,9 @@ fn main() {
         Command::Pretrain { config, set, out, resume, quiet } => pretrain(config, set, out, resume, quiet),
         Command::Eval { checkpoint, set, out } => eval(checkpoint, set, out),
         Command::Info => info::print(),
-        Command::BenchLoader { config, set, seconds, threads } => bench::run(&config, &set, seconds, threads),
+        Command::BenchLoader { config, set, seconds, threads, gpu_img_per_s } => {
+            bench::run(&config, &set, bench::Options { seconds, threads, gpu_img_per_s })
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -41,8 +41,8 @@ fn batches_are_bit_identical_for_1_and_3_threads() {
 #[test]
 fn an_epoch_visits_every_sample_once_in_a_new_order() {
     let l = loader(300, 2, 32, false);
-    let a: Vec<usize> = l.epoch(0).flat_map(|b| b.indices).collect();
-    let b: Vec<usize> = l.epoch(1).flat_map(|b| b.indices).collect();
+    let a: Vec<usize> = l.epoch(0).flat_map(|b| b.indices.clone()).collect();
+    let b: Vec<usize> = l.epoch(1).flat_map(|b| b.indices.clone()).collect();
     let mut sorted = a.clone();
     sorted.sort();
     assert_eq!(sorted, (0..300).collect::<Vec<_>>());
@@ -73,4 +73,15 @@ fn dropping_the_iterator_early_stops_the_producer() {
     let mut it = l.epoch(0);
     assert!(it.next().is_some());
     drop(it); // must not hang on the full channel
+}
+
+#[test]
+fn recycled_buffers_give_the_same_batches() {
+    // Dropping each batch as it is consumed hands its buffers back for reuse; the batches must not change.
+    let streamed: Vec<Vec<u32>> = loader(700, 2, 64, true)
+        .epoch(5)
+        .flat_map(|b| b.views.iter().map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()).collect::<Vec<_>>())
+        .collect();
+    let kept: Vec<HostBatch> = loader(700, 2, 64, true).epoch(5).collect();
+    assert_eq!(streamed, bits(&kept));
 }
