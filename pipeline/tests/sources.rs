@@ -146,3 +146,54 @@ fn image_folder_with_classes_and_bad_files() {
         assert_eq!(b.labels.as_ref().map(Vec::len), Some(b.len()));
     }
 }
+
+/// A CIFAR record: label byte(s), then planar R, G, B planes of 32x32, with pixel values derived from (record, channel, i).
+fn cifar_record(labels: &[u8], r: usize) -> Vec<u8> {
+    let mut v = labels.to_vec();
+    for c in 0..3 {
+        v.extend((0..1024).map(|i| ((r * 7 + c * 50 + i) % 251) as u8));
+    }
+    v
+}
+
+#[test]
+fn cifar10_and_cifar100_binary_batches() {
+    use selfsup_pipeline::source::{CifarKind, CifarSource};
+    let dir = tempfile::tempdir().unwrap();
+    // CIFAR-10: two training batches of 3 and 2 records, and class names.
+    let b1: Vec<u8> = (0..3).flat_map(|r| cifar_record(&[r as u8], r)).collect();
+    let b2: Vec<u8> = (3..5).flat_map(|r| cifar_record(&[r as u8 + 4], r)).collect();
+    std::fs::write(dir.path().join("data_batch_1.bin"), b1).unwrap();
+    std::fs::write(dir.path().join("data_batch_2.bin"), b2).unwrap();
+    let names = "airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n";
+    std::fs::write(dir.path().join("batches.meta.txt"), names).unwrap();
+    let src = source::open(dir.path(), 3).unwrap();
+    assert_eq!(src.len(), 5);
+    assert_eq!(src.labels().unwrap(), vec![0, 1, 2, 7, 8]);
+    assert_eq!(src.class_names()[9], "truck");
+    let s = src.get(3).unwrap();
+    assert_eq!((s.image.width, s.image.height, s.image.channels, s.label), (32, 32, 3, Some(7)));
+    // Interleaved RGB: pixel i has (R, G, B) from the three planes.
+    for i in [0usize, 1, 500, 1023] {
+        let want = [((21 + i) % 251) as u8, ((21 + 50 + i) % 251) as u8, ((21 + 100 + i) % 251) as u8];
+        assert_eq!(&s.image.data[3 * i..3 * i + 3], &want, "pixel {i}");
+    }
+    assert!(src.describe(4).ends_with("data_batch_2.bin#1"));
+    assert!(src.get(5).is_err());
+
+    // CIFAR-100: coarse + fine label; the fine label is the label.
+    let d100 = tempfile::tempdir().unwrap();
+    let t: Vec<u8> = (0..4).flat_map(|r| cifar_record(&[3, 90 + r as u8], r)).collect();
+    std::fs::write(d100.path().join("train.bin"), t).unwrap();
+    let c100 = CifarSource::open(d100.path()).unwrap();
+    assert_eq!(c100.kind(), CifarKind::Cifar100);
+    assert_eq!((c100.len(), c100.num_classes()), (4, Some(100)));
+    assert_eq!(c100.labels().unwrap(), vec![90, 91, 92, 93]);
+    assert_eq!(c100.get(2).unwrap().image.data[0], 14);
+
+    // A truncated batch is refused with a message, not a panic.
+    let bad = dir.path().join("test_batch.bin");
+    std::fs::write(&bad, vec![0u8; 3073 * 2 - 5]).unwrap();
+    let e = CifarSource::open(&bad).err().unwrap().to_string();
+    assert!(e.contains("3073-byte records"), "{e}");
+}

@@ -2,11 +2,13 @@
 //! index of its samples (offsets, paths, labels) and reads one sample per `get`, so memory does not grow with
 //! the dataset. A sample that cannot be read is an error value, never a panic.
 
+mod cifar;
 mod folder;
 mod idx;
 
 use std::path::{Path, PathBuf};
 
+pub use cifar::{CifarKind, CifarSource};
 pub use folder::ImageFolder;
 pub use idx::IdxSource;
 use selfsup_augment::Image;
@@ -56,12 +58,15 @@ pub trait Source: Send + Sync {
     fn labels(&self) -> Option<Vec<i64>>;
 }
 
-/// Opens a path as a source: an IDX images file (`*-idx3-ubyte`, optionally `.gz`; labels are taken from the
+/// Opens a path as a source: CIFAR-10/100 binary batches (a `.bin` file, or a folder with `data_batch_*.bin` /
+/// `train.bin`), an IDX images file (`*-idx3-ubyte`, optionally `.gz`; labels are taken from the
 /// matching `*-labels-idx1-ubyte[.gz]` beside it) or a directory of images (class sub-folders become labels).
 /// `channels` is used for image folders (gray images are expanded to RGB when 3, RGB converted to gray when 1).
 pub fn open(path: &Path, channels: u8) -> Result<Box<dyn Source>, DataError> {
     let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
-    if meta.is_dir() {
+    if cifar::is_cifar(path) {
+        Ok(Box::new(CifarSource::open(path)?))
+    } else if meta.is_dir() {
         Ok(Box::new(ImageFolder::open(path, channels)?))
     } else {
         Ok(Box::new(IdxSource::open(path)?))
