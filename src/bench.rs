@@ -21,7 +21,7 @@ pub fn run(spec: &str, set: &[String], opts: Options) -> Result<()> {
     let cfg = crate::load_config(spec, set)?;
     let src: Arc<dyn Source> = source::open(&cfg.data.train, cfg.data.channels)?.into();
     let channels = src.channels();
-    let recipes = (0..cfg.objective.num_views()).map(|_| cfg.augment.build(channels)).collect::<Result<Vec<_>, _>>()?;
+    let recipes = cfg.view_recipes().iter().map(|r| r.build(channels)).collect::<Result<Vec<_>, _>>()?;
     let lc = LoaderConfig {
         batch_size: cfg.train.batch_size,
         threads: threads.unwrap_or(cfg.train.threads),

@@ -60,6 +60,17 @@ enum Command {
     },
     /// Versions, devices, threads, and which datasets are installed where.
     Info,
+    /// What a dataset holds: counts, image sizes, unreadable files, exact duplicates, class balance.
+    Inspect {
+        /// An IDX file, a CIFAR batch or folder, or a folder of images.
+        data: PathBuf,
+        /// Channels to decode image folders to (1 or 3).
+        #[arg(long, default_value_t = 3)]
+        channels: u8,
+        /// Where to write the JSON report (default: <data name>.inspect.json in the current folder).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Measure the data stage alone: pairs (samples with all their views) per second.
     BenchLoader {
         #[arg(long)]
@@ -75,6 +86,22 @@ enum Command {
         /// threads it would take not to.
         #[arg(long)]
         gpu_img_per_s: Option<f64>,
+    },
+    /// Pack a source (IDX file, CIFAR batches, image folder) into one chunked, compressed, checksummed HDF5 file.
+    Pack {
+        /// What to pack: anything `data.train` accepts.
+        src: PathBuf,
+        /// The HDF5 file to write (`.h5` or `.hdf5`); written to a temporary file, then renamed.
+        out: PathBuf,
+        /// Channels to decode image folders to (1 or 3).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+        channels: u8,
+        /// Store the image files' bytes instead of decoded pixels (image folders; automatic when sizes differ).
+        #[arg(long)]
+        encoded: bool,
+        /// Write the samples in a random order from this seed (for folders sorted by class).
+        #[arg(long, value_name = "SEED")]
+        shuffle: Option<u64>,
     },
 }
 
@@ -178,14 +205,34 @@ fn eval(ckpt: PathBuf, set: Vec<String>, out: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+fn inspect(data: &Path, channels: u8, json: Option<PathBuf>) -> Result<()> {
+    let source = selfsup_pipeline::source::open(data, channels)?;
+    let report = selfsup_pipeline::inspect::inspect(source.as_ref(), &data.display().to_string());
+    println!("{report}");
+    let json = json.unwrap_or_else(|| {
+        let name = data.file_name().map_or("data".into(), |n| n.to_string_lossy().into_owned());
+        PathBuf::from(format!("{name}.inspect.json"))
+    });
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?).with_context(|| json.display().to_string())?;
+    println!("wrote {}", json.display());
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pretrain { config, set, out, resume, quiet } => pretrain(config, set, out, resume, quiet),
         Command::Eval { checkpoint, set, out } => eval(checkpoint, set, out),
         Command::Info => info::print(),
+        Command::Inspect { data, channels, json } => inspect(&data, channels, json),
         Command::BenchLoader { config, set, seconds, threads, gpu_img_per_s } => {
             bench::run(&config, &set, bench::Options { seconds, threads, gpu_img_per_s })
+        }
+        Command::Pack { src, out, channels, encoded, shuffle } => {
+            let opts = selfsup_pipeline::pack::PackOptions { channels, encoded, shuffle, ..Default::default() };
+            selfsup_pipeline::pack::pack(&src, &out, &opts)
+                .map(|summary| println!("{summary}"))
+                .with_context(|| format!("packing {} into {}", src.display(), out.display()))
         }
     };
     if let Err(e) = result {

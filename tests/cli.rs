@@ -151,3 +151,42 @@ fn bench_loader_and_info() {
     let info = ok(&["info"]);
     assert!(info.contains("libtorch  2.11.0") && info.contains("/usr/share/datasets/fashion-mnist"), "{info}");
 }
+
+#[test]
+fn inspect_reports_sizes_duplicates_unreadable_and_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pets");
+    for (class, n) in [("cat", 3), ("dog", 2)] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..n {
+            image::RgbImage::from_pixel(20 + i, 10, image::Rgb([i as u8, if class == "cat" { 0 } else { 200 }, 0]))
+                .save(data.join(class).join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+    // An exact copy under another name, and a corrupt file.
+    std::fs::copy(data.join("cat/1.png"), data.join("dog/copy.png")).unwrap();
+    std::fs::write(data.join("dog/broken.jpg"), b"nope").unwrap();
+    let json = dir.path().join("report.json");
+    let stdout = ok(&["inspect", data.to_str().unwrap(), "--json", json.to_str().unwrap()]);
+    assert!(stdout.contains("broken.jpg"), "{stdout}");
+    let r = self::json(&json);
+    assert_eq!((r["count"].as_u64(), r["readable"].as_u64()), (Some(7), Some(6)));
+    assert_eq!(r["unreadable"].as_array().unwrap().len(), 1);
+    assert_eq!(r["duplicates"], 1);
+    let group: Vec<String> =
+        r["duplicate_groups"][0].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert!(group[0].ends_with("cat/1.png") && group[1].ends_with("dog/copy.png"), "{group:?}");
+    assert_eq!(r["classes"], serde_json::json!([{"class": "cat", "count": 3}, {"class": "dog", "count": 4}]));
+    // 21x10 appears three times (cat/1.png, its copy, dog/1.png); 20x10 twice; 22x10 once.
+    assert_eq!(r["sizes"][0], serde_json::json!({"width": 21, "height": 10, "channels": 3, "count": 3}));
+
+    // Fashion-MNIST: 60,000 28x28 gray images, 6,000 per class.
+    let r = {
+        let j = dir.path().join("fm.json");
+        ok(&["inspect", "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz", "--json", j.to_str().unwrap()]);
+        self::json(&j)
+    };
+    assert_eq!(r["sizes"], serde_json::json!([{"width": 28, "height": 28, "channels": 1, "count": 60000}]));
+    assert!(r["classes"].as_array().unwrap().iter().all(|c| c["count"] == 6000));
+}

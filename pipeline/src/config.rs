@@ -28,8 +28,12 @@ pub struct Config {
     /// The master seed: shuffling, augmentation and initialisation all derive from it.
     pub seed: u64,
     pub data: DataConfig,
-    /// The recipe applied to each view.
+    /// The recipe of every view, unless `views` is given.
     pub augment: RecipeConfig,
+    /// One recipe per view, in the order the objective consumes them (asymmetric recipes such as BYOL's). In the
+    /// TOML, each `[[views]]` table inherits every key it does not set from `[augment]`, and `count = k` repeats
+    /// it k times (multi-crop). Empty: every view uses `augment`.
+    pub views: Vec<RecipeConfig>,
     pub model: ModelConfig,
     pub objective: ObjectiveConfig,
     pub optimizer: OptimizerConfig,
@@ -161,6 +165,7 @@ impl Default for Config {
             seed: 0,
             data: DataConfig::default(),
             augment: RecipeConfig::simclr(28, 1),
+            views: Vec::new(),
             model: ModelConfig::default(),
             objective: ObjectiveConfig::default(),
             optimizer: OptimizerConfig::default(),
@@ -192,6 +197,11 @@ impl Config {
         for arg in overrides {
             apply_override(&mut value, arg)?;
         }
+        expand_views(&mut value).map_err(|message| ConfigError::Key {
+            file: file.into(),
+            key: "views".into(),
+            message,
+        })?;
         let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
             ConfigError::Key { file: file.into(), key: e.path().to_string(), message: e.inner().to_string() }
         })?;
@@ -227,7 +237,27 @@ impl Config {
             key: "augment".into(),
             message: e.to_string(),
         })?;
+        let want = self.objective.num_views();
+        check(file, "views", self.views.is_empty() || self.views.len() == want, || {
+            format!("{} views given, the objective takes {want}", self.views.len())
+        })?;
+        for (i, v) in self.views.iter().enumerate() {
+            v.validate(self.channels_hint()).map_err(|e| ConfigError::Key {
+                file: file.into(),
+                key: format!("views[{i}]"),
+                message: e.to_string(),
+            })?;
+        }
         Ok(())
+    }
+
+    /// The recipe of each of the objective's views.
+    pub fn view_recipes(&self) -> Vec<RecipeConfig> {
+        if self.views.is_empty() {
+            vec![self.augment.clone(); self.objective.num_views()]
+        } else {
+            self.views.clone()
+        }
     }
 
     /// Channels the data will have, as far as the config can tell (IDX files are gray).
@@ -242,6 +272,42 @@ impl Config {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a Config always serializes")
+    }
+}
+
+/// Resolves `[[views]]`: each entry inherits what it does not set from `[augment]`; `count = k` repeats it.
+fn expand_views(table: &mut toml::Table) -> Result<(), String> {
+    let Some(views) = table.remove("views") else { return Ok(()) };
+    let toml::Value::Array(entries) = views else { return Err("must be an array of tables ([[views]])".into()) };
+    let base = match table.get("augment") {
+        Some(toml::Value::Table(t)) => t.clone(),
+        Some(_) => return Err("`augment` must be a table".into()),
+        None => toml::Table::new(),
+    };
+    let mut out = Vec::new();
+    for (i, entry) in entries.into_iter().enumerate() {
+        let toml::Value::Table(mut entry) = entry else { return Err(format!("views[{i}] must be a table")) };
+        let count = match entry.remove("count") {
+            None => 1,
+            Some(toml::Value::Integer(n)) if n >= 1 => n as usize,
+            Some(v) => return Err(format!("views[{i}].count must be an integer >= 1, got {v}")),
+        };
+        let mut merged = base.clone();
+        deep_merge(&mut merged, entry);
+        out.extend(std::iter::repeat_n(toml::Value::Table(merged), count));
+    }
+    table.insert("views".into(), toml::Value::Array(out));
+    Ok(())
+}
+
+fn deep_merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => deep_merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
     }
 }
 
@@ -293,6 +359,25 @@ mod tests {
         assert!(e.contains("objective.temperature"), "{e}");
         let e = Config::from_toml("[objective]\nkind = \"nope\"\n", "x.toml", &[]).unwrap_err().to_string();
         assert!(e.contains("objective") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn views_inherit_from_augment_and_count_repeats() {
+        let text = "[augment]\nsize = 28\nflip_p = 0.3\n[[views]]\nblur = { p = 1.0 }\n[[views]]\nsize = 20\nsolarize_p = 0.2\n";
+        let c = Config::from_toml(text, "x.toml", &[]).unwrap();
+        let v = c.view_recipes();
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[0].size, v[0].flip_p, v[0].blur.p), (28, 0.3, 1.0));
+        assert_eq!((v[1].size, v[1].flip_p, v[1].blur.p, v[1].solarize_p), (20, 0.3, c.augment.blur.p, 0.2));
+        assert_eq!(Config::from_toml(&c.to_toml(), "resolved.toml", &[]).unwrap(), c);
+        // SimCLR takes two views: three is an error naming `views`; count expands.
+        let e = Config::from_toml("[[views]]\ncount = 3\n", "x.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("`views`") && e.contains("3 views"), "{e}");
+        let e = Config::from_toml("[[views]]\ncount = 0\n", "x.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("count"), "{e}");
+        let e = Config::from_toml("[[views]]\nflip_p = 2.0\n[[views]]\n", "x.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("views[0]"), "{e}");
+        assert_eq!(Config::from_toml("", "x.toml", &[]).unwrap().view_recipes().len(), 2);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod inspect;
 pub mod loader;
+pub mod pack;
 pub mod progress;
 pub mod source;
 pub mod tensorboard;

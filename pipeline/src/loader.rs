@@ -29,7 +29,7 @@ pub struct LoaderConfig {
 }
 
 /// A sample that could not be read, with where it lives and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct BadSample {
     pub index: usize,
     pub location: String,
@@ -118,11 +118,33 @@ impl Loader {
         }
     }
 
-    /// The sample order of `epoch`.
+    /// The sample order of `epoch`, a pure function of (seed, epoch) and the source's length and block length.
+    ///
+    /// When the source reads in blocks (`block_len() > 1`, e.g. HDF5 chunks), the shuffle is block-aware:
+    /// whole blocks are shuffled, then samples are shuffled within each window of
+    /// [`SHUFFLE_WINDOW_BLOCKS`](crate::source::SHUFFLE_WINDOW_BLOCKS) consecutive blocks of that order. Each
+    /// block is then read about once per epoch, and a batch still mixes samples from several blocks.
     pub fn order(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.source.len()).collect();
-        if self.cfg.shuffle {
-            Rng::for_sample(self.cfg.seed, epoch, u64::MAX).shuffle(&mut order);
+        let n = self.source.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        if !self.cfg.shuffle {
+            return order;
+        }
+        let mut rng = Rng::for_sample(self.cfg.seed, epoch, u64::MAX);
+        let block = self.source.block_len().max(1);
+        if block == 1 {
+            rng.shuffle(&mut order);
+            return order;
+        }
+        let mut blocks: Vec<usize> = (0..n.div_ceil(block)).collect();
+        rng.shuffle(&mut blocks);
+        order.clear();
+        for window in blocks.chunks(crate::source::SHUFFLE_WINDOW_BLOCKS) {
+            let start = order.len();
+            for &b in window {
+                order.extend(b * block..((b + 1) * block).min(n));
+            }
+            rng.shuffle(&mut order[start..]);
         }
         order
     }

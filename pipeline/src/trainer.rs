@@ -141,8 +141,7 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     let source: Arc<dyn Source> = source::open(&cfg.data.train, cfg.data.channels)?.into();
     let channels = source.channels();
     let mut model = build_model(cfg, channels, device)?;
-    let nviews = model.objective.num_views();
-    let recipes = (0..nviews).map(|_| cfg.augment.build(channels)).collect::<Result<Vec<_>, _>>()?;
+    let recipes = cfg.view_recipes().iter().map(|r| r.build(channels)).collect::<Result<Vec<_>, _>>()?;
     let views = Arc::new(Views::new(recipes));
     let t = &cfg.train;
     let loader_cfg = LoaderConfig {

@@ -94,13 +94,10 @@ fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<Fea
     let train_src = labeled(&cfg.data.train, cfg.data.channels)?;
     let test_src = labeled(test_path, cfg.data.channels)?;
     let classes = train_src.num_classes().max(test_src.num_classes()).unwrap_or(0) as i64;
-    let opts = |limit| ExtractOptions {
-        recipe: &cfg.augment,
-        batch_size: 512,
-        threads: ctx.threads,
-        device: ctx.device,
-        limit,
-    };
+    // Evaluation sees whole images at the first (global) view's size and normalization.
+    let recipe = cfg.view_recipes().swap_remove(0);
+    let opts =
+        |limit| ExtractOptions { recipe: &recipe, batch_size: 512, threads: ctx.threads, device: ctx.device, limit };
     let net = |x: &Tensor| backbone.features(x, false);
     let tr = extract(train_src.clone(), &opts(cfg.eval.train_limit), &net).map_err(Error::Other)?;
     let te = extract(test_src.clone(), &opts(0), &net).map_err(Error::Other)?;

@@ -91,28 +91,39 @@ impl ImageFolder {
 
     fn decode(&self, path: &Path) -> Result<Image, DataError> {
         let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-        let reader = || -> Result<_, DataError> {
-            // The format comes from the content, not the extension (a PNG named .jpg still decodes).
-            let mut r = image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
-                .with_guessed_format()
-                .map_err(|e| DataError::io(path, e))?;
-            r.limits(limits_for(self.max_pixels));
-            Ok(r)
-        };
-        let decode_err = |source| DataError::Decode { path: path.to_path_buf(), source };
-        // Dimensions from the header are checked against the pixel limit before anything is allocated.
-        let (w, h) = reader()?.into_dimensions().map_err(decode_err)?;
-        if u64::from(w) * u64::from(h) > self.max_pixels {
-            return Err(DataError::Invalid {
-                path: path.into(),
-                message: format!("{w}x{h} pixels exceeds the limit of {}", self.max_pixels),
-            });
-        }
-        let img = reader()?.decode().map_err(decode_err)?;
-        let (width, height) = (img.width(), img.height());
-        let data = if self.channels == 1 { img.into_luma8().into_raw() } else { img.into_rgb8().into_raw() };
-        Ok(Image { width, height, channels: self.channels, data })
+        decode_bytes(&bytes, self.channels, self.max_pixels, path)
     }
+
+    /// The file behind sample `index` (`pack --encoded` stores its bytes as they are).
+    pub fn file(&self, index: usize) -> Option<&Path> {
+        self.files.get(index).map(PathBuf::as_path)
+    }
+}
+
+/// Decodes one encoded image (PNG or JPEG, recognised by content) to `channels` (1 or 3) channels, refusing
+/// images whose header claims more than `max_pixels` pixels. `path` only names the image in errors.
+pub(crate) fn decode_bytes(bytes: &[u8], channels: u8, max_pixels: u64, path: &Path) -> Result<Image, DataError> {
+    let reader = || -> Result<_, DataError> {
+        // The format comes from the content, not the extension (a PNG named .jpg still decodes).
+        let mut r = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| DataError::io(path, e))?;
+        r.limits(limits_for(max_pixels));
+        Ok(r)
+    };
+    let decode_err = |source| DataError::Decode { path: path.to_path_buf(), source };
+    // Dimensions from the header are checked against the pixel limit before anything is allocated.
+    let (w, h) = reader()?.into_dimensions().map_err(decode_err)?;
+    if u64::from(w) * u64::from(h) > max_pixels {
+        return Err(DataError::Invalid {
+            path: path.into(),
+            message: format!("{w}x{h} pixels exceeds the limit of {max_pixels}"),
+        });
+    }
+    let img = reader()?.decode().map_err(decode_err)?;
+    let (width, height) = (img.width(), img.height());
+    let data = if channels == 1 { img.into_luma8().into_raw() } else { img.into_rgb8().into_raw() };
+    Ok(Image { width, height, channels, data })
 }
 
 fn limits_for(max_pixels: u64) -> image::Limits {

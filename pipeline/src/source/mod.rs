@@ -4,12 +4,16 @@
 
 mod cifar;
 mod folder;
+mod hdf5;
 mod idx;
 
 use std::path::{Path, PathBuf};
 
 pub use cifar::{CifarKind, CifarSource};
 pub use folder::ImageFolder;
+pub(crate) use folder::{decode_bytes, DEFAULT_MAX_PIXELS};
+pub(crate) use hdf5::{h5_err, has_hdf5_extension};
+pub use hdf5::{Hdf5Layout, Hdf5Source};
 pub use idx::IdxSource;
 use selfsup_augment::Image;
 
@@ -30,6 +34,8 @@ pub enum DataError {
     Decode { path: PathBuf, source: image::ImageError },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("{path}: HDF5: {message}")]
+    Hdf5 { path: PathBuf, message: String },
 }
 
 impl DataError {
@@ -56,11 +62,22 @@ pub trait Source: Send + Sync {
     }
     /// All labels at once (small: one integer per sample), when the source has labels.
     fn labels(&self) -> Option<Vec<i64>>;
+    /// Samples per storage block (an HDF5 chunk): reading one sample costs reading its whole block, so the
+    /// loader shuffles whole blocks and then samples within windows of [`SHUFFLE_WINDOW_BLOCKS`] consecutive
+    /// blocks, and each block is read about once per epoch. 1 (the default) = any order is as cheap as any other.
+    fn block_len(&self) -> usize {
+        1
+    }
 }
+
+/// How many consecutive (already shuffled) blocks the loader mixes samples across when `block_len() > 1`.
+/// A block-backed source should cache at least twice this many decoded blocks (a batch can straddle two windows).
+pub const SHUFFLE_WINDOW_BLOCKS: usize = 16;
 
 /// Opens a path as a source: CIFAR-10/100 binary batches (a `.bin` file, or a folder with `data_batch_*.bin` /
 /// `train.bin`), an IDX images file (`*-idx3-ubyte`, optionally `.gz`; labels are taken from the
-/// matching `*-labels-idx1-ubyte[.gz]` beside it) or a directory of images (class sub-folders become labels).
+/// matching `*-labels-idx1-ubyte[.gz]` beside it), an HDF5 file (`*.h5`, `*.hdf5`: [`Hdf5Source`]; `channels`
+/// applies to its encoded layout) or a directory of images (class sub-folders become labels).
 /// `channels` is used for image folders (gray images are expanded to RGB when 3, RGB converted to gray when 1).
 pub fn open(path: &Path, channels: u8) -> Result<Box<dyn Source>, DataError> {
     let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
@@ -68,6 +85,8 @@ pub fn open(path: &Path, channels: u8) -> Result<Box<dyn Source>, DataError> {
         Ok(Box::new(CifarSource::open(path)?))
     } else if meta.is_dir() {
         Ok(Box::new(ImageFolder::open(path, channels)?))
+    } else if hdf5::has_hdf5_extension(path) {
+        Ok(Box::new(Hdf5Source::open(path, channels)?))
     } else {
         Ok(Box::new(IdxSource::open(path)?))
     }
@@ -110,5 +129,8 @@ impl Source for Prefix {
             l.truncate(self.len);
             l
         })
+    }
+    fn block_len(&self) -> usize {
+        self.inner.block_len()
     }
 }

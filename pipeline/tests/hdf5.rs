@@ -1,0 +1,307 @@
+//! HDF5 on real data: Fashion-MNIST packed and read back pixel for pixel (by our reader and by h5py), checksums
+//! that catch a corrupt chunk, image folders of mixed sizes packed in the encoded layout with a corrupt file
+//! skipped and named, files written by h5py read by us, the loader's block-aware shuffle (bit-identical for any
+//! thread count, every index once per epoch), and output that is never half-written.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use selfsup_augment::{RecipeConfig, Views};
+use selfsup_pipeline::loader::{HostBatch, Loader, LoaderConfig};
+use selfsup_pipeline::pack::{self, PackOptions, PackSummary};
+use selfsup_pipeline::source::{self, Hdf5Layout, Hdf5Source, ImageFolder, Prefix, Source, SHUFFLE_WINDOW_BLOCKS};
+
+const N: usize = 2000;
+
+fn fmnist_prefix() -> Arc<dyn Source> {
+    let idx: Arc<dyn Source> = source::open(common::fmnist_train(), 1).unwrap().into();
+    Arc::new(Prefix::new(idx, N))
+}
+
+fn pack_fmnist(dir: &Path) -> (std::path::PathBuf, PackSummary) {
+    let out = dir.join("fmnist-2000.h5");
+    let summary = pack::pack_source(fmnist_prefix().as_ref(), "fmnist-prefix", &out, &PackOptions::default()).unwrap();
+    (out, summary)
+}
+
+/// Runs scripts/reference/check_packed.py (h5py, from the setup venv) on `file`.
+fn h5py_view(file: &Path, args: &[&str]) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/reference/check_packed.py");
+    let py = selfsup_pipeline::venv_python();
+    let out = std::process::Command::new(&py).arg(script).arg(file).args(args).output().unwrap_or_else(|e| {
+        panic!("{}: {e} (run scripts/setup)", py.display());
+    });
+    assert!(out.status.success(), "check_packed.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn fashion_mnist_round_trips_through_our_reader_and_h5py() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, summary) = pack_fmnist(dir.path());
+    assert_eq!((summary.count, summary.skipped.len(), summary.layout, summary.chunk_len), (N, 0, "fixed", 256));
+    assert_eq!(summary.out, out);
+    assert!(summary.bytes > 0 && summary.bytes < (N * 784) as u64, "compressed: {} bytes", summary.bytes);
+
+    let idx = fmnist_prefix();
+    let h5 = Hdf5Source::open(&out, 3).unwrap();
+    assert_eq!(h5.layout(), Hdf5Layout::Fixed { height: 28, width: 28, channels: 1 });
+    assert_eq!((h5.len(), h5.channels(), h5.block_len(), h5.num_classes()), (N, 1, 256, Some(10)));
+    assert!(h5.reads_raw_chunks(), "pack's files take the fast path");
+    assert_eq!(h5.labels(), idx.labels());
+    // Every pixel and label, and the content hash recomputed from the IDX source.
+    let mut hash = pack::FNV_OFFSET;
+    for i in 0..N {
+        let (a, b) = (idx.get(i).unwrap(), h5.get(i).unwrap());
+        assert_eq!(a.image, b.image, "sample {i}");
+        assert_eq!(a.label, b.label, "label {i}");
+        hash = pack::fnv1a64(hash, &(a.image.data.len() as u64).to_le_bytes());
+        hash = pack::fnv1a64(hash, &a.image.data);
+        hash = pack::fnv1a64(hash, &a.label.unwrap().to_le_bytes());
+    }
+    assert_eq!(hash, summary.content_hash);
+    assert!(h5.get(N).is_err());
+    // `source::open` recognises the file by its extension.
+    assert_eq!(source::open(&out, 1).unwrap().len(), N);
+
+    // h5py sees the same file: layout, filters, attributes, labels, pixels, hash.
+    let v = h5py_view(&out, &["--rows", "0,1,1999", "--hash"]);
+    let images = &v["datasets"]["images"];
+    assert_eq!(images["shape"], serde_json::json!([N, 28, 28, 1]));
+    assert_eq!(images["dtype"], "uint8");
+    assert_eq!(images["chunks"], serde_json::json!([256, 28, 28, 1]));
+    assert_eq!((images["compression"].as_str(), images["compression_opts"].as_u64()), (Some("gzip"), Some(4)));
+    assert_eq!(images["fletcher32"], true);
+    assert_eq!(v["datasets"]["labels"]["dtype"], "int64");
+    assert_eq!(v["datasets"]["labels"]["fletcher32"], true);
+    let attrs = &v["attrs"];
+    assert_eq!(attrs["source"], "fmnist-prefix");
+    assert_eq!(attrs["layout"], "fixed");
+    assert_eq!(attrs["count"], N);
+    assert_eq!(attrs["skipped"], 0);
+    assert_eq!(attrs["shape"], serde_json::json!([28, 28, 1]));
+    assert_eq!(attrs["content_hash"].as_u64(), Some(summary.content_hash));
+    assert_eq!(attrs["content_hash_algorithm"], pack::CONTENT_HASH_ALGORITHM);
+    assert_eq!(v["content_hash"], format!("{:016x}", summary.content_hash), "h5py's data hashes the same");
+    let labels: Vec<i64> = serde_json::from_value(v["labels"].clone()).unwrap();
+    assert_eq!(Some(labels), idx.labels());
+    assert_eq!(v["source_index"], serde_json::json!((0..N).collect::<Vec<_>>()));
+    for r in [0, 1, 1999] {
+        let px: Vec<u8> = serde_json::from_value(v["rows"][r.to_string()].clone()).unwrap();
+        assert_eq!(px, idx.get(r).unwrap().image.data, "row {r}");
+    }
+}
+
+#[test]
+fn a_corrupt_chunk_is_an_error_for_its_samples_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = pack_fmnist(dir.path());
+    let info = hdf5::File::open(&out).unwrap().dataset("images").unwrap().chunk_info(3).unwrap();
+    assert_eq!(info.offset, vec![3 * 256, 0, 0, 0]);
+    let mut bytes = std::fs::read(&out).unwrap();
+    bytes[info.addr as usize + info.size as usize / 2] ^= 0x55;
+    let bad = dir.path().join("corrupt.h5");
+    std::fs::write(&bad, bytes).unwrap();
+    let h5 = Hdf5Source::open(&bad, 1).unwrap();
+    assert!(h5.reads_raw_chunks());
+    let e = h5.get(3 * 256 + 7).unwrap_err().to_string();
+    assert!(e.contains("Fletcher32") && e.contains("corrupt.h5"), "{e}");
+    assert!(h5.get(4 * 256 - 1).is_err());
+    assert_eq!(h5.get(2 * 256).unwrap().image, fmnist_prefix().get(2 * 256).unwrap().image);
+    assert_eq!(h5.get(4 * 256).unwrap().image, fmnist_prefix().get(4 * 256).unwrap().image);
+}
+
+fn write_png(path: &Path, w: u32, h: u32, seed: u8) {
+    image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x as u8).wrapping_mul(seed), y as u8, seed]))
+        .save(path)
+        .unwrap();
+}
+
+#[test]
+fn folders_of_mixed_sizes_pack_encoded_and_skip_a_corrupt_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("images");
+    for (class, files) in [("cat", 4u8), ("dog", 3)] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for k in 0..files {
+            write_png(&root.join(class).join(format!("{k}.png")), 20 + 3 * u32::from(k), 17 + u32::from(k), k + 1);
+        }
+    }
+    let gray = image::GrayImage::from_fn(9, 31, |x, y| image::Luma([(x * 7 + y) as u8]));
+    gray.save(root.join("dog/gray.png")).unwrap();
+    std::fs::write(root.join("cat/broken.png"), b"\x89PNG\r\n\x1a\n not really a png").unwrap();
+
+    let out = dir.path().join("images.hdf5");
+    let opts = PackOptions { channels: 3, ..Default::default() };
+    let summary = pack::pack(&root, &out, &opts).unwrap();
+    assert_eq!(summary.layout, "encoded");
+    assert!(summary.notes.iter().any(|n| n.contains("differ in size")), "{:?}", summary.notes);
+    assert_eq!((summary.count, summary.skipped.len()), (8, 1));
+    assert!(summary.skipped[0].location.ends_with("cat/broken.png"), "{:?}", summary.skipped);
+    assert!(summary.to_string().contains("broken.png"));
+
+    let folder = ImageFolder::open(&root, 3).unwrap();
+    let h5 = Hdf5Source::open(&out, 3).unwrap();
+    assert_eq!(h5.layout(), Hdf5Layout::Encoded);
+    assert_eq!(h5.class_names(), vec!["cat", "dog"]);
+    assert_eq!((h5.len(), h5.num_classes(), h5.channels()), (8, Some(2), 3));
+    // Rows map back to the folder's samples through `source_index` (one was skipped).
+    let rows: Vec<i64> = hdf5::File::open(&out).unwrap().dataset("source_index").unwrap().read_raw().unwrap();
+    assert_eq!(rows.len(), 8);
+    for (r, &i) in rows.iter().enumerate() {
+        let (a, b) = (folder.get(i as usize).unwrap(), h5.get(r).unwrap());
+        assert_eq!((a.image, a.label), (b.image, b.label), "row {r} = folder sample {i}");
+    }
+    // The same file decoded to gray, as an image folder would be.
+    let gray_h5 = Hdf5Source::open(&out, 1).unwrap();
+    assert_eq!(
+        gray_h5.get(0).unwrap().image,
+        ImageFolder::open(&root, 1).unwrap().get(rows[0] as usize).unwrap().image
+    );
+
+    let v = h5py_view(&out, &["--rows", "0", "--hash"]);
+    assert_eq!(v["datasets"]["encoded"]["dtype"], "vlen uint8");
+    assert_eq!(v["datasets"]["encoded"]["fletcher32"], true);
+    assert_eq!(v["attrs"]["layout"], "encoded");
+    assert_eq!(v["attrs"]["class_names"], serde_json::json!(["cat", "dog"]));
+    assert_eq!(v["content_hash"], format!("{:016x}", summary.content_hash));
+    let row0: Vec<u8> = serde_json::from_value(v["rows"]["0"].clone()).unwrap();
+    assert_eq!(row0, std::fs::read(folder.file(rows[0] as usize).unwrap()).unwrap(), "the file's bytes as they are");
+
+    // One size: the fixed layout, unless --encoded.
+    let same = dir.path().join("same");
+    std::fs::create_dir_all(&same).unwrap();
+    for k in 0..5 {
+        write_png(&same.join(format!("{k}.png")), 12, 10, k + 1);
+    }
+    let fixed = pack::pack(&same, &dir.path().join("same.h5"), &opts).unwrap();
+    assert_eq!((fixed.layout, fixed.count), ("fixed", 5));
+    let h5 = Hdf5Source::open(&dir.path().join("same.h5"), 3).unwrap();
+    assert_eq!(h5.layout(), Hdf5Layout::Fixed { height: 10, width: 12, channels: 3 });
+    assert_eq!(h5.get(4).unwrap().image, ImageFolder::open(&same, 3).unwrap().get(4).unwrap().image);
+    let forced = PackOptions { encoded: true, ..opts.clone() };
+    assert_eq!(pack::pack(&same, &dir.path().join("same-enc.h5"), &forced).unwrap().layout, "encoded");
+    let e = pack::pack(common::fmnist_train(), &dir.path().join("x.h5"), &forced).unwrap_err().to_string();
+    assert!(e.contains("--encoded needs a folder"), "{e}");
+}
+
+#[test]
+fn files_written_by_h5py_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+import sys, h5py, numpy as np
+d = sys.argv[1]
+imgs = (np.arange(50 * 6 * 5, dtype=np.int64).reshape(50, 6, 5) * 7 % 251).astype(np.uint8)
+with h5py.File(d + "/contiguous.h5", "w") as f:      # not chunked, [N,H,W], uint8 labels, names on the data set
+    f["images"] = imgs
+    f["labels"] = (np.arange(50) % 3).astype(np.uint8)
+    f["images"].attrs["class_names"] = ["a", "b", "c"]
+with h5py.File(d + "/shuffled.h5", "w") as f:        # chunked, shuffle + gzip + fletcher32: HDF5's own path
+    f.create_dataset("images", data=imgs[..., None], chunks=(8, 6, 5, 1), shuffle=True, compression="gzip", fletcher32=True)
+with h5py.File(d + "/gzip.h5", "w") as f:            # gzip + fletcher32 as h5py orders them: the fast path
+    f.create_dataset("images", data=imgs[..., None], chunks=(16, 6, 5, 1), compression="gzip", fletcher32=True)
+"#;
+    let status = std::process::Command::new(selfsup_pipeline::venv_python())
+        .args(["-c", script])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let want = |i: usize| -> Vec<u8> { (0..30).map(|k| ((i * 30 + k) as i64 * 7 % 251) as u8).collect() };
+    for (name, block, raw) in [("contiguous.h5", 256, false), ("shuffled.h5", 8, false), ("gzip.h5", 16, true)] {
+        let h5 = Hdf5Source::open(&dir.path().join(name), 3).unwrap();
+        assert_eq!((h5.len(), h5.channels(), h5.block_len(), h5.reads_raw_chunks()), (50, 1, block, raw), "{name}");
+        for i in [0, 7, 8, 17, 49] {
+            let s = h5.get(i).unwrap();
+            assert_eq!((s.image.width, s.image.height, &s.image.data), (5, 6, &want(i)), "{name} #{i}");
+        }
+    }
+    let h5 = Hdf5Source::open(&dir.path().join("contiguous.h5"), 1).unwrap();
+    assert_eq!(
+        (h5.get(4).unwrap().label, h5.class_names(), h5.num_classes()),
+        (Some(1), vec!["a".to_string(), "b".into(), "c".into()], Some(3))
+    );
+    let e = Hdf5Source::open(&dir.path().join("missing.h5"), 1).err().unwrap().to_string();
+    assert!(e.contains("missing.h5"), "{e}");
+    std::fs::write(dir.path().join("not.h5"), b"plain text").unwrap();
+    assert!(Hdf5Source::open(&dir.path().join("not.h5"), 1).is_err());
+}
+
+fn loader(src: Arc<dyn Source>, threads: usize, shuffle: bool) -> Loader {
+    let recipe = RecipeConfig::simclr(28, 1);
+    let views = Views::new(vec![recipe.build(1).unwrap(), recipe.build(1).unwrap()]);
+    let cfg = LoaderConfig { batch_size: 96, threads, prefetch: 2, seed: 7, shuffle, drop_last: false };
+    Loader::new(src, Arc::new(views), cfg).unwrap()
+}
+
+fn bits(batches: &[HostBatch]) -> Vec<Vec<u32>> {
+    batches.iter().flat_map(|b| b.views.iter().map(|v| v.iter().map(|x| x.to_bits()).collect())).collect()
+}
+
+#[test]
+fn loader_shuffles_by_blocks_and_is_bit_identical_for_any_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = pack_fmnist(dir.path());
+    let src: Arc<dyn Source> = Arc::new(Hdf5Source::open(&out, 1).unwrap());
+    let (one, three) = (loader(src.clone(), 1, true), loader(src.clone(), 3, true));
+    for epoch in [0, 1] {
+        let a: Vec<HostBatch> = one.epoch(epoch).collect();
+        let b: Vec<HostBatch> = three.epoch(epoch).collect();
+        assert_eq!(bits(&a), bits(&b), "epoch {epoch}");
+        let order: Vec<usize> = a.iter().flat_map(|b| b.indices.clone()).collect();
+        assert_eq!(order, b.iter().flat_map(|b| b.indices.clone()).collect::<Vec<_>>());
+        assert_eq!(order, one.order(epoch));
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..N).collect::<Vec<_>>(), "every index once");
+        assert_ne!(order, (0..N).collect::<Vec<_>>());
+        // Block-aware: each window of W blocks' worth of positions draws from at most W chunks, and the order
+        // inside a window is mixed (not chunk after chunk).
+        let window = SHUFFLE_WINDOW_BLOCKS * 256;
+        for w in order.chunks(window) {
+            let mut chunks: Vec<usize> = w.iter().map(|i| i / 256).collect();
+            chunks.sort_unstable();
+            chunks.dedup();
+            assert!(chunks.len() <= SHUFFLE_WINDOW_BLOCKS, "{chunks:?}");
+        }
+        let first_batch: std::collections::BTreeSet<usize> = a[0].indices.iter().map(|i| i / 256).collect();
+        assert!(first_batch.len() > 1, "a batch mixes chunks: {first_batch:?}");
+        let labels: Vec<i64> = a.iter().flat_map(|b| b.labels.clone().unwrap()).collect();
+        assert_eq!(labels, order.iter().map(|&i| src.labels().unwrap()[i]).collect::<Vec<_>>());
+    }
+    assert_ne!(one.order(0), one.order(1));
+    assert_eq!(loader(src, 2, false).order(0), (0..N).collect::<Vec<_>>());
+}
+
+#[test]
+fn output_is_never_half_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = PackOptions::default();
+    // No such directory: an error, and nothing is created.
+    let missing = dir.path().join("no/such/dir/out.h5");
+    let e = pack::pack_source(fmnist_prefix().as_ref(), "x", &missing, &opts).unwrap_err().to_string();
+    assert!(e.contains("no/such/dir: no such folder"), "{e}");
+    assert!(!dir.path().join("no").exists());
+    // Nothing readable: an error, and neither the output nor its temporary file is left.
+    let junk = dir.path().join("junk");
+    std::fs::create_dir_all(&junk).unwrap();
+    std::fs::write(junk.join("a.png"), b"not a png").unwrap();
+    let out = dir.path().join("junk.h5");
+    let e = pack::pack(&junk, &out, &opts).unwrap_err().to_string();
+    assert!(e.contains("none of the 1 samples"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("junk")]);
+    // A stale temporary file from an interrupted run is not the output, and does not stop the next run.
+    let out = dir.path().join("fm.h5");
+    let stale = dir.path().join("fm.h5.tmp-999999");
+    std::fs::write(&stale, b"half written").unwrap();
+    assert!(source::open(&stale, 1).is_err(), "a .tmp-* file is not opened as HDF5");
+    let small = Prefix::new(fmnist_prefix(), 10);
+    assert_eq!(pack::pack_source(&small, "x", &out, &opts).unwrap().count, 10);
+    assert_eq!(Hdf5Source::open(&out, 1).unwrap().len(), 10);
+    // Wrong extension: refused before anything is read.
+    let e = pack::pack_source(&small, "x", &dir.path().join("fm.bin"), &opts).unwrap_err().to_string();
+    assert!(e.contains(".h5 or .hdf5"), "{e}");
+}

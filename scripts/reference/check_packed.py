@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Reads a file written by `selfsup pack` with h5py (an independent HDF5 reader) and prints what it finds as JSON:
+root attributes, each data set's shape, dtype, chunks and filters, the labels, the pixels (fixed layout) or bytes
+(encoded layout) of the rows asked for, and, with --hash, the content hash recomputed from the data exactly as
+pack.rs defines it (64-bit FNV-1a over every row in order: u64le(byte count), bytes, i64le(label) when labeled).
+
+    check_packed.py FILE [--rows 0,1,1999] [--hash]
+
+Used by pipeline/tests/hdf5.rs, which compares every field with what our reader and writer say.
+"""
+import argparse
+import json
+import sys
+
+import h5py
+import numpy as np
+
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+MASK = (1 << 64) - 1
+
+
+def fnv1a64(h, data):
+    for b in data:
+        h = ((h ^ b) * FNV_PRIME) & MASK
+    return h
+
+
+def plain(v):
+    """h5py attribute values → JSON-able Python values."""
+    if isinstance(v, np.ndarray):
+        return [plain(x) for x in v.tolist()]
+    if isinstance(v, (bytes, np.bytes_)):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def describe(ds):
+    return {
+        "shape": list(ds.shape),
+        "dtype": str(ds.dtype) if ds.dtype.kind != "O" else "vlen " + str(h5py.check_vlen_dtype(ds.dtype)),
+        "chunks": list(ds.chunks) if ds.chunks else None,
+        "compression": ds.compression,
+        "compression_opts": ds.compression_opts,
+        "fletcher32": bool(ds.fletcher32),
+        "shuffle": bool(ds.shuffle),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("file")
+    ap.add_argument("--rows", default="", help="comma-separated row numbers whose data to print")
+    ap.add_argument("--hash", action="store_true", help="recompute the content hash over all rows")
+    args = ap.parse_args()
+    rows = [int(r) for r in args.rows.split(",") if r]
+    with h5py.File(args.file, "r") as f:
+        out = {
+            "attrs": {k: plain(v) for k, v in f.attrs.items()},
+            "datasets": {name: describe(f[name]) for name in f.keys()},
+        }
+        data = f["images"] if "images" in f else f["encoded"]
+        labels = f["labels"][:] if "labels" in f else None
+        out["labels"] = labels.tolist() if labels is not None else None
+        out["source_index"] = f["source_index"][:].tolist() if "source_index" in f else None
+        out["rows"] = {str(r): np.asarray(data[r]).reshape(-1).tolist() for r in rows}
+        if args.hash:
+            h = FNV_OFFSET
+            for start in range(0, data.shape[0], 1024):
+                block = data[start : start + 1024]
+                for k, row in enumerate(block):
+                    raw = np.asarray(row, dtype=np.uint8).tobytes()
+                    h = fnv1a64(h, len(raw).to_bytes(8, "little"))
+                    h = fnv1a64(h, raw)
+                    if labels is not None:
+                        h = fnv1a64(h, int(labels[start + k]).to_bytes(8, "little", signed=True))
+            out["content_hash"] = f"{h:016x}"
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
