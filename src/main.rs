@@ -229,7 +229,13 @@ fn main() {
             bench::run(&config, &set, bench::Options { seconds, threads, gpu_img_per_s })
         }
         Command::Pack { src, out, channels, encoded, shuffle } => {
-            let opts = selfsup_pipeline::pack::PackOptions { channels, encoded, shuffle, ..Default::default() };
+            let opts = selfsup_pipeline::pack::PackOptions {
+                channels,
+                encoded,
+                shuffle,
+                progress: true,
+                ..Default::default()
+            };
             selfsup_pipeline::pack::pack(&src, &out, &opts)
                 .map(|summary| println!("{summary}"))
                 .with_context(|| format!("packing {} into {}", src.display(), out.display()))

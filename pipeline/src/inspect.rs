@@ -9,6 +9,7 @@ use selfsup_augment::Image;
 use serde::Serialize;
 
 use crate::loader::BadSample;
+use crate::pack::{fnv1a64, FNV_OFFSET};
 use crate::source::Source;
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -44,13 +45,8 @@ pub struct InspectReport {
 
 /// 64-bit FNV-1a of an image's size, channels and pixels: equal images hash equal.
 pub fn content_hash(image: &Image) -> u64 {
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let header = [image.width.to_le_bytes(), image.height.to_le_bytes(), u32::from(image.channels).to_le_bytes()];
-    for b in header.iter().flatten().chain(image.data.iter()) {
-        h = (h ^ u64::from(*b)).wrapping_mul(PRIME);
-    }
-    h
+    fnv1a64(fnv1a64(FNV_OFFSET, header.as_flattened()), &image.data)
 }
 
 /// Reads every sample of `source` once, in parallel on the current rayon pool.

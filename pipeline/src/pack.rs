@@ -46,11 +46,13 @@ pub struct PackOptions {
     pub shuffle: Option<u64>,
     /// Deflate level, 0-9.
     pub deflate: u8,
+    /// A progress line on stderr (rows written so far), at most once a second.
+    pub progress: bool,
 }
 
 impl Default for PackOptions {
     fn default() -> Self {
-        PackOptions { channels: 1, encoded: false, shuffle: None, deflate: 4 }
+        PackOptions { channels: 1, encoded: false, shuffle: None, deflate: 4, progress: false }
     }
 }
 
@@ -256,6 +258,7 @@ fn write_file(
     let mut data: Option<(Dataset, Option<[usize; 3]>)> = None;
     let (mut kept_index, mut kept_labels, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     let mut hash = FNV_OFFSET;
+    let mut last_report = Instant::now();
     for idx in order.chunks(chunk_len) {
         let rows: Vec<Result<Row, DataError>> = idx.par_iter().map(|&i| read_row(input, i, opts.channels)).collect();
         let mut good = Vec::with_capacity(rows.len());
@@ -287,6 +290,13 @@ fn write_file(
         if let Some((ds, shape)) = &data {
             append(ds, *shape, kept_index.len() - good.len(), &good).map_err(h5)?;
         }
+        if opts.progress && last_report.elapsed().as_secs_f64() >= 1.0 {
+            last_report = Instant::now();
+            eprint!("\rpacking: {} of {} rows, {} skipped", kept_index.len() + skipped.len(), src.len(), skipped.len());
+        }
+    }
+    if opts.progress {
+        eprint!("\r\x1b[K");
     }
     let Some((_, shape)) = data else {
         return Err(DataError::Invalid {

@@ -141,6 +141,7 @@ fn folders_of_mixed_sizes_pack_encoded_and_skip_a_corrupt_file() {
     assert_eq!((summary.count, summary.skipped.len()), (8, 1));
     assert!(summary.skipped[0].location.ends_with("cat/broken.png"), "{:?}", summary.skipped);
     assert!(summary.to_string().contains("broken.png"));
+    assert!(summary.notes.iter().any(|n| n.contains("sorted by class")), "{:?}", summary.notes);
 
     let folder = ImageFolder::open(&root, 3).unwrap();
     let h5 = Hdf5Source::open(&out, 3).unwrap();
@@ -181,6 +182,18 @@ fn folders_of_mixed_sizes_pack_encoded_and_skip_a_corrupt_file() {
     let h5 = Hdf5Source::open(&dir.path().join("same.h5"), 3).unwrap();
     assert_eq!(h5.layout(), Hdf5Layout::Fixed { height: 10, width: 12, channels: 3 });
     assert_eq!(h5.get(4).unwrap().image, ImageFolder::open(&same, 3).unwrap().get(4).unwrap().image);
+    // --shuffle: rows in a seeded random order, mapped back by `source_index`.
+    let shuffled = dir.path().join("same-shuffled.h5");
+    pack::pack(&same, &shuffled, &PackOptions { shuffle: Some(3), ..opts.clone() }).unwrap();
+    let rows: Vec<i64> = hdf5::File::open(&shuffled).unwrap().dataset("source_index").unwrap().read_raw().unwrap();
+    let mut sorted = rows.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, vec![0, 1, 2, 3, 4]);
+    assert_ne!(rows, sorted);
+    let h5 = Hdf5Source::open(&shuffled, 3).unwrap();
+    for (r, &i) in rows.iter().enumerate() {
+        assert_eq!(h5.get(r).unwrap().image, ImageFolder::open(&same, 3).unwrap().get(i as usize).unwrap().image);
+    }
     let forced = PackOptions { encoded: true, ..opts.clone() };
     assert_eq!(pack::pack(&same, &dir.path().join("same-enc.h5"), &forced).unwrap().layout, "encoded");
     let e = pack::pack(common::fmnist_train(), &dir.path().join("x.h5"), &forced).unwrap_err().to_string();
