@@ -1,6 +1,8 @@
 //! Bad data never breaks a run: 1,000 corrupt, truncated, zero-byte, wrong-extension and absurd-dimension files among
 //! good images. The loader must not panic, must name every file it cannot read, and must deliver every good image.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::path::Path;
@@ -27,35 +29,6 @@ fn encode(w: u32, h: u32, seed: u8, format: image::ImageFormat) -> Vec<u8> {
     let mut out = Vec::new();
     img.write_to(&mut Cursor::new(&mut out), format).unwrap();
     out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xffff_ffffu32;
-    for &b in data {
-        c ^= u32::from(b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
-        }
-    }
-    !c
-}
-
-/// A well-formed PNG whose header claims `w` x `h` pixels.
-fn huge_png(w: u32, h: u32) -> Vec<u8> {
-    let mut v = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
-    for (kind, data) in [
-        (*b"IHDR", [w.to_be_bytes(), h.to_be_bytes()].concat().into_iter().chain([8, 2, 0, 0, 0]).collect::<Vec<u8>>()),
-        (*b"IDAT", vec![0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]),
-        (*b"IEND", vec![]),
-    ] {
-        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let start = v.len();
-        v.extend_from_slice(&kind);
-        v.extend_from_slice(&data);
-        let crc = crc32(&v[start..]);
-        v.extend_from_slice(&crc.to_be_bytes());
-    }
-    v
 }
 
 /// A JPEG that starts like a real one but whose frame header claims 65500 x 65500 pixels.
@@ -100,7 +73,7 @@ fn a_thousand_bad_files_never_break_the_loader() {
                 put(format!("maybe-{i:04}-truncated.jpeg"), &jpg[..cut], &mut maybe)
             }
             4 => put(format!("bad-{i:04}-text.png"), b"<html>not an image</html>", &mut bad),
-            5 => put(format!("bad-{i:04}-huge.png"), &huge_png(100_000, 100_000), &mut bad),
+            5 => put(format!("bad-{i:04}-huge.png"), &common::huge_png(100_000, 100_000), &mut bad),
             6 => put(format!("bad-{i:04}-huge.jpg"), &huge_jpeg(i as u8), &mut bad),
             _ => {
                 let mut flipped = png.clone();

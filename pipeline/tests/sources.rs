@@ -55,39 +55,6 @@ fn write_png(path: &Path, w: u32, h: u32, seed: u8) {
     img.save(path).unwrap();
 }
 
-fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    let start = out.len();
-    out.extend_from_slice(kind);
-    out.extend_from_slice(data);
-    let crc = crc32(&out[start..]);
-    out.extend_from_slice(&crc.to_be_bytes());
-}
-
-/// A well-formed PNG whose header claims `w` x `h` RGB pixels, followed by a few bytes of image data.
-fn png_header(w: u32, h: u32) -> Vec<u8> {
-    let mut v = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&w.to_be_bytes());
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    chunk(&mut v, b"IHDR", &ihdr);
-    chunk(&mut v, b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
-    chunk(&mut v, b"IEND", &[]);
-    v
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xffff_ffffu32;
-    for &b in data {
-        c ^= u32::from(b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
-        }
-    }
-    !c
-}
-
 #[test]
 fn image_folder_with_classes_and_bad_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -105,7 +72,7 @@ fn image_folder_with_classes_and_bad_files() {
     let bad = [
         ("cat/zero.png", Vec::new()),
         ("cat/garbage.jpg", b"this is not a jpeg at all".to_vec()),
-        ("dog/huge.png", png_header(100_000, 100_000)),
+        ("dog/huge.png", common::huge_png(100_000, 100_000)),
         ("dog/truncated.png", {
             let mut v = Vec::new();
             image::RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]))
