@@ -19,7 +19,7 @@ pub struct Options {
 pub fn run(spec: &str, set: &[String], opts: Options) -> Result<()> {
     let Options { seconds, threads, gpu_img_per_s } = opts;
     let cfg = crate::load_config(spec, set)?;
-    let src: Arc<dyn Source> = source::open(&cfg.data.train, cfg.data.channels)?.into();
+    let src: Arc<dyn Source> = source::open_with(&cfg.data.train, cfg.data.open_options())?.into();
     let channels = src.channels();
     let recipes = cfg.view_recipes().iter().map(|r| r.build(channels)).collect::<Result<Vec<_>, _>>()?;
     let lc = LoaderConfig {

@@ -190,3 +190,32 @@ fn inspect_reports_sizes_duplicates_unreadable_and_classes() {
     assert_eq!(r["sizes"], serde_json::json!([{"width": 28, "height": 28, "channels": 1, "count": 60000}]));
     assert!(r["classes"].as_array().unwrap().iter().all(|c| c["count"] == 6000));
 }
+
+#[test]
+fn the_pixel_limit_is_a_config_key() {
+    // 40x30 images, a limit of 1000 pixels: every image is refused and the run stops with a clear message.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("imgs");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..8u8 {
+        image::RgbImage::from_pixel(40, 30, image::Rgb([i, 0, 0])).save(data.join(format!("{i}.png"))).unwrap();
+    }
+    let train = format!("data.train=\"{}\"", data.display());
+    let out = selfsup(&[
+        "pretrain",
+        "--config",
+        "simclr-fmnist-tiny",
+        "--quiet",
+        "--set",
+        &train,
+        "--set",
+        "data.max_pixels=1000",
+        "--set",
+        "train.batch_size=4",
+        "--out",
+        dir.path().join("run").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("exceeds the limit of 1000") && err.contains("data.max_bad_fraction"), "{err}");
+}

@@ -54,6 +54,14 @@ pub struct DataConfig {
     pub max_bad_fraction: f64,
     /// Class names for reports (IDX files carry none).
     pub class_names: Vec<String>,
+    /// Images whose header claims more pixels than this are refused before decoding (counted as unreadable).
+    pub max_pixels: u64,
+}
+
+impl DataConfig {
+    pub fn open_options(&self) -> crate::source::OpenOptions {
+        crate::source::OpenOptions { channels: self.channels, max_pixels: self.max_pixels }
+    }
 }
 
 impl Default for DataConfig {
@@ -64,6 +72,7 @@ impl Default for DataConfig {
             channels: 3,
             max_bad_fraction: 0.01,
             class_names: Vec::new(),
+            max_pixels: crate::source::DEFAULT_MAX_PIXELS,
         }
     }
 }
@@ -215,6 +224,7 @@ impl Config {
         check(file, "train.batch_size", t.batch_size >= 2, || format!("must be >= 2, got {}", t.batch_size))?;
         check(file, "train.log_every", t.log_every >= 1, || "must be >= 1".into())?;
         check(file, "data.channels", matches!(self.data.channels, 1 | 3), || "must be 1 or 3".into())?;
+        check(file, "data.max_pixels", self.data.max_pixels >= 1, || "must be >= 1".into())?;
         check(file, "data.max_bad_fraction", (0.0..=1.0).contains(&self.data.max_bad_fraction), || {
             "must be in [0, 1]".into()
         })?;

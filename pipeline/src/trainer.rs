@@ -138,7 +138,7 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     let resolved = opts.out.join("config.toml");
     std::fs::write(&resolved, cfg.to_toml()).map_err(io(&resolved))?;
 
-    let source: Arc<dyn Source> = source::open(&cfg.data.train, cfg.data.channels)?.into();
+    let source: Arc<dyn Source> = source::open_with(&cfg.data.train, cfg.data.open_options())?.into();
     let channels = source.channels();
     let mut model = build_model(cfg, channels, device)?;
     let recipes = cfg.view_recipes().iter().map(|r| r.build(channels)).collect::<Result<Vec<_>, _>>()?;

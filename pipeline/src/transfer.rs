@@ -57,8 +57,8 @@ pub struct EvalContext<'a> {
     pub threads: usize,
 }
 
-fn labeled(path: &Path, channels: u8) -> Result<Arc<dyn Source>> {
-    let s: Arc<dyn Source> = source::open(path, channels)?.into();
+fn labeled(path: &Path, options: source::OpenOptions) -> Result<Arc<dyn Source>> {
+    let s: Arc<dyn Source> = source::open_with(path, options)?.into();
     if s.num_classes().is_none() {
         return Err(Error::Other(format!("{}: evaluation needs labels and this source has none", path.display())));
     }
@@ -91,8 +91,8 @@ fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<Fea
     let cfg = ctx.cfg;
     let test_path =
         cfg.data.test.as_ref().ok_or_else(|| Error::Other("data.test is not set: nothing to evaluate on".into()))?;
-    let train_src = labeled(&cfg.data.train, cfg.data.channels)?;
-    let test_src = labeled(test_path, cfg.data.channels)?;
+    let train_src = labeled(&cfg.data.train, cfg.data.open_options())?;
+    let test_src = labeled(test_path, cfg.data.open_options())?;
     let classes = train_src.num_classes().max(test_src.num_classes()).unwrap_or(0) as i64;
     // Evaluation sees whole images at the first (global) view's size and normalization.
     let recipe = cfg.view_recipes().swap_remove(0);
@@ -120,7 +120,7 @@ pub fn evaluate(backbone: &dyn Backbone, ctx: &EvalContext, sink: &mut dyn Sink,
     let e = &cfg.eval;
     let (train, test, classes, raw) = features(backbone, ctx, e.raw_pixel_baseline)?;
     let names = {
-        let test_src = labeled(cfg.data.test.as_ref().expect("checked in features()"), cfg.data.channels)?;
+        let test_src = labeled(cfg.data.test.as_ref().expect("checked in features()"), cfg.data.open_options())?;
         class_names(cfg, test_src.as_ref())
     };
     let probe = ProbeOptions {

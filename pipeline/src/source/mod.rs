@@ -10,8 +10,9 @@ mod idx;
 use std::path::{Path, PathBuf};
 
 pub use cifar::{CifarKind, CifarSource};
+pub(crate) use folder::decode_bytes;
 pub use folder::ImageFolder;
-pub(crate) use folder::{decode_bytes, DEFAULT_MAX_PIXELS};
+pub use folder::DEFAULT_MAX_PIXELS;
 pub(crate) use hdf5::{h5_err, has_hdf5_extension};
 pub use hdf5::{Hdf5Layout, Hdf5Source};
 pub use idx::IdxSource;
@@ -83,13 +84,32 @@ pub const SHUFFLE_WINDOW_BLOCKS: usize = 16;
 /// applies to its encoded layout) or a directory of images (class sub-folders become labels).
 /// `channels` is used for image folders (gray images are expanded to RGB when 3, RGB converted to gray when 1).
 pub fn open(path: &Path, channels: u8) -> Result<Box<dyn Source>, DataError> {
+    open_with(path, OpenOptions::channels(channels))
+}
+
+/// How to open a source: the channels image folders and encoded HDF5 files decode to, and the pixel limit above
+/// which an image is refused from its header (`data.max_pixels`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenOptions {
+    pub channels: u8,
+    pub max_pixels: u64,
+}
+
+impl OpenOptions {
+    pub fn channels(channels: u8) -> Self {
+        OpenOptions { channels, max_pixels: DEFAULT_MAX_PIXELS }
+    }
+}
+
+/// [`open`] with every option.
+pub fn open_with(path: &Path, o: OpenOptions) -> Result<Box<dyn Source>, DataError> {
     let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
     if cifar::is_cifar(path) {
         Ok(Box::new(CifarSource::open(path)?))
     } else if meta.is_dir() {
-        Ok(Box::new(ImageFolder::open(path, channels)?))
+        Ok(Box::new(ImageFolder::open(path, o.channels)?.with_max_pixels(o.max_pixels)))
     } else if hdf5::has_hdf5_extension(path) {
-        Ok(Box::new(Hdf5Source::open(path, channels)?))
+        Ok(Box::new(Hdf5Source::open(path, o.channels)?.with_max_pixels(o.max_pixels)))
     } else {
         Ok(Box::new(IdxSource::open(path)?))
     }
