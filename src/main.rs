@@ -102,6 +102,9 @@ enum Command {
         /// Write the samples in a random order from this seed (for folders sorted by class).
         #[arg(long, value_name = "SEED")]
         shuffle: Option<u64>,
+        /// Deflate level, 0-9 (0: chunks stored uncompressed, still checksummed; fastest to read).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(0..=9))]
+        deflate: u8,
     },
 }
 
@@ -228,13 +231,13 @@ fn main() {
         Command::BenchLoader { config, set, seconds, threads, gpu_img_per_s } => {
             bench::run(&config, &set, bench::Options { seconds, threads, gpu_img_per_s })
         }
-        Command::Pack { src, out, channels, encoded, shuffle } => {
+        Command::Pack { src, out, channels, encoded, shuffle, deflate } => {
             let opts = selfsup_pipeline::pack::PackOptions {
                 channels,
                 encoded,
                 shuffle,
-                progress: true,
-                ..Default::default()
+                deflate,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
             selfsup_pipeline::pack::pack(&src, &out, &opts)
                 .map(|summary| println!("{summary}"))

@@ -312,8 +312,11 @@ fn output_is_never_half_written() {
     std::fs::write(&stale, b"half written").unwrap();
     assert!(source::open(&stale, 1).is_err(), "a .tmp-* file is not opened as HDF5");
     let small = Prefix::new(fmnist_prefix(), 10);
-    assert_eq!(pack::pack_source(&small, "x", &out, &opts).unwrap().count, 10);
-    assert_eq!(Hdf5Source::open(&out, 1).unwrap().len(), 10);
+    let stored = PackOptions { deflate: 0, ..opts.clone() }; // deflate level 0: stored blocks, still checksummed
+    assert_eq!(pack::pack_source(&small, "x", &out, &stored).unwrap().count, 10);
+    let h5 = Hdf5Source::open(&out, 1).unwrap();
+    assert_eq!((h5.len(), h5.reads_raw_chunks()), (10, true));
+    assert_eq!(h5.get(9).unwrap().image, small.get(9).unwrap().image);
     // Wrong extension: refused before anything is read.
     let e = pack::pack_source(&small, "x", &dir.path().join("fm.bin"), &opts).unwrap_err().to_string();
     assert!(e.contains(".h5 or .hdf5"), "{e}");
