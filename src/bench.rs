@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use selfsup_augment::Views;
+use selfsup_pipeline::config::ShuffleMode;
 use selfsup_pipeline::loader::{Loader, LoaderConfig};
 use selfsup_pipeline::source::{self, Source};
 
@@ -28,6 +29,7 @@ pub fn run(spec: &str, set: &[String], opts: Options) -> Result<()> {
         prefetch: cfg.train.prefetch,
         seed: cfg.seed,
         shuffle: true,
+        full_shuffle: cfg.data.shuffle == ShuffleMode::Full,
         drop_last: true,
     };
     let loader = Loader::new(src.clone(), Arc::new(Views::new(recipes)), lc)?;

@@ -54,6 +54,9 @@ pub struct DataConfig {
     pub max_bad_fraction: f64,
     /// Class names for reports (IDX files carry none).
     pub class_names: Vec<String>,
+    /// `auto`: block-aware shuffle for sources read in blocks (HDF5 chunks), sample by sample otherwise;
+    /// `full`: always sample by sample (then an HDF5 file is read in exactly the order of its IDX original).
+    pub shuffle: ShuffleMode,
     /// Images whose header claims more pixels than this are refused before decoding (counted as unreadable).
     pub max_pixels: u64,
 }
@@ -72,9 +75,17 @@ impl Default for DataConfig {
             channels: 3,
             max_bad_fraction: 0.01,
             class_names: Vec::new(),
+            shuffle: ShuffleMode::Auto,
             max_pixels: crate::source::DEFAULT_MAX_PIXELS,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ShuffleMode {
+    Auto,
+    Full,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]

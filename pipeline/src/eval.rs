@@ -68,6 +68,7 @@ pub fn extract(
         prefetch: 2,
         seed: 0,
         shuffle: false,
+        full_shuffle: false,
         drop_last: false,
     };
     let loader = Loader::new(source, views, cfg).map_err(|e| e.to_string())?;

@@ -25,6 +25,8 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     pub seed: u64,
     pub shuffle: bool,
+    /// Shuffle sample by sample even when the source reads in blocks (slower for HDF5; same order as any other source).
+    pub full_shuffle: bool,
     pub drop_last: bool,
 }
 
@@ -132,7 +134,7 @@ impl Loader {
         }
         let mut rng = Rng::for_sample(self.cfg.seed, epoch, u64::MAX);
         let block = self.source.block_len().max(1);
-        if block == 1 {
+        if block == 1 || self.cfg.full_shuffle {
             rng.shuffle(&mut order);
             return order;
         }

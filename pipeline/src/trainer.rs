@@ -12,7 +12,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::Config;
+use crate::config::{Config, ShuffleMode};
 use crate::loader::{BadSample, HostBatch, Loader, LoaderConfig};
 use crate::progress::Progress;
 use crate::source::{self, Source};
@@ -150,6 +150,7 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
         prefetch: t.prefetch,
         seed: cfg.seed,
         shuffle: true,
+        full_shuffle: cfg.data.shuffle == ShuffleMode::Full,
         drop_last: true,
     };
     let loader = Loader::new(source.clone(), views.clone(), loader_cfg).map_err(|e| Error::Other(e.to_string()))?;

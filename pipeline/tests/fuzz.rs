@@ -91,7 +91,15 @@ fn a_thousand_bad_files_never_break_the_loader() {
     assert_eq!(src.len(), 1100);
     let recipe = RecipeConfig::simclr(24, 3);
     let views = Arc::new(Views::new(vec![recipe.build(3).unwrap(), recipe.build(3).unwrap()]));
-    let cfg = LoaderConfig { batch_size: 64, threads: 2, prefetch: 2, seed: 3, shuffle: true, drop_last: false };
+    let cfg = LoaderConfig {
+        batch_size: 64,
+        threads: 2,
+        prefetch: 2,
+        seed: 3,
+        shuffle: true,
+        full_shuffle: false,
+        drop_last: false,
+    };
     let loader = Loader::new(src.clone(), views, cfg).unwrap();
     let name = |loc: &str| Path::new(loc).file_name().unwrap().to_string_lossy().into_owned();
     let (mut delivered, mut reported) = (BTreeSet::new(), BTreeSet::new());

@@ -245,7 +245,8 @@ with h5py.File(d + "/gzip.h5", "w") as f:            # gzip + fletcher32 as h5py
 fn loader(src: Arc<dyn Source>, threads: usize, shuffle: bool) -> Loader {
     let recipe = RecipeConfig::simclr(28, 1);
     let views = Views::new(vec![recipe.build(1).unwrap(), recipe.build(1).unwrap()]);
-    let cfg = LoaderConfig { batch_size: 96, threads, prefetch: 2, seed: 7, shuffle, drop_last: false };
+    let cfg =
+        LoaderConfig { batch_size: 96, threads, prefetch: 2, seed: 7, shuffle, full_shuffle: false, drop_last: false };
     Loader::new(src, Arc::new(views), cfg).unwrap()
 }
 

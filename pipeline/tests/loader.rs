@@ -14,7 +14,15 @@ fn loader(n: usize, threads: usize, batch: usize, drop_last: bool) -> Loader {
     let src: Arc<dyn Source> = Arc::new(Prefix::new(src, n));
     let recipe = RecipeConfig::simclr(28, 1);
     let views = Views::new(vec![recipe.build(1).unwrap(), recipe.build(1).unwrap()]);
-    let cfg = LoaderConfig { batch_size: batch, threads, prefetch: 2, seed: 42, shuffle: true, drop_last };
+    let cfg = LoaderConfig {
+        batch_size: batch,
+        threads,
+        prefetch: 2,
+        seed: 42,
+        shuffle: true,
+        full_shuffle: false,
+        drop_last,
+    };
     Loader::new(src, Arc::new(views), cfg).unwrap()
 }
 

@@ -98,7 +98,15 @@ fn image_folder_with_classes_and_bad_files() {
     let src: Arc<dyn Source> = source::open(dir.path(), 3).unwrap().into();
     let recipe = RecipeConfig::simclr(16, 3);
     let views = Arc::new(Views::new(vec![recipe.build(3).unwrap(), recipe.build(3).unwrap()]));
-    let cfg = LoaderConfig { batch_size: 6, threads: 2, prefetch: 2, seed: 1, shuffle: true, drop_last: false };
+    let cfg = LoaderConfig {
+        batch_size: 6,
+        threads: 2,
+        prefetch: 2,
+        seed: 1,
+        shuffle: true,
+        full_shuffle: false,
+        drop_last: false,
+    };
     let loader = Loader::new(src, views, cfg).unwrap();
     let batches: Vec<_> = loader.epoch(0).collect();
     let good: usize = batches.iter().map(|b| b.len()).sum();
