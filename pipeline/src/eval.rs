@@ -46,12 +46,13 @@ pub struct ExtractOptions<'a> {
     pub limit: usize,
 }
 
-/// Runs `f` (a frozen network, or identity for raw pixels) over the labeled `source`; returns `[N, D]` on CPU.
+/// Runs each of `fs` (a frozen network, identity for raw pixels, ...) over the labeled `source` in one pass, so the
+/// data is read and decoded once whatever the number of feature sets; returns one `[N, D_i]` set per function, on CPU.
 pub fn extract(
     source: Arc<dyn Source>,
     opts: &ExtractOptions,
-    f: &dyn Fn(&Tensor) -> Tensor,
-) -> Result<Features, String> {
+    fs: &[&dyn Fn(&Tensor) -> Tensor],
+) -> Result<Vec<Features>, String> {
     let first = source.get(0).map_err(|e| e.to_string())?.image;
     let channels = source.channels();
     let pipe = eval_recipe(opts.recipe, first.width, first.height).build(channels).map_err(|e| e.to_string())?;
@@ -72,7 +73,8 @@ pub fn extract(
         drop_last: false,
     };
     let loader = Loader::new(source, views, cfg).map_err(|e| e.to_string())?;
-    let (mut xs, mut ys, mut bad) = (Vec::new(), Vec::new(), Vec::new());
+    let mut xs: Vec<Vec<Tensor>> = fs.iter().map(|_| Vec::new()).collect();
+    let (mut ys, mut bad) = (Vec::new(), Vec::new());
     for batch in loader.epoch(0) {
         bad.extend(batch.bad.iter().cloned());
         if batch.is_empty() {
@@ -82,14 +84,17 @@ pub fn extract(
         let x = Tensor::from_slice(&batch.views[0])
             .view([batch.len() as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64])
             .to_device(opts.device);
-        let feats = tch::no_grad(|| tch::autocast(opts.device.is_cuda(), || f(&x)));
-        xs.push(feats.to_kind(Kind::Float).to_device(Device::Cpu));
+        for (f, out) in fs.iter().zip(xs.iter_mut()) {
+            let feats = tch::no_grad(|| tch::autocast(opts.device.is_cuda(), || f(&x)));
+            out.push(feats.to_kind(Kind::Float).to_device(Device::Cpu));
+        }
         ys.push(Tensor::from_slice(labels));
     }
-    if xs.is_empty() {
+    if ys.is_empty() {
         return Err("no readable evaluation samples".into());
     }
-    Ok(Features { x: Tensor::cat(&xs, 0), y: Tensor::cat(&ys, 0), bad })
+    let y = Tensor::cat(&ys, 0);
+    Ok(xs.iter().map(|x| Features { x: Tensor::cat(x, 0), y: y.shallow_clone(), bad: bad.clone() }).collect())
 }
 
 /// Weighted k-NN predictions for `test` from the bank `train`.

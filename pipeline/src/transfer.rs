@@ -81,36 +81,39 @@ fn knn_report(train: &Features, test: &Features, classes: i64, names: &[String],
 
 /// k-NN only (cheap enough to run during training).
 pub fn knn_only(backbone: &dyn Backbone, ctx: &EvalContext) -> Result<f64> {
-    let (train, test, classes, _) = features(backbone, ctx, false)?;
-    Ok(knn_report(&train, &test, classes, &[], ctx).top1)
+    let sets = features(backbone, ctx, false)?;
+    Ok(knn_report(&sets.train, &sets.test, sets.classes, &[], ctx).top1)
 }
 
-type FeatureSets = (Features, Features, i64, Option<(Features, Features)>);
+/// Frozen features of the labeled train and test sets, and optionally their raw pixels.
+struct EvalSets {
+    train: Features,
+    test: Features,
+    classes: i64,
+    names: Vec<String>,
+    raw: Option<(Features, Features)>,
+}
 
-fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<FeatureSets> {
+fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<EvalSets> {
     let cfg = ctx.cfg;
     let test_path =
         cfg.data.test.as_ref().ok_or_else(|| Error::Other("data.test is not set: nothing to evaluate on".into()))?;
     let train_src = labeled(&cfg.data.train, cfg.data.open_options())?;
     let test_src = labeled(test_path, cfg.data.open_options())?;
     let classes = train_src.num_classes().max(test_src.num_classes()).unwrap_or(0) as i64;
+    let names = class_names(cfg, test_src.as_ref());
     // Evaluation sees whole images at the first (global) view's size and normalization.
     let recipe = cfg.view_recipes().swap_remove(0);
     let opts =
         |limit| ExtractOptions { recipe: &recipe, batch_size: 512, threads: ctx.threads, device: ctx.device, limit };
     let net = |x: &Tensor| backbone.features(x, false);
-    let tr = extract(train_src.clone(), &opts(cfg.eval.train_limit), &net).map_err(Error::Other)?;
-    let te = extract(test_src.clone(), &opts(0), &net).map_err(Error::Other)?;
-    let raw = if raw {
-        let pixels = |x: &Tensor| x.flatten(1, -1);
-        Some((
-            extract(train_src, &opts(cfg.eval.train_limit), &pixels).map_err(Error::Other)?,
-            extract(test_src, &opts(0), &pixels).map_err(Error::Other)?,
-        ))
-    } else {
-        None
-    };
-    Ok((tr, te, classes, raw))
+    let pixels = |x: &Tensor| x.flatten(1, -1);
+    let fs: Vec<&dyn Fn(&Tensor) -> Tensor> = if raw { vec![&net, &pixels] } else { vec![&net] };
+    let mut tr = extract(train_src, &opts(cfg.eval.train_limit), &fs).map_err(Error::Other)?.into_iter();
+    let mut te = extract(test_src, &opts(0), &fs).map_err(Error::Other)?.into_iter();
+    let (train, test) = (tr.next().expect("one set per function"), te.next().expect("one set per function"));
+    let raw = tr.next().zip(te.next());
+    Ok(EvalSets { train, test, classes, names, raw })
 }
 
 /// Full evaluation: k-NN, linear probe, and (if configured) the raw-pixel probe baseline.
@@ -118,11 +121,7 @@ pub fn evaluate(backbone: &dyn Backbone, ctx: &EvalContext, sink: &mut dyn Sink,
     let t0 = Instant::now();
     let cfg = ctx.cfg;
     let e = &cfg.eval;
-    let (train, test, classes, raw) = features(backbone, ctx, e.raw_pixel_baseline)?;
-    let names = {
-        let test_src = labeled(cfg.data.test.as_ref().expect("checked in features()"), cfg.data.open_options())?;
-        class_names(cfg, test_src.as_ref())
-    };
+    let EvalSets { train, test, classes, names, raw } = features(backbone, ctx, e.raw_pixel_baseline)?;
     let probe = ProbeOptions {
         epochs: e.probe_epochs,
         lr: e.probe_lr,
