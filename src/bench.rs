@@ -1,7 +1,6 @@
 //! `selfsup bench-loader`: the data stage alone, as fast as it goes. The last line is `pairs_per_s=<number>`
 //! (a pair = one sample with all the views its objective needs).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -46,11 +45,7 @@ pub fn run(spec: &str, set: &[String], opts: Options) -> Result<()> {
     let mut it = loader.epoch(epoch);
     let _ = it.next();
     let times = loader.stage_times.clone();
-    let (d0, a0, s0) = (
-        times.read_decode_ns.load(Ordering::Relaxed),
-        times.augment_ns.load(Ordering::Relaxed),
-        times.samples.load(Ordering::Relaxed),
-    );
+    let (t0, s0) = times.snapshot();
     let start = Instant::now();
     let mut pairs = 0usize;
     while start.elapsed().as_secs_f64() < seconds {
@@ -64,12 +59,22 @@ pub fn run(spec: &str, set: &[String], opts: Options) -> Result<()> {
     }
     let dt = start.elapsed().as_secs_f64();
     drop(it);
-    let samples = (times.samples.load(Ordering::Relaxed) - s0).max(1) as f64;
-    let per = |ns: u64| ns as f64 / samples / 1000.0;
+    let (t1, s1) = times.snapshot();
+    let samples = (s1 - s0).max(1) as f64;
+    let per: Vec<f64> = (0..4).map(|i| (t1[i] - t0[i]) as f64 / samples / 1000.0).collect();
+    let total: f64 = per.iter().sum();
+    let share = |x: f64| 100.0 * x / total.max(1e-12);
     eprintln!(
-        "per sample (one thread): read+decode {:.2} us, augment all views + normalize {:.2} us",
-        per(times.read_decode_ns.load(Ordering::Relaxed) - d0),
-        per(times.augment_ns.load(Ordering::Relaxed) - a0)
+        "per sample, one thread's time: read {:.2} us ({:.0}%), decode {:.2} us ({:.0}%), \
+         augment all views + normalize {:.2} us ({:.0}%), collate {:.2} us ({:.0}%)",
+        per[0],
+        share(per[0]),
+        per[1],
+        share(per[1]),
+        per[2],
+        share(per[2]),
+        per[3],
+        share(per[3])
     );
     let rate = pairs as f64 / dt;
     if let Some(gpu) = gpu_img_per_s {

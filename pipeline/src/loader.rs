@@ -14,7 +14,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use rayon::prelude::*;
 use selfsup_augment::{Rng, Views};
 
-use crate::source::Source;
+use crate::source::{thread_decode_ns, Source};
 
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {
@@ -70,12 +70,25 @@ impl HostBatch {
     }
 }
 
-/// Time spent per stage, summed over worker threads (nanoseconds).
+/// Time spent per stage, summed over worker threads (nanoseconds). `read` is getting a sample's stored bytes
+/// (file reads, cache lookups, copies), `decode` turning them into pixels (image codecs, chunk decompression,
+/// as the sources report it through [`timed_decode`](crate::source::timed_decode)), `augment` all views into
+/// the batch buffers, `collate` the batch around them on the loader thread (buffers, compaction, labels).
 #[derive(Debug, Default)]
 pub struct StageTimes {
-    pub read_decode_ns: AtomicU64,
+    pub read_ns: AtomicU64,
+    pub decode_ns: AtomicU64,
     pub augment_ns: AtomicU64,
+    pub collate_ns: AtomicU64,
     pub samples: AtomicU64,
+}
+
+impl StageTimes {
+    /// (read, decode, augment, collate) in nanoseconds and samples, as one snapshot.
+    pub fn snapshot(&self) -> ([u64; 4], u64) {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ([l(&self.read_ns), l(&self.decode_ns), l(&self.augment_ns), l(&self.collate_ns)], l(&self.samples))
+    }
 }
 
 pub struct Loader {
@@ -189,6 +202,7 @@ pub struct BatchJob<'a> {
 /// Reads and augments the samples of `job` into one batch, in parallel on the current rayon pool.
 pub fn build_batch(source: &dyn Source, views: &Views, job: BatchJob, times: &StageTimes) -> HostBatch {
     let BatchJob { indices, seed, epoch, reuse } = job;
+    let t_collate = Instant::now();
     let n = indices.len();
     let lens: Vec<usize> = views.recipes.iter().map(|p| p.out_len()).collect();
     // Reused buffers are not cleared: every kept row is overwritten, dropped rows are compacted away.
@@ -204,34 +218,52 @@ pub fn build_batch(source: &dyn Source, views: &Views, job: BatchJob, times: &St
             row.push(chunk);
         }
     }
-    type Timed = (Result<Option<i64>, BadSample>, u64, u64);
+    let mut collate_ns = t_collate.elapsed().as_nanos() as u64;
+    // Blocks first (one per worker), so no worker waits for a block another one is reading.
+    let blocks: Vec<[u64; 2]> = source
+        .missing_blocks(indices)
+        .into_par_iter()
+        .map(|b| {
+            let (t0, d0) = (Instant::now(), thread_decode_ns());
+            source.load_block(b);
+            [t0.elapsed().as_nanos() as u64, thread_decode_ns() - d0]
+        })
+        .collect();
+    // Per sample: (label or why not, read+decode ns, decode ns, augment ns).
+    type Timed = (Result<Option<i64>, BadSample>, u64, u64, u64);
     let results: Vec<Timed> = rows
         .into_par_iter()
         .zip(indices.par_iter())
         .map(|(mut outs, &index)| {
-            let t0 = Instant::now();
-            let sample = match source.get(index) {
+            let (t0, d0) = (Instant::now(), thread_decode_ns());
+            let got = source.get(index);
+            let t1 = Instant::now();
+            let (get_ns, decode_ns) = ((t1 - t0).as_nanos() as u64, thread_decode_ns() - d0);
+            let sample = match got {
                 Ok(s) => s,
                 Err(e) => {
                     let bad = BadSample { index, location: source.describe(index), error: e.to_string() };
-                    return (Err(bad), t0.elapsed().as_nanos() as u64, 0);
+                    return (Err(bad), get_ns, decode_ns, 0);
                 }
             };
-            let t1 = Instant::now();
             let mut rng = Rng::for_sample(seed, epoch, index as u64);
             views.run(&sample.image, &mut rng, &mut outs);
-            (Ok(sample.label), (t1 - t0).as_nanos() as u64, t1.elapsed().as_nanos() as u64)
+            (Ok(sample.label), get_ns, decode_ns, t1.elapsed().as_nanos() as u64)
         })
         .collect();
+    let t_collate = Instant::now();
     // One update of the shared counters per batch, not per sample (they share a cache line).
-    times.read_decode_ns.fetch_add(results.iter().map(|r| r.1).sum(), Ordering::Relaxed);
-    times.augment_ns.fetch_add(results.iter().map(|r| r.2).sum(), Ordering::Relaxed);
+    let get_ns: u64 = results.iter().map(|r| r.1).chain(blocks.iter().map(|b| b[0])).sum();
+    let decode_ns: u64 = results.iter().map(|r| r.2).chain(blocks.iter().map(|b| b[1])).sum();
+    times.read_ns.fetch_add(get_ns.saturating_sub(decode_ns), Ordering::Relaxed);
+    times.decode_ns.fetch_add(decode_ns, Ordering::Relaxed);
+    times.augment_ns.fetch_add(results.iter().map(|r| r.3).sum(), Ordering::Relaxed);
     times.samples.fetch_add(results.iter().filter(|r| r.0.is_ok()).count() as u64, Ordering::Relaxed);
 
     let mut kept = Vec::with_capacity(n);
     let mut labels = Vec::with_capacity(n);
     let mut bad = Vec::new();
-    for (row, (r, _, _)) in results.into_iter().enumerate() {
+    for (row, (r, ..)) in results.into_iter().enumerate() {
         match r {
             Ok(label) => {
                 if kept.len() != row {
@@ -251,14 +283,17 @@ pub fn build_batch(source: &dyn Source, views: &Views, job: BatchJob, times: &St
         buf.truncate(kept.len() * l);
     }
     let labels = labels.iter().all(Option::is_some).then(|| labels.into_iter().flatten().collect());
-    HostBatch {
+    let batch = HostBatch {
         views: bufs,
         shapes: views.recipes.iter().map(|p| p.out_shape()).collect(),
         indices: kept.iter().map(|&r| indices[r]).collect(),
         labels: if kept.is_empty() { None } else { labels },
         bad,
         recycle: None,
-    }
+    };
+    collate_ns += t_collate.elapsed().as_nanos() as u64;
+    times.collate_ns.fetch_add(collate_ns, Ordering::Relaxed);
+    batch
 }
 
 /// The batches of one epoch, in order. Dropping it early stops the producer.

@@ -286,7 +286,17 @@ fn loader_shuffles_by_blocks_and_is_bit_identical_for_any_thread_count() {
         assert_eq!(labels, order.iter().map(|&i| src.labels().unwrap()[i]).collect::<Vec<_>>());
     }
     assert_ne!(one.order(0), one.order(1));
-    assert_eq!(loader(src, 2, false).order(0), (0..N).collect::<Vec<_>>());
+    assert_eq!(loader(src.clone(), 2, false).order(0), (0..N).collect::<Vec<_>>());
+    // Stage times: inflating chunks is decode time, the rest of getting a sample is read time; an IDX source
+    // decodes nothing.
+    let ([read, decode, augment, collate], samples) = one.stage_times.snapshot();
+    assert_eq!(samples, 2 * N as u64);
+    assert!(read > 0 && decode > 0 && augment > 0 && collate > 0, "{read} {decode} {augment} {collate}");
+    let idx = loader(fmnist_prefix(), 2, true);
+    let _ = idx.epoch(0).count();
+    let ([read, decode, ..], samples) = idx.stage_times.snapshot();
+    assert_eq!((samples, decode), (N as u64, 0));
+    assert!(read > 0);
 }
 
 #[test]

@@ -103,6 +103,10 @@ impl ImageFolder {
 /// Decodes one encoded image (PNG or JPEG, recognised by content) to `channels` (1 or 3) channels, refusing
 /// images whose header claims more than `max_pixels` pixels. `path` only names the image in errors.
 pub(crate) fn decode_bytes(bytes: &[u8], channels: u8, max_pixels: u64, path: &Path) -> Result<Image, DataError> {
+    super::timed_decode(|| decode_bytes_untimed(bytes, channels, max_pixels, path))
+}
+
+fn decode_bytes_untimed(bytes: &[u8], channels: u8, max_pixels: u64, path: &Path) -> Result<Image, DataError> {
     let reader = || -> Result<_, DataError> {
         // The format comes from the content, not the extension (a PNG named .jpg still decodes).
         let mut r = image::ImageReader::new(std::io::Cursor::new(bytes))

@@ -105,6 +105,10 @@ impl ChunkCache {
         };
         slot.get_or_init(|| read().map(Arc::new)).clone()
     }
+
+    fn contains(&self, chunk: usize) -> bool {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|(c, _)| *c == chunk)
+    }
 }
 
 thread_local! {
@@ -375,5 +379,20 @@ impl Source for Hdf5Source {
 
     fn block_len(&self) -> usize {
         self.block
+    }
+
+    fn missing_blocks(&self, indices: &[usize]) -> Vec<usize> {
+        let mut blocks: Vec<usize> = indices.iter().filter(|&&i| i < self.count).map(|&i| i / self.block).collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        blocks.retain(|&c| !self.cache.contains(c));
+        // More than the cache holds would evict blocks of this very batch: leave those to the per-sample pass.
+        blocks.truncate(CACHE_CHUNKS - SHUFFLE_WINDOW_BLOCKS);
+        blocks
+    }
+
+    fn load_block(&self, block: usize) {
+        // An error stays in the cache slot; `get` reports it for each sample of the block.
+        let _ = self.cache.get(block, || self.read_chunk(block));
     }
 }

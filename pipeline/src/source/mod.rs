@@ -69,6 +69,33 @@ pub trait Source: Send + Sync {
     fn block_len(&self) -> usize {
         1
     }
+    /// The blocks that samples `indices` (a batch the loader is about to build) need and that are not in
+    /// memory yet. The loader reads them first, in parallel, one per worker ([`Source::load_block`]), so that
+    /// the per-sample pass finds them ready instead of one worker waiting while another reads a shared block.
+    fn missing_blocks(&self, _indices: &[usize]) -> Vec<usize> {
+        Vec::new()
+    }
+    /// Reads block `block` into memory (errors are kept and reported by `get` for each sample of the block).
+    fn load_block(&self, _block: usize) {}
+}
+
+thread_local! {
+    static DECODE_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f`, adding its time to this thread's decode counter ([`thread_decode_ns`]): sources wrap the work
+/// that turns stored bytes into pixels (image codecs, chunk decompression) so the loader can report read and
+/// decode time apart.
+pub fn timed_decode<R>(f: impl FnOnce() -> R) -> R {
+    let t = std::time::Instant::now();
+    let r = f();
+    DECODE_NS.with(|d| d.set(d.get() + t.elapsed().as_nanos() as u64));
+    r
+}
+
+/// Nanoseconds this thread has spent in [`timed_decode`] so far.
+pub fn thread_decode_ns() -> u64 {
+    DECODE_NS.with(|d| d.get())
 }
 
 /// How many consecutive (already shuffled) blocks the loader mixes samples across when `block_len() > 1`.

@@ -84,9 +84,10 @@ impl RawChunks {
                 RawFilter::Deflate => {
                     // The output is the chunk, plus a checksum when fletcher32 ran before deflate.
                     let mut out = vec![0u8; self.chunk_bytes + 4];
-                    let n = libdeflater::Decompressor::new()
-                        .zlib_decompress(&buf, &mut out)
-                        .map_err(|e| format!("chunk {c}: cannot inflate: {e}"))?;
+                    let n = crate::source::timed_decode(|| {
+                        libdeflater::Decompressor::new().zlib_decompress(&buf, &mut out)
+                    })
+                    .map_err(|e| format!("chunk {c}: cannot inflate: {e}"))?;
                     out.truncate(n);
                     out
                 }
