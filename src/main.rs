@@ -7,15 +7,20 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use selfsup_pipeline::finetune::{self, FinetuneOptions};
 use selfsup_pipeline::tensorboard::{NullSink, TensorBoard};
 use selfsup_pipeline::trainer::{self, RunOptions};
 use selfsup_pipeline::transfer::{self, EvalContext};
 use selfsup_pipeline::{checkpoint, select_device, Config};
 
 /// Presets compiled into the binary, usable by name wherever a config file is expected.
-pub const PRESETS: [(&str, &str); 2] = [
+pub const PRESETS: [(&str, &str); 6] = [
     ("simclr-fmnist", include_str!("../configs/simclr-fmnist.toml")),
     ("simclr-fmnist-tiny", include_str!("../configs/simclr-fmnist-tiny.toml")),
+    ("mae-fmnist", include_str!("../configs/mae-fmnist.toml")),
+    ("mae-fmnist-tiny", include_str!("../configs/mae-fmnist-tiny.toml")),
+    ("mae-fmnist-mnist", include_str!("../configs/mae-fmnist-mnist.toml")),
+    ("simmim-fmnist-tiny", include_str!("../configs/simmim-fmnist-tiny.toml")),
 ];
 
 #[derive(Parser)]
@@ -57,6 +62,41 @@ enum Command {
         /// Where to write eval.json (default: the run folder of the checkpoint).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Fine-tune a pretrained backbone (or the same one from scratch) on labeled data and report top-1,
+    /// per-class and worst-class accuracy. The recipe is the checkpoint's `[finetune]` section (plus --set).
+    Finetune {
+        /// A checkpoint folder, a run folder or its checkpoints folder (the latest is used).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Labeled training images (default: the checkpoint's finetune.train, else data.train).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Labeled test images (default: the checkpoint's finetune.test, else data.test).
+        #[arg(long)]
+        test: Option<PathBuf>,
+        /// Keep this many labeled images per class (a fixed subset drawn with the run's seed).
+        #[arg(long)]
+        labels_per_class: Option<usize>,
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Train only a linear head on the frozen backbone (default: full fine-tuning).
+        #[arg(long)]
+        linear: bool,
+        /// Same backbone and recipe, random initialisation: the baseline.
+        #[arg(long, conflicts_with = "compare")]
+        from_scratch: bool,
+        /// Run both, pretrained and from scratch, and print them side by side.
+        #[arg(long)]
+        compare: bool,
+        /// Override keys of the checkpoint's config (e.g. `finetune.base_lr=5e-4`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Output folder (default: <run>/finetune-<UTC time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        quiet: bool,
     },
     /// Versions, devices, threads, and which datasets are installed where.
     Info,
@@ -183,6 +223,18 @@ fn pretrain(config: Option<String>, set: Vec<String>, out: Option<PathBuf>, resu
     let summary_path = out.join("summary.json");
     std::fs::write(&summary_path, serde_json::to_vec_pretty(&summary)?)
         .with_context(|| summary_path.display().to_string())?;
+    if cfg.finetune.at_end {
+        let ckpt = checkpoint::resolve(&out)?;
+        let dir = out.join("finetune");
+        let tb = |d: PathBuf| -> Result<TensorBoard> {
+            std::fs::create_dir_all(&d)?;
+            TensorBoard::create(&d).with_context(|| format!("creating the event file in {}", d.display()))
+        };
+        let (mut tp, mut ts) = (tb(dir.join("pretrained"))?, tb(dir.join("scratch"))?);
+        let c = finetune::compare(&cfg, &ckpt, &dir, quiet, [&mut tp, &mut ts])?;
+        println!("{c}");
+        println!("wrote {}", dir.join("comparison.json").display());
+    }
     println!("run folder: {}  (tensorboard --logdir {})", out.display(), out.display());
     Ok(())
 }
@@ -208,6 +260,67 @@ fn eval(ckpt: PathBuf, set: Vec<String>, out: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+struct FinetuneArgs {
+    checkpoint: PathBuf,
+    data: Option<PathBuf>,
+    test: Option<PathBuf>,
+    labels_per_class: Option<usize>,
+    epochs: Option<usize>,
+    linear: bool,
+    from_scratch: bool,
+    compare: bool,
+    set: Vec<String>,
+    out: Option<PathBuf>,
+    quiet: bool,
+}
+
+fn finetune(a: FinetuneArgs) -> Result<()> {
+    let ckpt = checkpoint::resolve(&a.checkpoint)?;
+    let base = checkpoint::load_config(&ckpt)?;
+    let mut set = Vec::new();
+    let quote = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
+    if let Some(d) = &a.data {
+        set.push(format!("finetune.train={}", quote(d)));
+    }
+    if let Some(t) = &a.test {
+        set.push(format!("finetune.test={}", quote(t)));
+    }
+    if let Some(n) = a.labels_per_class {
+        set.push(format!("finetune.labels_per_class={n}"));
+    }
+    if let Some(e) = a.epochs {
+        set.push(format!("finetune.epochs={e}"));
+    }
+    if a.linear {
+        set.push("finetune.mode=\"linear\"".into());
+    }
+    set.extend(a.set);
+    let cfg = Config::from_toml(&base.to_toml(), &ckpt.join("config.toml").display().to_string(), &set)?;
+    let run_dir = ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf);
+    let out = a.out.unwrap_or_else(|| run_dir.join(format!("finetune-{}", utc_stamp())));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let tb = |dir: &Path| -> Result<TensorBoard> {
+        std::fs::create_dir_all(dir)?;
+        TensorBoard::create(dir).with_context(|| format!("creating the event file in {}", dir.display()))
+    };
+    if a.compare {
+        let (mut tp, mut ts) = (tb(&out.join("pretrained"))?, tb(&out.join("scratch"))?);
+        let c = finetune::compare(&cfg, &ckpt, &out, a.quiet, [&mut tp, &mut ts])?;
+        println!("{}", c.pretrained);
+        println!("{}", c.scratch);
+        println!("{c}");
+        println!("wrote {}", out.join("comparison.json").display());
+        return Ok(());
+    }
+    let mut sink = tb(&out)?;
+    let checkpoint = (!a.from_scratch).then_some(ckpt);
+    let report =
+        finetune::finetune(&cfg, &FinetuneOptions { out: out.clone(), checkpoint, quiet: a.quiet }, &mut sink)?;
+    println!("{report}");
+    println!("wrote {}  (tensorboard --logdir {})", out.join("finetune.json").display(), out.display());
+    Ok(())
+}
+
 fn inspect(data: &Path, channels: u8, json: Option<PathBuf>) -> Result<()> {
     let source = selfsup_pipeline::source::open(data, channels)?;
     let report = selfsup_pipeline::inspect::inspect(source.as_ref(), &data.display().to_string());
@@ -226,6 +339,31 @@ fn main() {
     let result = match cli.command {
         Command::Pretrain { config, set, out, resume, quiet } => pretrain(config, set, out, resume, quiet),
         Command::Eval { checkpoint, set, out } => eval(checkpoint, set, out),
+        Command::Finetune {
+            checkpoint,
+            data,
+            test,
+            labels_per_class,
+            epochs,
+            linear,
+            from_scratch,
+            compare,
+            set,
+            out,
+            quiet,
+        } => finetune(FinetuneArgs {
+            checkpoint,
+            data,
+            test,
+            labels_per_class,
+            epochs,
+            linear,
+            from_scratch,
+            compare,
+            set,
+            out,
+            quiet,
+        }),
         Command::Info => info::print(),
         Command::Inspect { data, channels, json } => inspect(&data, channels, json),
         Command::BenchLoader { config, set, seconds, threads, gpu_img_per_s } => {

@@ -10,11 +10,11 @@ pub mod loss;
 pub mod objective;
 pub mod optim;
 
-pub use backbone::{Backbone, BackboneConfig, ResNet, ResNetConfig};
+pub use backbone::{Backbone, BackboneConfig, PosEmbed, ResNet, ResNetConfig, Vit, VitConfig, VitPool, VitSize};
 pub use head::{linear, ProjectionHead};
-pub use loss::nt_xent;
-pub use objective::{Batch, Objective, ObjectiveConfig, Step};
-pub use optim::{Optimizer, OptimizerConfig, OptimizerKind};
+pub use loss::{cross_entropy, nt_xent};
+pub use objective::{Batch, Mae, MaeConfig, Objective, ObjectiveConfig, SimMim, SimMimConfig, Step};
+pub use optim::{layer_decay_scale, Optimizer, OptimizerConfig, OptimizerKind, ParamSpec};
 
 /// Errors from building models from configuration.
 #[derive(Debug, thiserror::Error)]

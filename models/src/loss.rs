@@ -1,6 +1,6 @@
 //! Losses as free functions with their shapes documented.
 
-use tch::{Kind, Tensor};
+use tch::{Kind, Reduction, Tensor};
 
 /// NT-Xent, the normalized temperature-scaled cross entropy of SimCLR (Chen et al. 2020,
 /// https://arxiv.org/abs/2002.05709, eq. 1), averaged over all 2N anchors.
@@ -21,6 +21,17 @@ pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Tensor {
     let idx = Tensor::arange(n, (Kind::Int64, z.device()));
     let targets = Tensor::cat(&[&idx + n, idx], 0);
     logits.cross_entropy_for_logits(&targets)
+}
+
+/// Cross entropy of `logits` against class indices, averaged over the batch, with label smoothing as
+/// `F.cross_entropy(logits, targets, label_smoothing=...)` (Szegedy et al. 2016, https://arxiv.org/abs/1512.00567):
+/// the target distribution puts `1 - label_smoothing + label_smoothing / K` on the true class and
+/// `label_smoothing / K` on each other class. Computed in fp32 even under autocast.
+///
+/// # Shapes
+/// `logits`: `[N, K]`, `targets`: `[N]` int64 in `0..K` → scalar.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, label_smoothing: f64) -> Tensor {
+    logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(targets, None, Reduction::Mean, -100, label_smoothing)
 }
 
 #[cfg(test)]

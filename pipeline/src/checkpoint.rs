@@ -130,3 +130,38 @@ pub fn load_optimizer(ckpt: &Path) -> Result<Vec<(String, Tensor)>, CheckpointEr
     let p = ckpt.join(OPTIMIZER);
     Tensor::read_safetensors(&p).map_err(|e| invalid(&p, e))
 }
+
+/// Loads the backbone of checkpoint `ckpt` into the variables of `vs` named `backbone.*` (the rest of `vs`, e.g. a
+/// new classifier head, keeps its initialisation; the checkpoint's objective heads are ignored). Every backbone
+/// variable must be in the checkpoint with the same shape. Returns how many tensors were loaded.
+pub fn load_backbone(vs: &VarStore, ckpt: &Path) -> Result<usize, CheckpointError> {
+    let p = ckpt.join(WEIGHTS);
+    let saved: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&p).map_err(|e| invalid(&p, e))?.into_iter().collect();
+    let mut loaded = 0;
+    for (name, var) in vs.variables() {
+        if !name.starts_with("backbone.") {
+            continue;
+        }
+        let src = saved.get(&name).ok_or_else(|| invalid(&p, format!("has no {name} (a different backbone?)")))?;
+        if src.size() != var.size() {
+            return Err(invalid(
+                &p,
+                format!(
+                    "{name}: shape {:?} in the checkpoint, {:?} here (different channels or size?)",
+                    src.size(),
+                    var.size()
+                ),
+            ));
+        }
+        tch::no_grad(|| {
+            let mut v = var.shallow_clone();
+            v.copy_(src)
+        });
+        loaded += 1;
+    }
+    if loaded == 0 {
+        return Err(invalid(&p, "no backbone.* tensors to load"));
+    }
+    Ok(loaded)
+}

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use selfsup_augment::RecipeConfig;
-use selfsup_models::{BackboneConfig, ObjectiveConfig, OptimizerConfig};
+use selfsup_models::{BackboneConfig, ObjectiveConfig, OptimizerConfig, OptimizerKind};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,108 @@ pub struct Config {
     pub optimizer: OptimizerConfig,
     pub train: TrainConfig,
     pub eval: EvalConfig,
+    /// Fine-tuning on labeled data: the recipe `selfsup finetune` uses for this run's checkpoints, and (with
+    /// `at_end`) a fine-tune of the pretrained backbone and of the same backbone from scratch after pretraining.
+    pub finetune: FinetuneConfig,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FinetuneMode {
+    /// Every backbone parameter trains (with layer-wise lr decay when `layer_decay < 1`).
+    Full,
+    /// The backbone is frozen (eval mode); only the linear head trains.
+    Linear,
+}
+
+/// The fine-tuning recipe. Optimizer keys are flat here (not a nested `[finetune.optimizer]` table) so that
+/// setting one of them never resets the others to the pretraining optimizer's defaults.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    /// Labeled training data (default: `data.train`).
+    pub train: Option<PathBuf>,
+    /// Labeled test data (default: `data.test`).
+    pub test: Option<PathBuf>,
+    /// Class names for reports (default: `data.class_names` when the data is the pretraining data).
+    pub class_names: Vec<String>,
+    pub mode: FinetuneMode,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Keep this many labeled images per class (a fixed subset drawn with `seed`); 0 = all.
+    pub labels_per_class: usize,
+    /// Evaluate on at most this many test images (0 = all): for quick runs and tests.
+    pub test_limit: usize,
+    pub label_smoothing: f64,
+    pub optimizer: OptimizerKind,
+    /// Learning rate for a batch of 256, scaled linearly with `batch_size`.
+    pub base_lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Layer-wise learning-rate decay (BEiT/MAE): layer l of L gets lr * layer_decay^(L - l); 1 = off.
+    pub layer_decay: f64,
+    pub warmup_epochs: f64,
+    /// Max global gradient norm (0 = no clipping).
+    pub clip_grad: f64,
+    /// Augmentation: the pretraining view's size and normalization, a random resized crop of this area range
+    /// and a horizontal flip with this probability (set 0 for digits and text).
+    pub crop_scale: (f32, f32),
+    pub flip_p: f32,
+    /// Evaluate on the test data every this many epochs (0 = only at the end).
+    pub eval_every: usize,
+    /// After pretraining, fine-tune the pretrained backbone and the same backbone from scratch with this recipe
+    /// and report both side by side (transfer presets).
+    pub at_end: bool,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        FinetuneConfig {
+            train: None,
+            test: None,
+            class_names: Vec::new(),
+            mode: FinetuneMode::Full,
+            epochs: 8,
+            batch_size: 256,
+            labels_per_class: 0,
+            test_limit: 0,
+            label_smoothing: 0.1,
+            optimizer: OptimizerKind::Adamw,
+            base_lr: 1e-3,
+            weight_decay: 0.05,
+            momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.999,
+            layer_decay: 0.75,
+            warmup_epochs: 1.0,
+            clip_grad: 0.0,
+            crop_scale: (0.6, 1.0),
+            flip_p: 0.5,
+            eval_every: 1,
+            at_end: false,
+        }
+    }
+}
+
+impl FinetuneConfig {
+    /// The optimizer these keys describe.
+    pub fn optimizer_config(&self) -> OptimizerConfig {
+        OptimizerConfig {
+            kind: self.optimizer,
+            base_lr: self.base_lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            layer_decay: self.layer_decay,
+            warmup_epochs: self.warmup_epochs,
+            clip_grad: self.clip_grad,
+            final_lr_fraction: 0.0,
+            ..OptimizerConfig::default()
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -123,6 +225,9 @@ pub struct TrainConfig {
     pub max_steps: usize,
     /// View pairs shown in the TensorBoard grid at the start of training.
     pub preview_pairs: usize,
+    /// Masked-image objectives: log a grid of original / masked / reconstructed images every this many epochs
+    /// (and at the end; 0 = never).
+    pub recon_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -138,6 +243,7 @@ impl Default for TrainConfig {
             bf16: true,
             max_steps: 0,
             preview_pairs: 16,
+            recon_every: 1,
         }
     }
 }
@@ -191,6 +297,7 @@ impl Default for Config {
             optimizer: OptimizerConfig::default(),
             train: TrainConfig::default(),
             eval: EvalConfig::default(),
+            finetune: FinetuneConfig::default(),
         }
     }
 }
@@ -253,6 +360,23 @@ impl Config {
         self.model.backbone.validate().map_err(model_err)?;
         self.objective.validate().map_err(model_err)?;
         self.optimizer.validate().map_err(model_err)?;
+        let f = &self.finetune;
+        check(file, "finetune.epochs", f.epochs >= 1, || "must be >= 1".into())?;
+        check(file, "finetune.batch_size", f.batch_size >= 2, || format!("must be >= 2, got {}", f.batch_size))?;
+        check(file, "finetune.label_smoothing", (0.0..1.0).contains(&f.label_smoothing), || {
+            "must be in [0, 1)".into()
+        })?;
+        let (lo, hi) = f.crop_scale;
+        check(file, "finetune.crop_scale", 0.0 < lo && lo <= hi && hi <= 1.0, || {
+            format!("must be 0 < lo <= hi <= 1, got [{lo}, {hi}]")
+        })?;
+        check(file, "finetune.flip_p", (0.0..=1.0).contains(&f.flip_p), || "must be in [0, 1]".into())?;
+        f.optimizer_config().validate().map_err(|e| match e {
+            selfsup_models::ModelError::InvalidConfig { field, message } => {
+                ConfigError::Key { file: file.into(), key: field.replacen("optimizer.", "finetune.", 1), message }
+            }
+            other => ConfigError::Parse { file: file.into(), message: other.to_string() },
+        })?;
         self.augment.validate(self.channels_hint()).map_err(|e| ConfigError::Key {
             file: file.into(),
             key: "augment".into(),

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod finetune;
 pub mod inspect;
 pub mod loader;
 pub mod pack;

@@ -145,3 +145,27 @@ pub fn read_back(dir: &Path) -> Result<serde_json::Value, String> {
     }
     serde_json::from_slice(&out.stdout).map_err(|e| format!("read_events.py output: {e}"))
 }
+
+/// `[N, C, H, W]` float images normalized with per-channel `mean` / `std` (as the augmentation recipes do) back
+/// to 8-bit images for display; values outside [0, 1] after un-normalizing are clamped.
+pub fn images_from_tensor(x: &tch::Tensor, mean: &[f32], std: &[f32]) -> Vec<Image> {
+    let x = x.to_device(tch::Device::Cpu).to_kind(tch::Kind::Float);
+    let [n, c, h, w] = x.size()[..] else { return Vec::new() };
+    let per =
+        |v: &[f32]| -> Vec<f32> { (0..c as usize).map(|i| v.get(i).or(v.first()).copied().unwrap_or(0.5)).collect() };
+    let (mean, std) = (per(mean), per(std));
+    let m = tch::Tensor::from_slice(&mean).view([1, c, 1, 1]);
+    let s = tch::Tensor::from_slice(&std).view([1, c, 1, 1]);
+    let u8s =
+        ((x * s + m).clamp(0.0, 1.0) * 255.0).round().to_kind(tch::Kind::Uint8).permute([0, 2, 3, 1]).contiguous();
+    let data: Vec<u8> = Vec::try_from(u8s.flatten(0, -1)).expect("u8 tensor");
+    let len = (h * w * c) as usize;
+    (0..n as usize)
+        .map(|i| Image {
+            width: w as u32,
+            height: h as u32,
+            channels: c as u8,
+            data: data[i * len..(i + 1) * len].to_vec(),
+        })
+        .collect()
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use selfsup_augment::{Image, Rng, Views};
-use selfsup_models::{device as dev, Batch, Objective, Optimizer};
+use selfsup_models::{device as dev, layer_decay_scale, Backbone, Batch, Objective, Optimizer, ParamSpec};
 use serde::Serialize;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -16,7 +16,7 @@ use crate::config::{Config, ShuffleMode};
 use crate::loader::{BadSample, HostBatch, Loader, LoaderConfig};
 use crate::progress::Progress;
 use crate::source::{self, Source};
-use crate::tensorboard::{grid, upscale, Sink};
+use crate::tensorboard::{grid, images_from_tensor, upscale, Sink};
 use crate::transfer::{self, EvalContext, EvalReport};
 use crate::{select_device, Error, Result};
 
@@ -62,6 +62,20 @@ pub fn build_model(cfg: &Config, channels: u8, device: Device) -> Result<Model> 
     Ok(Model { vs, objective })
 }
 
+/// How each variable is optimized: weight decay only on matrices and kernels (not biases, norms, the ViT's
+/// cls/position tokens or mask tokens); with `layer_decay < 1`, backbone layer l of L (as the backbone numbers
+/// them) gets lr x layer_decay^(L - l) and everything outside the backbone (heads) the full lr.
+pub fn param_spec(backbone: &dyn Backbone, layer_decay: f64) -> impl Fn(&str, &Tensor) -> ParamSpec + '_ {
+    move |name: &str, t: &Tensor| {
+        let inner = name.strip_prefix("backbone.");
+        let layers = backbone.num_layers();
+        let layer = inner.map_or(layers, |n| backbone.layer_id(n).min(layers));
+        let lr_scale = if layer_decay < 1.0 { layer_decay_scale(layer, layers, layer_decay) } else { 1.0 };
+        let exempt = inner.is_some_and(|n| backbone.no_weight_decay(n)) || name.ends_with("mask_token");
+        ParamSpec { lr_scale, weight_decay: t.dim() > 1 && !exempt }
+    }
+}
+
 /// Moves a host batch to `device` as `[N, C, H, W]` tensors. Pinned memory makes the copy asynchronous on CUDA.
 pub fn to_device(batch: &HostBatch, device: Device) -> Vec<Tensor> {
     batch
@@ -94,6 +108,41 @@ fn preview(source: &dyn Source, views: &Views, order: &[usize], seed: u64, pairs
     }
     let per_row = views.recipes.len() * 4;
     (!tiles.is_empty()).then(|| grid(&tiles, per_row))
+}
+
+/// A fixed batch of `n` whole images (the first of the test data when there is one, else of the training data)
+/// for reconstruction grids, normalized as the first view. `None` when the objective reconstructs nothing.
+fn recon_batch(cfg: &Config, train: &dyn Source, device: Device, n: usize) -> Option<Tensor> {
+    if !matches!(cfg.objective, selfsup_models::ObjectiveConfig::Mae(_) | selfsup_models::ObjectiveConfig::Simmim(_)) {
+        return None;
+    }
+    let test = cfg.data.test.as_ref().and_then(|p| source::open_with(p, cfg.data.open_options()).ok());
+    let src: &dyn Source = test.as_deref().unwrap_or(train);
+    let first = src.get(0).ok()?.image;
+    let view = cfg.view_recipes().swap_remove(0);
+    let pipe = crate::eval::eval_recipe(&view, first.width, first.height).build(src.channels()).ok()?;
+    let views = Views::new(vec![pipe]);
+    let indices: Vec<usize> = (0..n.min(src.len())).collect();
+    let job = crate::loader::BatchJob { indices: &indices, seed: cfg.seed, epoch: 0, reuse: None };
+    let batch = crate::loader::build_batch(src, &views, job, &Default::default());
+    (!batch.is_empty()).then(|| to_device(&batch, device).swap_remove(0))
+}
+
+/// Logs original / masked / reconstructed images (one row each) for masked-image objectives.
+fn log_reconstruction(objective: &mut dyn Objective, x: Option<&Tensor>, cfg: &Config, sink: &mut dyn Sink, step: i64) {
+    let Some(x) = x else { return };
+    let Some((masked, recon)) = objective.reconstruct(x) else { return };
+    let view = &cfg.view_recipes()[0];
+    let mut tiles = Vec::new();
+    for t in [x, &masked, &recon] {
+        for img in images_from_tensor(t, &view.mean, &view.std) {
+            let factor = (56 / img.width.max(1)).max(1);
+            tiles.push(upscale(&img, factor));
+        }
+    }
+    let cols = x.size()[0] as usize;
+    sink.image("reconstruction/original_masked_reconstructed", step, &grid(&tiles, cols));
+    sink.flush();
 }
 
 fn report_bad(epoch: usize, bad: &[BadSample], seen: usize, max_fraction: f64) -> Result<()> {
@@ -158,7 +207,12 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     if steps_per_epoch == 0 {
         return Err(Error::Other(format!("{} samples < train.batch_size {}", source.len(), t.batch_size)));
     }
-    let mut opt = Optimizer::new(&model.vs, &cfg.optimizer)?;
+    let mut opt = Optimizer::new_with(
+        &model.vs,
+        &cfg.optimizer,
+        param_spec(model.objective.backbone(), cfg.optimizer.layer_decay),
+    )?;
+    let recon_batch = recon_batch(cfg, source.as_ref(), device, 8);
     let ckpt_dir = opts.out.join("checkpoints");
     let (mut start_epoch, mut step) = (0usize, 0u64);
     if opts.resume {
@@ -209,6 +263,9 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
                 tch::autocast(autocast, || model.objective.loss(&Batch { views: to_device(&batch, device) }, true));
             opt.zero_grad();
             out.loss.backward();
+            if cfg.optimizer.clip_grad > 0.0 {
+                let _ = opt.clip_grad_norm(cfg.optimizer.clip_grad);
+            }
             opt.step(lr);
             step += 1;
             model.objective.after_step(step as f64 / total_steps as f64);
@@ -250,6 +307,9 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
             checkpoint::save(&ckpt_dir, &format!("epoch-{epoch:04}"), &model.vs, &opt.state(), &state, cfg)?;
             last_saved = Some(step);
         }
+        if t.recon_every > 0 && (epoch % t.recon_every == 0 || epoch == t.epochs) {
+            log_reconstruction(model.objective.as_mut(), recon_batch.as_ref(), cfg, sink, step as i64);
+        }
         if cfg.eval.knn_every > 0 && epoch % cfg.eval.knn_every == 0 && epoch < t.epochs && cfg.data.test.is_some() {
             let top1 = transfer::knn_only(model.objective.backbone(), &eval_ctx)?;
             sink.scalar("eval/knn_top1", step as i64, top1);
@@ -257,6 +317,10 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
         sink.flush();
     }
     progress.finish();
+    if t.recon_every > 0 && step % steps_per_epoch != 0 {
+        // Cut short by train.max_steps: still show what the model reconstructs.
+        log_reconstruction(model.objective.as_mut(), recon_batch.as_ref(), cfg, sink, step as i64);
+    }
     if last_saved != Some(step) {
         // The final checkpoint; a run cut short by train.max_steps is named by its step too.
         let state = TrainerState { epoch, step, selfsup_version: env!("CARGO_PKG_VERSION").into() };

@@ -76,3 +76,45 @@ fn resolve_explains_what_is_missing() {
     let e = checkpoint::resolve(dir.path()).unwrap_err().to_string();
     assert!(e.contains("no checkpoint"), "{e}");
 }
+
+/// Fine-tuning loads only the backbone: every `backbone.*` tensor equals the checkpoint's, the new head keeps
+/// its own initialisation, and a backbone of another shape is refused with the tensor's name.
+#[test]
+fn load_backbone_copies_the_backbone_only_and_refuses_other_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    tch::manual_seed(1);
+    let model = build_model(&cfg, 1, Device::Cpu).unwrap();
+    let state = TrainerState { epoch: 1, step: 1, selfsup_version: "test".into() };
+    let opt = Optimizer::new(&model.vs, &OptimizerConfig::default()).unwrap();
+    let ckpt = checkpoint::save(dir.path(), "epoch-0001", &model.vs, &opt.state(), &state, &cfg).unwrap();
+
+    // A classifier: another seed, the same backbone config, plus a head.
+    let mut other = cfg.clone();
+    other.seed = 99;
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    tch::manual_seed(99);
+    let _bb = other.model.backbone.build(vs.root() / "backbone", 1).unwrap();
+    let head = selfsup_models::linear(vs.root() / "head", 32, 10);
+    let head_before = head.ws.copy();
+    let before = vs.variables()["backbone.conv1.weight"].copy();
+    let n = checkpoint::load_backbone(&vs, &ckpt).unwrap();
+    let saved: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(ckpt.join("model.safetensors")).unwrap().into_iter().collect();
+    let vars = vs.variables();
+    assert_eq!(n, vars.keys().filter(|k| k.starts_with("backbone.")).count());
+    for (name, t) in &vars {
+        if name.starts_with("backbone.") {
+            assert!(t.equal(&saved[name]), "{name}");
+        }
+    }
+    assert!(!before.equal(&vars["backbone.conv1.weight"]), "the load changed nothing");
+    assert!(head.ws.equal(&head_before), "the head must keep its initialisation");
+
+    // Wider backbone: refused, naming the tensor and both shapes.
+    let wide = Config::from_toml(&cfg.to_toml(), "wide.toml", &["model.backbone.width=8".into()]).unwrap();
+    let vs2 = tch::nn::VarStore::new(Device::Cpu);
+    let _ = wide.model.backbone.build(vs2.root() / "backbone", 1).unwrap();
+    let e = checkpoint::load_backbone(&vs2, &ckpt).unwrap_err().to_string();
+    assert!(e.contains("backbone.") && e.contains("shape"), "{e}");
+}

@@ -184,3 +184,70 @@ impl Source for Prefix {
         self.inner.block_len()
     }
 }
+
+/// Chosen samples of another source, in the given order (low-label subsets).
+pub struct Subset {
+    inner: std::sync::Arc<dyn Source>,
+    indices: Vec<usize>,
+}
+
+impl Subset {
+    /// `indices` must be in range of `inner`.
+    pub fn new(inner: std::sync::Arc<dyn Source>, indices: Vec<usize>) -> Self {
+        debug_assert!(indices.iter().all(|&i| i < inner.len()));
+        Subset { inner, indices }
+    }
+
+    /// `per_class` labeled samples of each class of `inner` (all of a class that has fewer), drawn with `seed`:
+    /// the same seed gives the same subset, and a larger `per_class` keeps every sample a smaller one chose.
+    /// `None` when `inner` has no labels.
+    pub fn per_class(inner: std::sync::Arc<dyn Source>, per_class: usize, seed: u64) -> Option<Self> {
+        let labels = inner.labels()?;
+        let mut order: Vec<usize> = (0..labels.len()).collect();
+        selfsup_augment::Rng::for_sample(seed, u64::MAX, u64::MAX).shuffle(&mut order);
+        let mut taken = std::collections::HashMap::<i64, usize>::new();
+        let mut indices: Vec<usize> = order
+            .into_iter()
+            .filter(|&i| {
+                let n = taken.entry(labels[i]).or_default();
+                *n += 1;
+                *n <= per_class
+            })
+            .collect();
+        indices.sort_unstable();
+        Some(Subset { inner, indices })
+    }
+
+    pub fn indices(&self) -> &[usize] {
+        &self.indices
+    }
+}
+
+impl Source for Subset {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+    fn get(&self, index: usize) -> Result<Sample, DataError> {
+        let i = *self.indices.get(index).ok_or_else(|| DataError::Invalid {
+            path: PathBuf::from(self.inner.describe(0)),
+            message: format!("subset index {index} out of range ({})", self.indices.len()),
+        })?;
+        self.inner.get(i)
+    }
+    fn channels(&self) -> u8 {
+        self.inner.channels()
+    }
+    fn describe(&self, index: usize) -> String {
+        self.indices.get(index).map_or_else(|| format!("subset#{index}"), |&i| self.inner.describe(i))
+    }
+    fn num_classes(&self) -> Option<usize> {
+        self.inner.num_classes()
+    }
+    fn class_names(&self) -> Vec<String> {
+        self.inner.class_names()
+    }
+    fn labels(&self) -> Option<Vec<i64>> {
+        let all = self.inner.labels()?;
+        Some(self.indices.iter().map(|&i| all[i]).collect())
+    }
+}

@@ -1,48 +1,12 @@
-//! Backbones: the networks whose features transfer. ResNet (He et al. 2015, https://arxiv.org/abs/1512.03385)
-//! with torchvision's parameter names, a CIFAR-style stem option and configurable width, depth and input channels.
+//! ResNet (He et al. 2015, https://arxiv.org/abs/1512.03385) with torchvision's parameter names, a CIFAR-style
+//! stem option and configurable width, depth and input channels.
 
 use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::Tensor;
 
+use super::Backbone;
 use crate::{invalid, ModelError};
-
-/// A feature extractor: images in, one vector per image out.
-pub trait Backbone: Send {
-    /// # Shapes
-    /// `x`: `[N, C, H, W]` float → `[N, dim()]`.
-    fn features(&self, x: &Tensor, train: bool) -> Tensor;
-    fn dim(&self) -> i64;
-}
-
-/// Which backbone, as a tagged enum in the config (`[model.backbone] kind = "resnet"`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum BackboneConfig {
-    Resnet(ResNetConfig),
-}
-
-impl Default for BackboneConfig {
-    fn default() -> Self {
-        BackboneConfig::Resnet(ResNetConfig::default())
-    }
-}
-
-impl BackboneConfig {
-    pub fn validate(&self) -> Result<(), ModelError> {
-        match self {
-            BackboneConfig::Resnet(c) => c.validate(),
-        }
-    }
-
-    /// Builds the backbone under `path` (e.g. `vs.root() / "backbone"`) for images with `in_channels` channels.
-    pub fn build(&self, path: nn::Path, in_channels: i64) -> Result<Box<dyn Backbone>, ModelError> {
-        self.validate()?;
-        match self {
-            BackboneConfig::Resnet(c) => Ok(Box::new(ResNet::new(path, c, in_channels))),
-        }
-    }
-}
 
 /// ResNet with basic blocks. `layers = [2,2,2,2]` and `width = 64` is ResNet-18.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -186,5 +150,21 @@ impl Backbone for ResNet {
 
     fn dim(&self) -> i64 {
         self.dim
+    }
+
+    /// The stem (`conv1`, `bn1`) is layer 0, stage `layerK` is layer K.
+    fn layer_id(&self, name: &str) -> usize {
+        if name.starts_with("conv1.") || name.starts_with("bn1.") {
+            return 0;
+        }
+        name.strip_prefix("layer")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|k| k.parse::<usize>().ok())
+            .filter(|&k| (1..=4).contains(&k))
+            .unwrap_or(self.num_layers())
+    }
+
+    fn num_layers(&self) -> usize {
+        5
     }
 }

@@ -1,0 +1,380 @@
+//! Fine-tuning a pretrained backbone on labeled data (and the same recipe from scratch, the baseline it must
+//! beat): full fine-tuning with layer-wise learning-rate decay, or a linear head on the frozen backbone; AdamW,
+//! SGD or LARS with warmup + cosine, label smoothing, gradient clipping, bf16 autocast on CUDA. Low-label runs
+//! keep a fixed, seeded subset of `labels_per_class` images per class. Reports top-1, per-class and worst-class
+//! accuracy as text and `finetune.json`, and logs the curves (`finetune/*`) to TensorBoard.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use selfsup_augment::{RecipeConfig, Views};
+use selfsup_models::{cross_entropy, Backbone, Optimizer};
+use serde::Serialize;
+use tch::nn::{self, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{Config, FinetuneMode};
+use crate::eval::{eval_recipe, extract, ClassReport, ExtractOptions};
+use crate::loader::{Loader, LoaderConfig};
+use crate::progress::Progress;
+use crate::source::{self, Source, Subset};
+use crate::tensorboard::Sink;
+use crate::trainer::{param_spec, to_device};
+use crate::{checkpoint, select_device, Error, Result};
+
+pub struct FinetuneOptions {
+    /// Where `finetune.json`, the event file and the fine-tuned weights go.
+    pub out: PathBuf,
+    /// The pretrained checkpoint; `None` = the same backbone from scratch (random initialisation).
+    pub checkpoint: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CurvePoint {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub test_top1: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FinetuneReport {
+    /// The checkpoint the backbone came from; `None` from scratch.
+    pub checkpoint: Option<PathBuf>,
+    pub pretrained: bool,
+    pub mode: FinetuneMode,
+    pub backbone: String,
+    pub train_data: PathBuf,
+    pub test_data: PathBuf,
+    pub train_samples: usize,
+    pub labels_per_class: usize,
+    pub test_samples: usize,
+    pub epochs: usize,
+    pub steps: u64,
+    pub device: String,
+    pub seconds: f64,
+    /// Top-1 (fraction) on the test data after the last epoch; also in `test.top1`.
+    pub top1: f64,
+    pub test: ClassReport,
+    pub curve: Vec<CurvePoint>,
+    pub unreadable_samples: usize,
+}
+
+impl std::fmt::Display for FinetuneReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.pretrained { "pretrained" } else { "from scratch" };
+        let labels =
+            if self.labels_per_class > 0 { format!("{} per class, ", self.labels_per_class) } else { String::new() };
+        writeln!(
+            f,
+            "fine-tuned ({:?}, {what}) {} for {} epochs on {} labeled images ({labels}{}) in {:.1}s",
+            self.mode,
+            self.backbone,
+            self.epochs,
+            self.train_samples,
+            self.train_data.display(),
+            self.seconds
+        )?;
+        writeln!(f, "  test top-1: {:.2}% on {} images", 100.0 * self.top1, self.test_samples)?;
+        writeln!(f, "  per class:")?;
+        for c in &self.test.per_class {
+            writeln!(f, "    {:<14} {:6.2}%  (n={})", c.class, 100.0 * c.accuracy, c.count)?;
+        }
+        write!(f, "  worst class: {} ({:.2}%)", self.test.worst_class, 100.0 * self.test.worst_accuracy)
+    }
+}
+
+fn labeled(path: &Path, cfg: &Config) -> Result<Arc<dyn Source>> {
+    let s: Arc<dyn Source> = source::open_with(path, cfg.data.open_options())?.into();
+    if s.labels().is_none() {
+        return Err(Error::Other(format!("{}: fine-tuning needs labels and this source has none", path.display())));
+    }
+    Ok(s)
+}
+
+/// The backbone plus a linear classifier `head` (timm's name), in one VarStore.
+struct Classifier {
+    vs: VarStore,
+    backbone: Box<dyn Backbone>,
+    head: nn::Linear,
+}
+
+impl Classifier {
+    fn logits(&self, x: &Tensor, train: bool, frozen: bool) -> Tensor {
+        let h =
+            if frozen { tch::no_grad(|| self.backbone.features(x, false)) } else { self.backbone.features(x, train) };
+        h.apply(&self.head)
+    }
+}
+
+fn build_classifier(cfg: &Config, channels: u8, classes: i64, device: Device) -> Result<Classifier> {
+    tch::manual_seed(cfg.seed as i64);
+    let vs = VarStore::new(device);
+    let backbone = cfg.model.backbone.build(vs.root() / "backbone", i64::from(channels))?;
+    // A near-zero head (MAE's fine-tuning: trunc-normal std 2e-5) so that the first steps do not push large,
+    // random gradients into a pretrained backbone.
+    let head_cfg = nn::LinearConfig {
+        ws_init: nn::Init::Randn { mean: 0.0, stdev: 2e-5 },
+        bs_init: Some(nn::Init::Const(0.0)),
+        bias: true,
+    };
+    let head = nn::linear(vs.root() / "head", backbone.dim(), classes, head_cfg);
+    Ok(Classifier { vs, backbone, head })
+}
+
+/// Fine-tunes `cfg`'s backbone (from `opts.checkpoint`, or from scratch) with `cfg.finetune`.
+pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Result<FinetuneReport> {
+    let t0 = Instant::now();
+    let f = &cfg.finetune;
+    let device = select_device(cfg.train.device)?;
+    let autocast = device.is_cuda() && cfg.train.bf16;
+    if autocast && !selfsup_models::device::use_bf16_autocast() {
+        return Err(Error::Other("libtorch refused bf16 autocast".into()));
+    }
+    let train_path = f.train.clone().unwrap_or_else(|| cfg.data.train.clone());
+    let test_path =
+        f.test.clone().or_else(|| cfg.data.test.clone()).ok_or_else(|| {
+            Error::Other("no test data: set finetune.test (or data.test), e.g. --test <images>".into())
+        })?;
+    let full_train = labeled(&train_path, cfg)?;
+    let test_src = labeled(&test_path, cfg)?;
+    let train_src: Arc<dyn Source> = if f.labels_per_class > 0 {
+        Arc::new(Subset::per_class(full_train.clone(), f.labels_per_class, cfg.seed).expect("labels checked above"))
+    } else {
+        full_train.clone()
+    };
+    let classes = train_src.num_classes().max(test_src.num_classes()).unwrap_or(0) as i64;
+    let channels = train_src.channels();
+    let names = if !f.class_names.is_empty() {
+        f.class_names.clone()
+    } else if f.train.is_none() && !cfg.data.class_names.is_empty() {
+        cfg.data.class_names.clone()
+    } else {
+        test_src.class_names()
+    };
+
+    let model = build_classifier(cfg, channels, classes, device)?;
+    if let Some(ckpt) = &opts.checkpoint {
+        let n = checkpoint::load_backbone(&model.vs, ckpt)?;
+        eprintln!("loaded {n} backbone tensors from {}", ckpt.display());
+    }
+    let frozen = f.mode == FinetuneMode::Linear;
+    if frozen {
+        for (name, t) in model.vs.variables() {
+            if name.starts_with("backbone.") {
+                let _ = t.shallow_clone().set_requires_grad(false);
+            }
+        }
+    }
+
+    // Augmentation: the pretraining view's size and normalization, a random resized crop and a flip.
+    let view = cfg.view_recipes().swap_remove(0);
+    let first = train_src.get(0).map_err(|e| Error::Other(e.to_string()))?.image;
+    let mut recipe: RecipeConfig = eval_recipe(&view, first.width, first.height);
+    recipe.crop_scale = f.crop_scale;
+    recipe.crop_ratio = view.crop_ratio;
+    recipe.flip_p = f.flip_p;
+    let views = Arc::new(Views::new(vec![recipe.build(channels)?]));
+    let batch_size = f.batch_size.min(train_src.len());
+    if batch_size < 2 {
+        return Err(Error::Other(format!("{} labeled training images: need at least 2", train_src.len())));
+    }
+    let loader_cfg = LoaderConfig {
+        batch_size,
+        threads: cfg.train.threads,
+        prefetch: cfg.train.prefetch,
+        seed: cfg.seed ^ 0x5eed_f17e,
+        shuffle: true,
+        full_shuffle: false,
+        drop_last: true,
+    };
+    let loader = Loader::new(train_src.clone(), views, loader_cfg).map_err(|e| Error::Other(e.to_string()))?;
+    let steps_per_epoch = loader.batches_per_epoch() as u64;
+    let total_steps = steps_per_epoch * f.epochs as u64;
+
+    let ocfg = f.optimizer_config();
+    let mut opt = Optimizer::new_with(&model.vs, &ocfg, param_spec(model.backbone.as_ref(), ocfg.layer_decay))?;
+    let peak_lr = ocfg.base_lr * batch_size as f64 / 256.0;
+
+    let eval_opts =
+        ExtractOptions { recipe: &view, batch_size: 512, threads: cfg.train.threads, device, limit: f.test_limit };
+    let mut progress = Progress::new(total_steps, opts.quiet);
+    let mut curve = Vec::new();
+    let mut step = 0u64;
+    let mut unreadable = 0usize;
+    let mut last_report = None;
+    for epoch in 0..f.epochs {
+        let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
+        let mut n_steps = 0u64;
+        let win_start = Instant::now();
+        for batch in loader.epoch(epoch as u64) {
+            unreadable += batch.bad.len();
+            if batch.len() < 2 {
+                continue;
+            }
+            let labels = batch.labels.as_ref().ok_or_else(|| Error::Other("a batch without labels".into()))?;
+            let y = Tensor::from_slice(labels).to_device(device);
+            let x = to_device(&batch, device).swap_remove(0);
+            let lr = ocfg.lr_at(peak_lr, step as f64 / steps_per_epoch as f64, f.epochs as f64);
+            let logits = tch::autocast(autocast, || model.logits(&x, true, frozen));
+            let loss = cross_entropy(&logits, &y, f.label_smoothing);
+            opt.zero_grad();
+            loss.backward();
+            if ocfg.clip_grad > 0.0 {
+                let _ = opt.clip_grad_norm(ocfg.clip_grad);
+            }
+            opt.step(lr);
+            step += 1;
+            n_steps += 1;
+            loss_acc += loss.detach();
+            if step % cfg.train.log_every as u64 == 0 {
+                sink.scalar("finetune/lr", step as i64, lr);
+            }
+        }
+        let train_loss = loss_acc.double_value(&[]) / n_steps.max(1) as f64;
+        let ips = (n_steps * batch_size as u64) as f64 / win_start.elapsed().as_secs_f64().max(1e-9);
+        sink.scalar("finetune/train_loss", step as i64, train_loss);
+        progress.update(epoch, f.epochs, step, train_loss, ips, 0.0, epoch + 1 == f.epochs);
+        let last = epoch + 1 == f.epochs;
+        let test_top1 = if last || (f.eval_every > 0 && (epoch + 1) % f.eval_every == 0) {
+            let report = evaluate(&model, test_src.clone(), &eval_opts, classes, &names, frozen)?;
+            sink.scalar("finetune/test_top1", step as i64, report.0.top1);
+            let top1 = report.0.top1;
+            last_report = Some(report);
+            Some(top1)
+        } else {
+            None
+        };
+        curve.push(CurvePoint { epoch: epoch + 1, train_loss, test_top1 });
+        sink.flush();
+        if !train_loss.is_finite() {
+            return Err(Error::Other(format!(
+                "fine-tuning loss is {train_loss} in epoch {}; lower finetune.base_lr?",
+                epoch + 1
+            )));
+        }
+    }
+    progress.finish();
+    let (test, test_samples, test_bad) = last_report.expect("the last epoch always evaluates");
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::Other(format!("{}: {e}", opts.out.display())))?;
+    save_weights(&model.vs, &opts.out)?;
+    let report = FinetuneReport {
+        checkpoint: opts.checkpoint.clone(),
+        pretrained: opts.checkpoint.is_some(),
+        mode: f.mode,
+        backbone: backbone_name(cfg),
+        train_data: train_path,
+        test_data: test_path,
+        train_samples: train_src.len(),
+        labels_per_class: f.labels_per_class,
+        test_samples,
+        epochs: f.epochs,
+        steps: step,
+        device: format!("{device:?}"),
+        seconds: t0.elapsed().as_secs_f64(),
+        top1: test.top1,
+        test,
+        curve,
+        unreadable_samples: unreadable + test_bad,
+    };
+    write_json(&opts.out.join("finetune.json"), &report)?;
+    Ok(report)
+}
+
+/// Test predictions of the classifier: (report, images evaluated, unreadable).
+fn evaluate(
+    model: &Classifier,
+    test: Arc<dyn Source>,
+    opts: &ExtractOptions,
+    classes: i64,
+    names: &[String],
+    frozen: bool,
+) -> Result<(ClassReport, usize, usize)> {
+    let logits = |x: &Tensor| model.logits(x, false, frozen);
+    let out = extract(test, opts, &[&logits]).map_err(Error::Other)?.swap_remove(0);
+    let pred = out.x.argmax(1, false);
+    let n = out.y.size()[0] as usize;
+    Ok((ClassReport::new(&pred, &out.y, names, classes as usize), n, out.bad.len()))
+}
+
+fn backbone_name(cfg: &Config) -> String {
+    match &cfg.model.backbone {
+        selfsup_models::BackboneConfig::Resnet(r) => format!("ResNet(layers {:?}, width {})", r.layers, r.width),
+        selfsup_models::BackboneConfig::Vit(v) => {
+            format!("ViT(depth {}, width {}, heads {}, patch {})", v.depth(), v.width(), v.heads(), v.patch_size)
+        }
+    }
+}
+
+fn save_weights(vs: &VarStore, dir: &Path) -> Result<()> {
+    let p = dir.join("finetuned.safetensors");
+    // The extension picks the format in tch: keep `.safetensors` last.
+    let tmp = dir.join(".finetuned.tmp.safetensors");
+    vs.save(&tmp).map_err(|e| Error::Other(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, &p).map_err(|e| Error::Other(format!("{}: {e}", p.display())))
+}
+
+/// Writes `value` as pretty JSON to `path` (temporary file, then rename).
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let io = |e: std::io::Error| Error::Other(format!("{}: {e}", path.display()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value).expect("reports serialize")).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The pretrained fine-tune and the from-scratch baseline with the same recipe, side by side.
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    pub pretrained: FinetuneReport,
+    pub scratch: FinetuneReport,
+}
+
+impl Comparison {
+    /// Points of top-1 the pretrained backbone gains over scratch.
+    pub fn gain_points(&self) -> f64 {
+        100.0 * (self.pretrained.top1 - self.scratch.top1)
+    }
+}
+
+impl std::fmt::Display for Comparison {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (p, s) = (&self.pretrained, &self.scratch);
+        writeln!(
+            f,
+            "fine-tuning on {} ({} labeled images, {} epochs, {:?}):",
+            p.train_data.display(),
+            p.train_samples,
+            p.epochs,
+            p.mode
+        )?;
+        writeln!(f, "  {:<13} {:>8} {:>14} {:>9}", "", "top-1", "worst class", "seconds")?;
+        for (name, r) in [("pretrained", p), ("from scratch", s)] {
+            writeln!(
+                f,
+                "  {:<13} {:>7.2}% {:>7.2}% {:<6} {:>8.1}",
+                name,
+                100.0 * r.top1,
+                100.0 * r.test.worst_accuracy,
+                r.test.worst_class,
+                r.seconds
+            )?;
+        }
+        let g = self.gain_points();
+        write!(f, "  pretrained {} scratch by {:.2} points", if g > 0.0 { "beats" } else { "does NOT beat" }, g.abs())
+    }
+}
+
+/// Fine-tunes the backbone of checkpoint `ckpt` and the same backbone from scratch with `cfg.finetune`, into
+/// `out/pretrained` and `out/scratch`, and writes `out/comparison.json`.
+pub fn compare(cfg: &Config, ckpt: &Path, out: &Path, quiet: bool, sinks: [&mut dyn Sink; 2]) -> Result<Comparison> {
+    let [sp, ss] = sinks;
+    let run = |checkpoint: Option<PathBuf>, dir: &str, sink: &mut dyn Sink| {
+        finetune(cfg, &FinetuneOptions { out: out.join(dir), checkpoint, quiet }, sink)
+    };
+    let pretrained = run(Some(ckpt.to_path_buf()), "pretrained", sp)?;
+    let scratch = run(None, "scratch", ss)?;
+    let c = Comparison { pretrained, scratch };
+    write_json(&out.join("comparison.json"), &c)?;
+    Ok(c)
+}

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""The tables of scripts/gpu-check from what its runs left in a folder (python >= 3.11, no torch needed):
+SimCLR (ours/summary.json, torch.json) and MAE (mae/summary.json, mae-ft/*/finetune.json, mae-torch.json), each
+printed when its files are there, with the targets.
+    python3 scripts/gpu_table.py OUT [SMOKE]
+"""
+import json
+import os
+import sys
+import tomllib
+
+if len(sys.argv) < 2:
+    sys.exit(__doc__)
+out, smoke = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "")
+KNN, LINEAR, WAIT = 0.855, 0.915, 0.05          # SimCLR targets
+MAE_TOP1, MAE_GAIN, MAE_EPOCHS, FT_EPOCHS = 0.895, 0.05, 30, 8  # MAE targets, for the full recipe
+
+
+def read(name, parse=json.loads):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return parse(f.read().strip() or "null")
+    except (OSError, ValueError):
+        return None
+
+
+def pct(v):
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def num(v, fmt=".1f"):
+    return "-" if v is None else format(v, fmt)
+
+
+def print_table(fields, rows):
+    w0, w = max(len(f[0]) for f in fields), max(24, *(len(n) for n in rows))
+    print(f"{'':<{w0}}  " + "  ".join(f"{n:>{w}}" for n in rows))
+    for label, fn in fields:
+        cells = []
+        for r in rows.values():
+            try:
+                cells.append(fn(r))
+            except (KeyError, TypeError, ZeroDivisionError):
+                cells.append("-")
+        print(f"{label:<{w0}}  " + "  ".join(f"{c:>{w}}" for c in cells))
+
+
+def simclr_table():
+    rows = {}
+    s = read("ours/summary.json")
+    if s:
+        ev = s.get("eval") or {}
+        top1 = lambda k: (ev.get(k) or {}).get("top1")  # noqa: E731
+        batch = read("ours/config.toml", tomllib.loads)["train"]["batch_size"]
+        rows["ours (selfsup)"] = dict(
+            wall=read("ours.wall_seconds", float), pretrain=s["seconds"], ips=s["images_per_s"],
+            pairs=s["steps"] * batch, wait_s=s["data_wait_seconds"], wait_reported=s["data_wait_fraction"],
+            knn=top1("knn"), linear=top1("linear"), raw=top1("raw_pixels_linear"), device=s["device"],
+            steps=s["steps"], loss=s["final_loss"])
+    t = read("torch.json")
+    if t:
+        rows["pytorch reference"] = dict(
+            wall=read("torch.wall_seconds", float), pretrain=t["pretrain_seconds"], ips=t["images_per_s"],
+            pairs=t["images"], wait_s=t["data_wait_seconds"], wait_reported=t["data_wait_fraction"], knn=t["knn_top1"],
+            linear=t["linear_top1"], raw=t["raw_pixels_linear_top1"], device=t["device"], steps=t["steps"],
+            loss=t["final_loss"])
+    if not rows:
+        return False
+
+    def verdict(r):
+        checks = {"k-NN": (r["knn"] or 0) >= KNN, "linear": (r["linear"] or 0) >= LINEAR,
+                  "wait": r["wait_reported"] < WAIT}
+        return "PASS" if all(checks.values()) else "FAIL: " + ", ".join(k for k, ok in checks.items() if not ok)
+
+    print("== SimCLR (configs/simclr-fmnist.toml)")
+    print_table([
+        ("device", lambda r: str(r["device"])), ("steps", lambda r: str(r["steps"])),
+        ("wall time, whole process (s)", lambda r: num(r["wall"])),
+        ("pretraining (s)", lambda r: f"{r['pretrain']:.1f}"),
+        ("pairs/s as reported", lambda r: f"{r['ips']:.0f}"),
+        ("pairs / pretraining second", lambda r: f"{r['pairs'] / r['pretrain']:.0f}"),
+        ("data wait (s)", lambda r: f"{r['wait_s']:.1f}"),
+        ("data wait / pretraining", lambda r: pct(r["wait_s"] / r["pretrain"])),
+        ("data wait / training-loop time", lambda r: pct(r["wait_reported"])),
+        ("final loss", lambda r: f"{r['loss']:.4f}"),
+        (f"k-NN top-1 (>= {100 * KNN:.1f}%)", lambda r: pct(r["knn"])),
+        (f"linear top-1 (>= {100 * LINEAR:.1f}%)", lambda r: pct(r["linear"])),
+        ("linear on raw pixels", lambda r: pct(r["raw"])),
+        (f"targets (wait < {100 * WAIT:.0f}%)", verdict)], rows)
+    if len(rows) == 2:
+        a, b = rows.values()
+        print(f"pretraining time, reference / ours: {b['pretrain'] / a['pretrain']:.2f}x")
+    return True
+
+
+def fraction(v):  # finetune.json's top1, a fraction or a percent
+    return None if v is None else (v / 100 if v > 1 else v)
+
+
+def mae_table(after_another):
+    rows = {}
+    s = read("mae/summary.json")
+    fts = {k: read(f"mae-ft/{k}/finetune.json") for k in
+           ("fmnist-pretrained", "fmnist-scratch", "mnist-pretrained", "mnist-scratch")}
+    if s or any(fts.values()):
+        s = s or {}
+        ev = s.get("eval") or {}
+        walls = [read("mae.wall_seconds", float)] + [read(f"mae-ft/{k}.wall_seconds", float) for k in fts if fts[k]]
+        r = dict(device=s.get("device"), epochs=s.get("epochs"), steps=s.get("steps"), pretrain=s.get("seconds"),
+                 loop=s.get("train_seconds"), ips=s.get("images_per_s"), wait=s.get("data_wait_fraction"),
+                 loss=s.get("final_loss"), wall=sum(w for w in walls if w is not None),
+                 pretrain_wall=read("mae.wall_seconds", float),
+                 knn=(ev.get("knn") or {}).get("top1"), linear=(ev.get("linear") or {}).get("top1"))
+        for k, f in fts.items():
+            r[k] = fraction(f.get("top1")) if f else None
+            r[k + "-s"] = f.get("seconds") if f else None
+            r["ft_epochs"] = r.get("ft_epochs") or (f.get("epochs") if f else None)
+        rows["ours (selfsup)"] = r
+    t = read("mae-torch.json")
+    if t:
+        p, ft = t.get("pretrain") or {}, t.get("finetune") or {}
+        r = dict(device=t.get("device"), epochs=p.get("epochs"), steps=p.get("steps"), pretrain=p.get("seconds"),
+                 loop=p.get("train_seconds"), ips=p.get("images_per_s"), wait=p.get("data_wait_fraction"),
+                 loss=p.get("final_loss"), wall=read("mae-torch.wall_seconds", float) or t.get("wall_seconds"),
+                 pretrain_wall=None, knn=None, linear=None, ft_epochs=None)
+        for ds in ("fmnist", "mnist"):
+            for init in ("pretrained", "scratch"):
+                f = (ft.get(ds) or {}).get(init)
+                r[f"{ds}-{init}"] = f.get("top1") if f else None
+                r[f"{ds}-{init}-s"] = f.get("seconds") if f else None
+                r["ft_epochs"] = r["ft_epochs"] or (f.get("epochs") if f else None)
+        rows[f"pytorch reference (torch {t.get('torch', '?')})"] = r
+    if not rows:
+        return False
+    if after_another:
+        print()
+
+    def gain(r, ds):
+        return r[f"{ds}-pretrained"] - r[f"{ds}-scratch"]
+
+    def verdict(r):
+        if r["fmnist-pretrained"] is None:
+            return "-"
+        checks = {"top-1": r["fmnist-pretrained"] >= MAE_TOP1}
+        if r["fmnist-scratch"] is not None:
+            checks["gain"] = gain(r, "fmnist") >= MAE_GAIN - 1e-12
+        verdict = "PASS" if all(checks.values()) else "FAIL: " + ", ".join(k for k, ok in checks.items() if not ok)
+        if (r["epochs"], r["ft_epochs"]) != (MAE_EPOCHS, FT_EPOCHS):
+            verdict += f" ({r['epochs']}+{r['ft_epochs']} epochs)"
+        return verdict
+
+    print(f"== MAE (preset mae-fmnist: ViT-Tiny, patch 4; {MAE_EPOCHS} epochs pretraining, {FT_EPOCHS} epochs "
+          f"full fine-tuning)")
+    fields = [
+        ("device", lambda r: str(r["device"])),
+        ("pretraining epochs / steps", lambda r: f"{r['epochs']} / {r['steps']}"),
+        ("pretraining (s)", lambda r: num(r["pretrain"])),
+        ("  of it the training loop (s)", lambda r: num(r["loop"])),
+        ("pretraining command, wall (s)", lambda r: num(r["pretrain_wall"])),
+        ("img/s in the training loop", lambda r: num(r["ips"], ".0f")),
+        ("data wait / training loop", lambda r: pct(r["wait"])),
+        ("final loss", lambda r: num(r["loss"], ".4f")),
+        ("k-NN / linear probe after pretraining", lambda r: f"{pct(r['knn'])} / {pct(r['linear'])}"),
+        ("fine-tuning epochs", lambda r: str(r["ft_epochs"] or "-")),
+        (f"FMNIST fine-tune, pretrained (>= {100 * MAE_TOP1:.1f}%)", lambda r: pct(r["fmnist-pretrained"])),
+        ("FMNIST fine-tune, from scratch", lambda r: pct(r["fmnist-scratch"])),
+        (f"FMNIST gain, points (>= +{100 * MAE_GAIN:.1f})", lambda r: f"{100 * gain(r, 'fmnist'):+.2f}"),
+        ("FMNIST fine-tune s, pretrained / scratch",
+         lambda r: f"{num(r['fmnist-pretrained-s'])} / {num(r['fmnist-scratch-s'])}"),
+        ("MNIST (transfer), pretrained", lambda r: pct(r["mnist-pretrained"])),
+        ("MNIST, from scratch", lambda r: pct(r["mnist-scratch"])),
+        ("MNIST gain, points", lambda r: f"{100 * gain(r, 'mnist'):+.2f}"),
+        ("MNIST fine-tune s, pretrained / scratch",
+         lambda r: f"{num(r['mnist-pretrained-s'])} / {num(r['mnist-scratch-s'])}"),
+        ("wall, all commands (s)", lambda r: num(r["wall"])),
+        ("targets (FMNIST)", verdict),
+    ]
+    print_table(fields, rows)
+    if len(rows) == 2:
+        a, b = rows.values()
+        if a["pretrain"] and b["pretrain"]:
+            print(f"MAE pretraining time, reference / ours: {b['pretrain'] / a['pretrain']:.2f}x "
+                  f"({b['pretrain']:.1f}s / {a['pretrain']:.1f}s)")
+    return True
+
+
+simclr = simclr_table()
+mae = mae_table(after_another=simclr)
+if not (simclr or mae):
+    print(f"no results in {out} (every run failed or was skipped; see the logs)")
+if smoke:
+    print("(SMOKE=1: tiny models and a few steps; the targets are not expected to pass)")
