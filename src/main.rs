@@ -65,39 +65,7 @@ enum Command {
     },
     /// Fine-tune a pretrained backbone (or the same one from scratch) on labeled data and report top-1,
     /// per-class and worst-class accuracy. The recipe is the checkpoint's `[finetune]` section (plus --set).
-    Finetune {
-        /// A checkpoint folder, a run folder or its checkpoints folder (the latest is used).
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// Labeled training images (default: the checkpoint's finetune.train, else data.train).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Labeled test images (default: the checkpoint's finetune.test, else data.test).
-        #[arg(long)]
-        test: Option<PathBuf>,
-        /// Keep this many labeled images per class (a fixed subset drawn with the run's seed).
-        #[arg(long)]
-        labels_per_class: Option<usize>,
-        #[arg(long)]
-        epochs: Option<usize>,
-        /// Train only a linear head on the frozen backbone (default: full fine-tuning).
-        #[arg(long)]
-        linear: bool,
-        /// Same backbone and recipe, random initialisation: the baseline.
-        #[arg(long, conflicts_with = "compare")]
-        from_scratch: bool,
-        /// Run both, pretrained and from scratch, and print them side by side.
-        #[arg(long)]
-        compare: bool,
-        /// Override keys of the checkpoint's config (e.g. `finetune.base_lr=5e-4`).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Output folder (default: <run>/finetune-<UTC time>).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        #[arg(long)]
-        quiet: bool,
-    },
+    Finetune(FinetuneArgs),
     /// Versions, devices, threads, and which datasets are installed where.
     Info,
     /// What a dataset holds: counts, image sizes, unreadable files, exact duplicates, class balance.
@@ -226,11 +194,7 @@ fn pretrain(config: Option<String>, set: Vec<String>, out: Option<PathBuf>, resu
     if cfg.finetune.at_end {
         let ckpt = checkpoint::resolve(&out)?;
         let dir = out.join("finetune");
-        let tb = |d: PathBuf| -> Result<TensorBoard> {
-            std::fs::create_dir_all(&d)?;
-            TensorBoard::create(&d).with_context(|| format!("creating the event file in {}", d.display()))
-        };
-        let (mut tp, mut ts) = (tb(dir.join("pretrained"))?, tb(dir.join("scratch"))?);
+        let (mut tp, mut ts) = (tensorboard_in(&dir.join("pretrained"))?, tensorboard_in(&dir.join("scratch"))?);
         let c = finetune::compare(&cfg, &ckpt, &dir, quiet, [&mut tp, &mut ts])?;
         println!("{c}");
         println!("wrote {}", dir.join("comparison.json").display());
@@ -260,17 +224,44 @@ fn eval(ckpt: PathBuf, set: Vec<String>, out: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// Creates `dir` and an event file in it.
+fn tensorboard_in(dir: &Path) -> Result<TensorBoard> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    TensorBoard::create(dir).with_context(|| format!("creating the event file in {}", dir.display()))
+}
+
+#[derive(clap::Args)]
 struct FinetuneArgs {
+    /// A checkpoint folder, a run folder or its checkpoints folder (the latest is used).
+    #[arg(long)]
     checkpoint: PathBuf,
+    /// Labeled training images (default: the checkpoint's finetune.train, else data.train).
+    #[arg(long)]
     data: Option<PathBuf>,
+    /// Labeled test images (default: the checkpoint's finetune.test, else data.test).
+    #[arg(long)]
     test: Option<PathBuf>,
+    /// Keep this many labeled images per class (a fixed subset drawn with the run's seed).
+    #[arg(long)]
     labels_per_class: Option<usize>,
+    #[arg(long)]
     epochs: Option<usize>,
+    /// Train only a linear head on the frozen backbone (default: full fine-tuning).
+    #[arg(long)]
     linear: bool,
+    /// Same backbone and recipe, random initialisation: the baseline.
+    #[arg(long, conflicts_with = "compare")]
     from_scratch: bool,
+    /// Run both, pretrained and from scratch, and print them side by side.
+    #[arg(long)]
     compare: bool,
+    /// Override keys of the checkpoint's config (e.g. `finetune.base_lr=5e-4`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Output folder (default: <run>/finetune-<UTC time>).
+    #[arg(long)]
     out: Option<PathBuf>,
+    #[arg(long)]
     quiet: bool,
 }
 
@@ -299,12 +290,8 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     let run_dir = ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf);
     let out = a.out.unwrap_or_else(|| run_dir.join(format!("finetune-{}", utc_stamp())));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let tb = |dir: &Path| -> Result<TensorBoard> {
-        std::fs::create_dir_all(dir)?;
-        TensorBoard::create(dir).with_context(|| format!("creating the event file in {}", dir.display()))
-    };
     if a.compare {
-        let (mut tp, mut ts) = (tb(&out.join("pretrained"))?, tb(&out.join("scratch"))?);
+        let (mut tp, mut ts) = (tensorboard_in(&out.join("pretrained"))?, tensorboard_in(&out.join("scratch"))?);
         let c = finetune::compare(&cfg, &ckpt, &out, a.quiet, [&mut tp, &mut ts])?;
         println!("{}", c.pretrained);
         println!("{}", c.scratch);
@@ -312,7 +299,7 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
         println!("wrote {}", out.join("comparison.json").display());
         return Ok(());
     }
-    let mut sink = tb(&out)?;
+    let mut sink = tensorboard_in(&out)?;
     let checkpoint = (!a.from_scratch).then_some(ckpt);
     let report =
         finetune::finetune(&cfg, &FinetuneOptions { out: out.clone(), checkpoint, quiet: a.quiet }, &mut sink)?;
@@ -339,31 +326,7 @@ fn main() {
     let result = match cli.command {
         Command::Pretrain { config, set, out, resume, quiet } => pretrain(config, set, out, resume, quiet),
         Command::Eval { checkpoint, set, out } => eval(checkpoint, set, out),
-        Command::Finetune {
-            checkpoint,
-            data,
-            test,
-            labels_per_class,
-            epochs,
-            linear,
-            from_scratch,
-            compare,
-            set,
-            out,
-            quiet,
-        } => finetune(FinetuneArgs {
-            checkpoint,
-            data,
-            test,
-            labels_per_class,
-            epochs,
-            linear,
-            from_scratch,
-            compare,
-            set,
-            out,
-            quiet,
-        }),
+        Command::Finetune(args) => finetune(args),
         Command::Info => info::print(),
         Command::Inspect { data, channels, json } => inspect(&data, channels, json),
         Command::BenchLoader { config, set, seconds, threads, gpu_img_per_s } => {

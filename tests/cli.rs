@@ -281,10 +281,41 @@ fn mae_pretrain_reconstructs_and_finetune_works_on_mae_and_simclr_checkpoints() 
         "--set",
         "optimizer.warmup_epochs=0",
     ];
+    // With the transfer step of mae-fmnist-mnist: fine-tune on MNIST, pretrained and from scratch, side by side.
+    let transfer = [
+        "--set",
+        "finetune.at_end=true",
+        "--set",
+        "finetune.train=\"/usr/share/datasets/mnist/train-images-idx3-ubyte\"",
+        "--set",
+        "finetune.test=\"/usr/share/datasets/mnist/t10k-images-idx3-ubyte\"",
+        "--set",
+        "finetune.labels_per_class=5",
+        "--set",
+        "finetune.epochs=1",
+        "--set",
+        "finetune.test_limit=300",
+    ];
     let mut args = vec!["pretrain", "--config", "mae-fmnist-tiny", "--out", run.to_str().unwrap(), "--quiet"];
     args.extend(quick);
+    args.extend(transfer);
     let stdout = ok(&args);
     assert!(stdout.contains("linear probe top-1"), "{stdout}");
+    assert!(
+        stdout.contains("pretrained") && stdout.contains("from scratch") && stdout.contains("scratch by"),
+        "{stdout}"
+    );
+    let cmp = json(&run.join("finetune/comparison.json"));
+    for side in ["pretrained", "scratch"] {
+        assert_eq!(cmp[side]["train_samples"].as_u64(), Some(50), "{side}");
+        assert_eq!(cmp[side]["test_samples"].as_u64(), Some(300), "{side}");
+        assert!(cmp[side]["train_data"].as_str().unwrap().contains("mnist/train"), "{side}");
+        assert!(run.join("finetune").join(side).join("finetune.json").is_file());
+    }
+    assert_eq!(
+        (cmp["pretrained"]["pretrained"].as_bool(), cmp["scratch"]["pretrained"].as_bool()),
+        (Some(true), Some(false))
+    );
     let ev = read_events(&run);
     let loss = ev["scalars"]["train/loss"].as_array().unwrap();
     assert_eq!(loss.len(), 2, "{loss:?}");

@@ -200,6 +200,7 @@ fn write(
     notes: Vec<String>,
 ) -> Result<PackSummary, DataError> {
     check_output(out)?;
+    remove_stale_temporaries(out);
     let mut tmp = out.as_os_str().to_owned();
     tmp.push(format!(".tmp-{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
@@ -216,6 +217,24 @@ fn write(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Removes `OUT.tmp-<pid>` files left by packs of OUT that were killed (their process is gone): they were never
+/// read as output, but they hold disk space. A pack still running (its pid alive) keeps its file.
+fn remove_stale_temporaries(out: &Path) {
+    let (Some(dir), Some(name)) = (out.parent(), out.file_name().and_then(|n| n.to_str())) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let prefix = format!("{name}.tmp-");
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn write_file(

@@ -325,6 +325,12 @@ fn output_is_never_half_written() {
     let small = Prefix::new(fmnist_prefix(), 10);
     let stored = PackOptions { deflate: 0, ..opts.clone() }; // deflate level 0: stored blocks, still checksummed
     assert_eq!(pack::pack_source(&small, "x", &out, &stored).unwrap().count, 10);
+    // The dead run's leftover is cleaned up; a temporary file of a live process (pid 1) is left alone.
+    assert!(!stale.exists(), "stale temporary file not removed");
+    let live = dir.path().join("fm.h5.tmp-1");
+    std::fs::write(&live, b"someone else's").unwrap();
+    pack::pack_source(&small, "x", &out, &stored).unwrap();
+    assert!(live.exists());
     let h5 = Hdf5Source::open(&out, 1).unwrap();
     assert_eq!((h5.len(), h5.reads_raw_chunks()), (10, true));
     assert_eq!(h5.get(9).unwrap().image, small.get(9).unwrap().image);
