@@ -11,7 +11,7 @@ use selfsup_pipeline::finetune::{self, FinetuneOptions};
 use selfsup_pipeline::tensorboard::{NullSink, TensorBoard};
 use selfsup_pipeline::trainer::{self, RunOptions};
 use selfsup_pipeline::transfer::{self, EvalContext};
-use selfsup_pipeline::{checkpoint, select_device, Config};
+use selfsup_pipeline::{checkpoint, Config};
 
 /// Presets compiled into the binary, usable by name wherever a config file is expected.
 pub const PRESETS: [(&str, &str); 6] = [
@@ -167,6 +167,10 @@ fn pretrain(config: Option<String>, set: Vec<String>, out: Option<PathBuf>, resu
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut tb = TensorBoard::create(&out).with_context(|| format!("creating the event file in {}", out.display()))?;
     eprintln!("run folder: {}", out.display());
+    if cfg.finetune.at_end {
+        // Open the fine-tuning data now: a missing or mismatched set should fail before hours of pretraining.
+        finetune::open_data(&cfg).context("checking the finetune data (finetune.at_end = true)")?;
+    }
     let summary = trainer::pretrain(&cfg, &RunOptions { out: out.clone(), resume, quiet }, &mut tb)?;
     println!(
         "pretrained {} steps ({} epochs) on {} in {:.1}s: {:.0} img/s, waited for data {:.1}% of the time, final loss {:.4}",
@@ -188,16 +192,9 @@ fn pretrain(config: Option<String>, set: Vec<String>, out: Option<PathBuf>, resu
             println!("linear probe {:.2}% {verdict} raw pixels {:.2}%", 100.0 * report.linear.top1, 100.0 * raw.top1);
         }
     }
-    let summary_path = out.join("summary.json");
-    std::fs::write(&summary_path, serde_json::to_vec_pretty(&summary)?)
-        .with_context(|| summary_path.display().to_string())?;
+    selfsup_pipeline::write_json_atomic(&out.join("summary.json"), &summary)?;
     if cfg.finetune.at_end {
-        let ckpt = checkpoint::resolve(&out)?;
-        let dir = out.join("finetune");
-        let (mut tp, mut ts) = (tensorboard_in(&dir.join("pretrained"))?, tensorboard_in(&dir.join("scratch"))?);
-        let c = finetune::compare(&cfg, &ckpt, &dir, quiet, [&mut tp, &mut ts])?;
-        println!("{c}");
-        println!("wrote {}", dir.join("comparison.json").display());
+        run_compare(&cfg, &checkpoint::resolve(&out)?, &out.join("finetune"), quiet, false)?;
     }
     println!("run folder: {}  (tensorboard --logdir {})", out.display(), out.display());
     Ok(())
@@ -207,12 +204,12 @@ fn eval(ckpt: PathBuf, set: Vec<String>, out: Option<PathBuf>) -> Result<()> {
     let ckpt = checkpoint::resolve(&ckpt)?;
     let base = checkpoint::load_config(&ckpt)?;
     let cfg = Config::from_toml(&base.to_toml(), &ckpt.join("config.toml").display().to_string(), &set)?;
-    let device = select_device(cfg.train.device)?;
+    let (device, autocast) = selfsup_pipeline::prepare_device(cfg.train.device, cfg.train.bf16)?;
     let source = selfsup_pipeline::source::open(&cfg.data.train, cfg.data.channels)?;
     let mut model = trainer::build_model(&cfg, source.channels(), device)?;
     checkpoint::load_weights(&mut model.vs, &ckpt)?;
     eprintln!("evaluating {}", ckpt.display());
-    let ctx = EvalContext { cfg: &cfg, device, threads: cfg.train.threads };
+    let ctx = EvalContext { cfg: &cfg, device, threads: cfg.train.threads, autocast };
     let report = transfer::evaluate(model.objective.backbone(), &ctx, &mut NullSink, 0)?;
     println!("{report}");
     // checkpoints live in <run>/checkpoints/<name>: the report goes to the run folder by default.
@@ -221,6 +218,19 @@ fn eval(ckpt: PathBuf, set: Vec<String>, out: Option<PathBuf>) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     transfer::write_report(&report, &dir)?;
     println!("wrote {}", dir.join("eval.json").display());
+    Ok(())
+}
+
+/// Fine-tunes checkpoint `ckpt` and the same backbone from scratch into `out/{pretrained,scratch}` and prints the
+/// comparison (and, with `details`, both reports in full).
+fn run_compare(cfg: &Config, ckpt: &Path, out: &Path, quiet: bool, details: bool) -> Result<()> {
+    let (mut tp, mut ts) = (tensorboard_in(&out.join("pretrained"))?, tensorboard_in(&out.join("scratch"))?);
+    let c = finetune::compare(cfg, ckpt, out, quiet, [&mut tp, &mut ts])?;
+    if details {
+        println!("{}\n{}", c.pretrained, c.scratch);
+    }
+    println!("{c}");
+    println!("wrote {}", out.join("comparison.json").display());
     Ok(())
 }
 
@@ -291,13 +301,7 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     let out = a.out.unwrap_or_else(|| run_dir.join(format!("finetune-{}", utc_stamp())));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     if a.compare {
-        let (mut tp, mut ts) = (tensorboard_in(&out.join("pretrained"))?, tensorboard_in(&out.join("scratch"))?);
-        let c = finetune::compare(&cfg, &ckpt, &out, a.quiet, [&mut tp, &mut ts])?;
-        println!("{}", c.pretrained);
-        println!("{}", c.scratch);
-        println!("{c}");
-        println!("wrote {}", out.join("comparison.json").display());
-        return Ok(());
+        return run_compare(&cfg, &ckpt, &out, a.quiet, true);
     }
     let mut sink = tensorboard_in(&out)?;
     let checkpoint = (!a.from_scratch).then_some(ckpt);

@@ -302,7 +302,7 @@ fn mae_pretrain_reconstructs_and_finetune_works_on_mae_and_simclr_checkpoints() 
     let stdout = ok(&args);
     assert!(stdout.contains("linear probe top-1"), "{stdout}");
     assert!(
-        stdout.contains("pretrained") && stdout.contains("from scratch") && stdout.contains("scratch by"),
+        stdout.contains("pretrained") && stdout.contains("from scratch") && stdout.contains(" points"),
         "{stdout}"
     );
     let cmp = json(&run.join("finetune/comparison.json"));

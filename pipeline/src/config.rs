@@ -79,7 +79,8 @@ pub struct FinetuneConfig {
     pub momentum: f64,
     pub beta1: f64,
     pub beta2: f64,
-    /// Layer-wise learning-rate decay (BEiT/MAE): layer l of L gets lr * layer_decay^(L - l); 1 = off.
+    /// Layer-wise learning-rate decay (BEiT/MAE): layer l of L gets lr * layer_decay^(L - l); 1 = off (the
+    /// default; the ViT presets set 0.75).
     pub layer_decay: f64,
     pub warmup_epochs: f64,
     /// Max global gradient norm (0 = no clipping).
@@ -113,7 +114,7 @@ impl Default for FinetuneConfig {
             momentum: 0.9,
             beta1: 0.9,
             beta2: 0.999,
-            layer_decay: 0.75,
+            layer_decay: 1.0,
             warmup_epochs: 1.0,
             clip_grad: 0.0,
             crop_scale: (0.6, 1.0),
@@ -361,7 +362,13 @@ impl Config {
         self.objective.validate().map_err(model_err)?;
         self.optimizer.validate().map_err(model_err)?;
         let f = &self.finetune;
-        check(file, "finetune.epochs", f.epochs >= 1, || "must be >= 1".into())?;
+        check(file, "finetune.epochs", f.epochs >= 1, || format!("must be >= 1, got {}", f.epochs))?;
+        check(file, "finetune.test", !(f.train.is_some() && f.test.is_none()), || {
+            "must be set when finetune.train is (test data with the same labels as the training data)".into()
+        })?;
+        check(file, "finetune.test", !f.at_end || f.test.is_some() || self.data.test.is_some(), || {
+            "finetune.at_end needs test data: set finetune.test or data.test".into()
+        })?;
         check(file, "finetune.batch_size", f.batch_size >= 2, || format!("must be >= 2, got {}", f.batch_size))?;
         check(file, "finetune.label_smoothing", (0.0..1.0).contains(&f.label_smoothing), || {
             "must be in [0, 1)".into()

@@ -44,6 +44,8 @@ pub struct ExtractOptions<'a> {
     pub device: Device,
     /// Use only the first N samples (0 = all).
     pub limit: usize,
+    /// Run the networks under autocast (bf16, set up by [`prepare_device`](crate::prepare_device)); as training.
+    pub autocast: bool,
 }
 
 /// Runs each of `fs` (a frozen network, identity for raw pixels, ...) over the labeled `source` in one pass, so the
@@ -85,7 +87,7 @@ pub fn extract(
             .view([batch.len() as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64])
             .to_device(opts.device);
         for (f, out) in fs.iter().zip(xs.iter_mut()) {
-            let feats = tch::no_grad(|| tch::autocast(opts.device.is_cuda(), || f(&x)));
+            let feats = tch::no_grad(|| tch::autocast(opts.autocast, || f(&x)));
             out.push(feats.to_kind(Kind::Float).to_device(Device::Cpu));
         }
         ys.push(Tensor::from_slice(labels));

@@ -14,14 +14,14 @@ use serde::Serialize;
 use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{Config, FinetuneMode};
+use crate::config::{Config, FinetuneConfig, FinetuneMode, ShuffleMode};
 use crate::eval::{eval_recipe, extract, ClassReport, ExtractOptions};
 use crate::loader::{Loader, LoaderConfig};
 use crate::progress::Progress;
 use crate::source::{self, Source, Subset};
 use crate::tensorboard::Sink;
-use crate::trainer::{param_spec, to_device};
-use crate::{checkpoint, select_device, Error, Result};
+use crate::trainer::{optimizer_step, param_spec, report_bad, to_device};
+use crate::{checkpoint, prepare_device, write_json_atomic, Error, Result};
 
 pub struct FinetuneOptions {
     /// Where `finetune.json`, the event file and the fine-tuned weights go.
@@ -59,6 +59,9 @@ pub struct FinetuneReport {
     pub test: ClassReport,
     pub curve: Vec<CurvePoint>,
     pub unreadable_samples: usize,
+    pub seed: u64,
+    /// The recipe as run (the whole config is in `config.toml` beside the report).
+    pub recipe: FinetuneConfig,
 }
 
 impl std::fmt::Display for FinetuneReport {
@@ -85,12 +88,61 @@ impl std::fmt::Display for FinetuneReport {
     }
 }
 
-fn labeled(path: &Path, cfg: &Config) -> Result<Arc<dyn Source>> {
+fn labeled(path: &Path, key: &str, cfg: &Config) -> Result<Arc<dyn Source>> {
     let s: Arc<dyn Source> = source::open_with(path, cfg.data.open_options())?.into();
     if s.labels().is_none() {
-        return Err(Error::Other(format!("{}: fine-tuning needs labels and this source has none", path.display())));
+        let msg = format!("{key} = {}: fine-tuning needs labels and this source has none", path.display());
+        return Err(Error::Other(msg));
     }
     Ok(s)
+}
+
+/// The labeled data of `cfg.finetune`, opened and checked against each other: (train, test, class names).
+/// Training on other data than pretraining needs its own test data; both must have the same channels and, when
+/// both name their classes (image folders, HDF5), the same classes in the same order (labels are indices).
+pub fn open_data(cfg: &Config) -> Result<(Arc<dyn Source>, Arc<dyn Source>, Vec<String>)> {
+    let f = &cfg.finetune;
+    if f.train.is_some() && f.test.is_none() {
+        return Err(Error::Other(
+            "finetune.train (--data) is set but finetune.test (--test) is not: the pretraining data's test set \
+             would score the wrong labels"
+                .into(),
+        ));
+    }
+    let train_key = if f.train.is_some() { "finetune.train" } else { "data.train" };
+    let test_key = if f.test.is_some() { "finetune.test" } else { "data.test" };
+    let train_path = f.train.as_ref().unwrap_or(&cfg.data.train);
+    let test_path = f
+        .test
+        .as_ref()
+        .or(cfg.data.test.as_ref())
+        .ok_or_else(|| Error::Other("no test data: set finetune.test (--test) or data.test".into()))?;
+    let train = labeled(train_path, train_key, cfg)?;
+    let test = labeled(test_path, test_key, cfg)?;
+    if train.channels() != test.channels() {
+        let (a, b) = (train.channels(), test.channels());
+        return Err(Error::Other(format!("{train_key} has {a} channel(s), {test_key} {b}: set data.channels")));
+    }
+    let (a, b) = (train.class_names(), test.class_names());
+    if !a.is_empty() && !b.is_empty() && a != b {
+        let i = a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+        return Err(Error::Other(format!(
+            "{train_key} and {test_key} name different classes (class {i}: {:?} vs {:?}); labels are class \
+             indices, so both need the same classes in the same order",
+            a.get(i),
+            b.get(i)
+        )));
+    }
+    let names = if !f.class_names.is_empty() {
+        f.class_names.clone()
+    } else if f.train.is_none() && f.test.is_none() && !cfg.data.class_names.is_empty() {
+        cfg.data.class_names.clone()
+    } else if !b.is_empty() {
+        b
+    } else {
+        a
+    };
+    Ok((train, test, names))
 }
 
 /// The backbone plus a linear classifier `head` (timm's name), in one VarStore.
@@ -125,20 +177,14 @@ fn build_classifier(cfg: &Config, channels: u8, classes: i64, device: Device) ->
 
 /// Fine-tunes `cfg`'s backbone (from `opts.checkpoint`, or from scratch) with `cfg.finetune`.
 pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Result<FinetuneReport> {
-    let t0 = Instant::now();
     let f = &cfg.finetune;
-    let device = select_device(cfg.train.device)?;
-    let autocast = device.is_cuda() && cfg.train.bf16;
-    if autocast && !selfsup_models::device::use_bf16_autocast() {
-        return Err(Error::Other("libtorch refused bf16 autocast".into()));
-    }
-    let train_path = f.train.clone().unwrap_or_else(|| cfg.data.train.clone());
-    let test_path =
-        f.test.clone().or_else(|| cfg.data.test.clone()).ok_or_else(|| {
-            Error::Other("no test data: set finetune.test (or data.test), e.g. --test <images>".into())
-        })?;
-    let full_train = labeled(&train_path, cfg)?;
-    let test_src = labeled(&test_path, cfg)?;
+    let (device, autocast) = prepare_device(cfg.train.device, cfg.train.bf16)?;
+    let (full_train, test_src, names) = open_data(cfg)?;
+    let io = |e: std::io::Error| Error::Other(format!("{}: {e}", opts.out.display()));
+    std::fs::create_dir_all(&opts.out).map_err(io)?;
+    std::fs::write(opts.out.join("config.toml"), cfg.to_toml()).map_err(io)?;
+    // Timed from here: building, loading, training and testing (not opening the data).
+    let t0 = Instant::now();
     let train_src: Arc<dyn Source> = if f.labels_per_class > 0 {
         Arc::new(Subset::per_class(full_train.clone(), f.labels_per_class, cfg.seed).expect("labels checked above"))
     } else {
@@ -146,13 +192,6 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
     };
     let classes = train_src.num_classes().max(test_src.num_classes()).unwrap_or(0) as i64;
     let channels = train_src.channels();
-    let names = if !f.class_names.is_empty() {
-        f.class_names.clone()
-    } else if f.train.is_none() && !cfg.data.class_names.is_empty() {
-        cfg.data.class_names.clone()
-    } else {
-        test_src.class_names()
-    };
 
     let model = build_classifier(cfg, channels, classes, device)?;
     if let Some(ckpt) = &opts.checkpoint {
@@ -178,7 +217,9 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
     let views = Arc::new(Views::new(vec![recipe.build(channels)?]));
     let batch_size = f.batch_size.min(train_src.len());
     if batch_size < 2 {
-        return Err(Error::Other(format!("{} labeled training images: need at least 2", train_src.len())));
+        let n = train_src.len();
+        let msg = format!("{n} labeled training images (finetune.labels_per_class = {}): need 2", f.labels_per_class);
+        return Err(Error::Other(msg));
     }
     let loader_cfg = LoaderConfig {
         batch_size,
@@ -186,8 +227,9 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         prefetch: cfg.train.prefetch,
         seed: cfg.seed ^ 0x5eed_f17e,
         shuffle: true,
-        full_shuffle: false,
-        drop_last: true,
+        full_shuffle: cfg.data.shuffle == ShuffleMode::Full,
+        // Every labeled image every epoch: with few labels a dropped remainder is a large share of them.
+        drop_last: false,
     };
     let loader = Loader::new(train_src.clone(), views, loader_cfg).map_err(|e| Error::Other(e.to_string()))?;
     let steps_per_epoch = loader.batches_per_epoch() as u64;
@@ -197,8 +239,14 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
     let mut opt = Optimizer::new_with(&model.vs, &ocfg, param_spec(model.backbone.as_ref(), ocfg.layer_decay))?;
     let peak_lr = ocfg.base_lr * batch_size as f64 / 256.0;
 
-    let eval_opts =
-        ExtractOptions { recipe: &view, batch_size: 512, threads: cfg.train.threads, device, limit: f.test_limit };
+    let eval_opts = ExtractOptions {
+        recipe: &view,
+        batch_size: 512,
+        threads: cfg.train.threads,
+        device,
+        limit: f.test_limit,
+        autocast,
+    };
     let mut progress = Progress::new(total_steps, opts.quiet);
     let mut curve = Vec::new();
     let mut step = 0u64;
@@ -206,10 +254,11 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
     let mut last_report = None;
     for epoch in 0..f.epochs {
         let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
-        let mut n_steps = 0u64;
+        let (mut n_steps, mut seen, mut bad) = (0u64, 0usize, Vec::new());
         let win_start = Instant::now();
         for batch in loader.epoch(epoch as u64) {
-            unreadable += batch.bad.len();
+            seen += batch.len() + batch.bad.len();
+            bad.extend(batch.bad.iter().cloned());
             if batch.len() < 2 {
                 continue;
             }
@@ -219,12 +268,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
             let lr = ocfg.lr_at(peak_lr, step as f64 / steps_per_epoch as f64, f.epochs as f64);
             let logits = tch::autocast(autocast, || model.logits(&x, true, frozen));
             let loss = cross_entropy(&logits, &y, f.label_smoothing);
-            opt.zero_grad();
-            loss.backward();
-            if ocfg.clip_grad > 0.0 {
-                let _ = opt.clip_grad_norm(ocfg.clip_grad);
-            }
-            opt.step(lr);
+            optimizer_step(&mut opt, &loss, ocfg.clip_grad, lr);
             step += 1;
             n_steps += 1;
             loss_acc += loss.detach();
@@ -232,8 +276,14 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
                 sink.scalar("finetune/lr", step as i64, lr);
             }
         }
-        let train_loss = loss_acc.double_value(&[]) / n_steps.max(1) as f64;
-        let ips = (n_steps * batch_size as u64) as f64 / win_start.elapsed().as_secs_f64().max(1e-9);
+        report_bad(epoch, &bad, seen, cfg.data.max_bad_fraction)?;
+        unreadable += bad.len();
+        let train_loss = if n_steps > 0 { loss_acc.double_value(&[]) / n_steps as f64 } else { f64::NAN };
+        if !train_loss.is_finite() {
+            let msg = format!("fine-tuning loss is {train_loss} in epoch {} (lower finetune.base_lr?)", epoch + 1);
+            return Err(Error::Other(msg));
+        }
+        let ips = (seen - bad.len()) as f64 / win_start.elapsed().as_secs_f64().max(1e-9);
         sink.scalar("finetune/train_loss", step as i64, train_loss);
         progress.update(epoch, f.epochs, step, train_loss, ips, 0.0, epoch + 1 == f.epochs);
         let last = epoch + 1 == f.epochs;
@@ -248,24 +298,17 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         };
         curve.push(CurvePoint { epoch: epoch + 1, train_loss, test_top1 });
         sink.flush();
-        if !train_loss.is_finite() {
-            return Err(Error::Other(format!(
-                "fine-tuning loss is {train_loss} in epoch {}; lower finetune.base_lr?",
-                epoch + 1
-            )));
-        }
     }
     progress.finish();
     let (test, test_samples, test_bad) = last_report.expect("the last epoch always evaluates");
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::Other(format!("{}: {e}", opts.out.display())))?;
     save_weights(&model.vs, &opts.out)?;
     let report = FinetuneReport {
         checkpoint: opts.checkpoint.clone(),
         pretrained: opts.checkpoint.is_some(),
         mode: f.mode,
         backbone: backbone_name(cfg),
-        train_data: train_path,
-        test_data: test_path,
+        train_data: f.train.clone().unwrap_or_else(|| cfg.data.train.clone()),
+        test_data: f.test.clone().or_else(|| cfg.data.test.clone()).unwrap_or_default(),
         train_samples: train_src.len(),
         labels_per_class: f.labels_per_class,
         test_samples,
@@ -277,8 +320,10 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         test,
         curve,
         unreadable_samples: unreadable + test_bad,
+        seed: cfg.seed,
+        recipe: f.clone(),
     };
-    write_json(&opts.out.join("finetune.json"), &report)?;
+    write_json_atomic(&opts.out.join("finetune.json"), &report)?;
     Ok(report)
 }
 
@@ -311,16 +356,10 @@ fn save_weights(vs: &VarStore, dir: &Path) -> Result<()> {
     let p = dir.join("finetuned.safetensors");
     // The extension picks the format in tch: keep `.safetensors` last.
     let tmp = dir.join(".finetuned.tmp.safetensors");
-    vs.save(&tmp).map_err(|e| Error::Other(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, &p).map_err(|e| Error::Other(format!("{}: {e}", p.display())))
-}
-
-/// Writes `value` as pretty JSON to `path` (temporary file, then rename).
-pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let io = |e: std::io::Error| Error::Other(format!("{}: {e}", path.display()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value).expect("reports serialize")).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let err = |e: &dyn std::fmt::Display| Error::Other(format!("{}: {e}", p.display()));
+    vs.save(&tmp).map_err(|e| err(&e))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| err(&e))?;
+    std::fs::rename(&tmp, &p).map_err(|e| err(&e))
 }
 
 /// The pretrained fine-tune and the from-scratch baseline with the same recipe, side by side.
@@ -348,20 +387,17 @@ impl std::fmt::Display for Comparison {
             p.epochs,
             p.mode
         )?;
-        writeln!(f, "  {:<13} {:>8} {:>14} {:>9}", "", "top-1", "worst class", "seconds")?;
+        writeln!(f, "  {:<13} {:>8} {:>9}  worst class", "", "top-1", "seconds")?;
         for (name, r) in [("pretrained", p), ("from scratch", s)] {
-            writeln!(
-                f,
-                "  {:<13} {:>7.2}% {:>7.2}% {:<6} {:>8.1}",
-                name,
-                100.0 * r.top1,
-                100.0 * r.test.worst_accuracy,
-                r.test.worst_class,
-                r.seconds
-            )?;
+            let (top1, worst) = (100.0 * r.top1, 100.0 * r.test.worst_accuracy);
+            writeln!(f, "  {name:<13} {top1:>7.2}% {:>9.1}  {} ({worst:.2}%)", r.seconds, r.test.worst_class)?;
         }
         let g = self.gain_points();
-        write!(f, "  pretrained {} scratch by {:.2} points", if g > 0.0 { "beats" } else { "does NOT beat" }, g.abs())
+        if g > 0.0 {
+            write!(f, "  pretrained beats scratch by {g:.2} points")
+        } else {
+            write!(f, "  pretrained does NOT beat scratch ({g:+.2} points)")
+        }
     }
 }
 
@@ -375,6 +411,6 @@ pub fn compare(cfg: &Config, ckpt: &Path, out: &Path, quiet: bool, sinks: [&mut 
     let pretrained = run(Some(ckpt.to_path_buf()), "pretrained", sp)?;
     let scratch = run(None, "scratch", ss)?;
     let c = Comparison { pretrained, scratch };
-    write_json(&out.join("comparison.json"), &c)?;
+    write_json_atomic(&out.join("comparison.json"), &c)?;
     Ok(c)
 }

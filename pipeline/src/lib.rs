@@ -53,6 +53,33 @@ pub fn venv_python() -> std::path::PathBuf {
     cache_dir().join("venv/bin/python")
 }
 
+/// Writes `value` as pretty JSON to `path` crash-safely: a temporary file beside it, synced, then renamed.
+pub fn write_json_atomic(path: &std::path::Path, value: &impl serde::Serialize) -> Result<()> {
+    use std::io::Write;
+    let name = path.file_name().map_or("out.json".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let io = |e: std::io::Error| Error::Other(format!("{}: {e}", path.display()));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(&serde_json::to_vec_pretty(value).expect("reports serialize")).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The device of `choice`, set up for training: on CUDA TF32 matmuls, cuDNN autotuning and (when `bf16`) bf16 as
+/// the autocast type. Returns the device and whether to run under autocast.
+pub fn prepare_device(choice: config::DeviceChoice, bf16: bool) -> Result<(tch::Device, bool)> {
+    let device = select_device(choice)?;
+    if !device.is_cuda() {
+        return Ok((device, false));
+    }
+    selfsup_models::device::set_tf32(true);
+    selfsup_models::device::set_cudnn_benchmark(true);
+    if bf16 && !selfsup_models::device::use_bf16_autocast() {
+        return Err(Error::Other("libtorch refused bf16 autocast".into()));
+    }
+    Ok((device, bf16))
+}
+
 /// The device a run asks for: CUDA when visible for `auto`; `cuda` without a GPU is an error, not a silent CPU run.
 pub fn select_device(choice: config::DeviceChoice) -> Result<tch::Device> {
     use config::DeviceChoice::*;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use selfsup_augment::{Image, Rng, Views};
-use selfsup_models::{device as dev, layer_decay_scale, Backbone, Batch, Objective, Optimizer, ParamSpec};
+use selfsup_models::{layer_decay_scale, Backbone, Batch, Objective, Optimizer, ParamSpec};
 use serde::Serialize;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -18,7 +18,7 @@ use crate::progress::Progress;
 use crate::source::{self, Source};
 use crate::tensorboard::{grid, images_from_tensor, upscale, Sink};
 use crate::transfer::{self, EvalContext, EvalReport};
-use crate::{select_device, Error, Result};
+use crate::{prepare_device, Error, Result};
 
 pub struct RunOptions {
     /// The run folder: resolved config, event file, checkpoints, eval.json.
@@ -128,9 +128,27 @@ fn recon_batch(cfg: &Config, train: &dyn Source, device: Device, n: usize) -> Op
     (!batch.is_empty()).then(|| to_device(&batch, device).swap_remove(0))
 }
 
-/// Logs original / masked / reconstructed images (one row each) for masked-image objectives.
+/// The seed of torch's global RNG in epoch `epoch`.
+fn epoch_seed(seed: u64, epoch: usize) -> i64 {
+    (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (epoch as u64 + 1)) as i64 & i64::MAX
+}
+
+/// One optimizer update from `loss`: zero the gradients, backpropagate, clip their global norm to `clip` (0 = no
+/// clipping), step with learning rate `lr`. The same for pretraining and fine-tuning.
+pub fn optimizer_step(opt: &mut Optimizer, loss: &Tensor, clip: f64, lr: f64) {
+    opt.zero_grad();
+    loss.backward();
+    if clip > 0.0 {
+        let _ = opt.clip_grad_norm(clip);
+    }
+    opt.step(lr);
+}
+
+/// Logs original / masked / reconstructed images (one row each) for masked-image objectives. The masks come
+/// from a fixed seed, so grids from different epochs show the same patches hidden.
 fn log_reconstruction(objective: &mut dyn Objective, x: Option<&Tensor>, cfg: &Config, sink: &mut dyn Sink, step: i64) {
     let Some(x) = x else { return };
+    tch::manual_seed(epoch_seed(cfg.seed, usize::MAX));
     let Some((masked, recon)) = objective.reconstruct(x) else { return };
     let view = &cfg.view_recipes()[0];
     let mut tiles = Vec::new();
@@ -145,7 +163,7 @@ fn log_reconstruction(objective: &mut dyn Objective, x: Option<&Tensor>, cfg: &C
     sink.flush();
 }
 
-fn report_bad(epoch: usize, bad: &[BadSample], seen: usize, max_fraction: f64) -> Result<()> {
+pub(crate) fn report_bad(epoch: usize, bad: &[BadSample], seen: usize, max_fraction: f64) -> Result<()> {
     if bad.is_empty() {
         return Ok(());
     }
@@ -170,15 +188,7 @@ fn report_bad(epoch: usize, bad: &[BadSample], seen: usize, max_fraction: f64) -
 
 /// Pretrains `cfg` into `opts.out`, then evaluates if configured. The loop is the same for every objective.
 pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<RunSummary> {
-    let device = select_device(cfg.train.device)?;
-    if device.is_cuda() {
-        dev::set_tf32(true);
-        dev::set_cudnn_benchmark(true);
-        if cfg.train.bf16 && !dev::use_bf16_autocast() {
-            return Err(Error::Other("libtorch refused bf16 autocast".into()));
-        }
-    }
-    let autocast = device.is_cuda() && cfg.train.bf16;
+    let (device, autocast) = prepare_device(cfg.train.device, cfg.train.bf16)?;
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |e: std::io::Error| Error::Other(format!("{}: {e}", p.display()))
@@ -234,14 +244,18 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     let (mut total_wait, mut total_train, mut images_seen) = (0f64, 0f64, 0u64);
     let mut unreadable = 0usize;
     let mut final_loss = f64::NAN;
-    let eval_ctx = EvalContext { cfg, device, threads: t.threads };
+    let eval_ctx = EvalContext { cfg, device, threads: t.threads, autocast };
     let mut last_saved = None;
     let mut epoch = start_epoch;
     // The logging window runs across epoch boundaries and counts only time inside the training loop (not
     // checkpoints or k-NN between epochs), so images/s and the wait fraction cover every step exactly once.
     let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
     let (mut acc_steps, mut win_images, mut win_wait, mut win_time) = (0u64, 0u64, 0f64, 0f64);
+    let mut cut_short = false;
     while epoch < t.epochs && step < max_steps {
+        // Torch's global RNG (masks of MAE/SimMIM, dropout) restarts from (seed, epoch) every epoch: a run resumed
+        // at an epoch boundary continues exactly, and reconstruction grids between epochs change nothing.
+        tch::manual_seed(epoch_seed(cfg.seed, epoch));
         let mut bad = Vec::new();
         let (mut seen, mut consumed) = (0usize, 0u64);
         let mut batches = loader.epoch(epoch as u64);
@@ -261,12 +275,7 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
             let lr = cfg.optimizer.lr_at(peak_lr, progress_epochs, t.epochs as f64);
             let out =
                 tch::autocast(autocast, || model.objective.loss(&Batch { views: to_device(&batch, device) }, true));
-            opt.zero_grad();
-            out.loss.backward();
-            if cfg.optimizer.clip_grad > 0.0 {
-                let _ = opt.clip_grad_norm(cfg.optimizer.clip_grad);
-            }
-            opt.step(lr);
+            optimizer_step(&mut opt, &out.loss, cfg.optimizer.clip_grad, lr);
             step += 1;
             model.objective.after_step(step as f64 / total_steps as f64);
             loss_acc += out.loss.detach().to_kind(Kind::Float);
@@ -299,6 +308,7 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
         report_bad(epoch, &bad, seen, cfg.data.max_bad_fraction)?;
         unreadable += bad.len();
         if consumed < steps_per_epoch {
+            cut_short = true;
             break; // stopped by train.max_steps in the middle of the epoch
         }
         epoch += 1;
@@ -317,18 +327,14 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
         sink.flush();
     }
     progress.finish();
-    if t.recon_every > 0 && step % steps_per_epoch != 0 {
+    if t.recon_every > 0 && cut_short {
         // Cut short by train.max_steps: still show what the model reconstructs.
         log_reconstruction(model.objective.as_mut(), recon_batch.as_ref(), cfg, sink, step as i64);
     }
     if last_saved != Some(step) {
         // The final checkpoint; a run cut short by train.max_steps is named by its step too.
         let state = TrainerState { epoch, step, selfsup_version: env!("CARGO_PKG_VERSION").into() };
-        let name = if step % steps_per_epoch == 0 {
-            format!("epoch-{epoch:04}")
-        } else {
-            format!("epoch-{epoch:04}-step-{step}")
-        };
+        let name = if !cut_short { format!("epoch-{epoch:04}") } else { format!("epoch-{epoch:04}-step-{step}") };
         checkpoint::save(&ckpt_dir, &name, &model.vs, &opt.state(), &state, cfg)?;
     }
     let seconds = run_start.elapsed().as_secs_f64();

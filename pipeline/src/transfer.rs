@@ -55,6 +55,8 @@ pub struct EvalContext<'a> {
     pub cfg: &'a Config,
     pub device: Device,
     pub threads: usize,
+    /// bf16 autocast (CUDA with `train.bf16`).
+    pub autocast: bool,
 }
 
 fn labeled(path: &Path, options: source::OpenOptions) -> Result<Arc<dyn Source>> {
@@ -104,8 +106,14 @@ fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<Eva
     let names = class_names(cfg, test_src.as_ref());
     // Evaluation sees whole images at the first (global) view's size and normalization.
     let recipe = cfg.view_recipes().swap_remove(0);
-    let opts =
-        |limit| ExtractOptions { recipe: &recipe, batch_size: 512, threads: ctx.threads, device: ctx.device, limit };
+    let opts = |limit| ExtractOptions {
+        recipe: &recipe,
+        batch_size: 512,
+        threads: ctx.threads,
+        device: ctx.device,
+        limit,
+        autocast: ctx.autocast,
+    };
     let net = |x: &Tensor| backbone.features(x, false);
     let pixels = |x: &Tensor| x.flatten(1, -1);
     let fs: Vec<&dyn Fn(&Tensor) -> Tensor> = if raw { vec![&net, &pixels] } else { vec![&net] };
@@ -156,11 +164,7 @@ pub fn evaluate(backbone: &dyn Backbone, ctx: &EvalContext, sink: &mut dyn Sink,
     })
 }
 
-/// Writes `eval.json` into `dir` (temporary file, then rename).
+/// Writes `eval.json` into `dir` (temporary file, synced, then renamed).
 pub fn write_report(report: &EvalReport, dir: &Path) -> Result<()> {
-    let p = dir.join("eval.json");
-    let tmp = dir.join(".eval.json.tmp");
-    let io = |e: std::io::Error| Error::Other(format!("{}: {e}", p.display()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(report).expect("report serializes")).map_err(io)?;
-    std::fs::rename(&tmp, &p).map_err(io)
+    crate::write_json_atomic(&dir.join("eval.json"), report)
 }
