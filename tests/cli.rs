@@ -301,10 +301,7 @@ fn mae_pretrain_reconstructs_and_finetune_works_on_mae_and_simclr_checkpoints() 
     args.extend(transfer);
     let stdout = ok(&args);
     assert!(stdout.contains("linear probe top-1"), "{stdout}");
-    assert!(
-        stdout.contains("pretrained") && stdout.contains("from scratch") && stdout.contains(" points"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("pretrained") && stdout.contains("from scratch") && stdout.contains(" points"), "{stdout}");
     let cmp = json(&run.join("finetune/comparison.json"));
     for side in ["pretrained", "scratch"] {
         assert_eq!(cmp[side]["train_samples"].as_u64(), Some(50), "{side}");

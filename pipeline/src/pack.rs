@@ -4,15 +4,17 @@
 //! - `fixed`: `images` `uint8 [N,H,W,C]`, the decoded pixels; needs every sample to have one size;
 //! - `encoded`: `encoded` variable-length `uint8`, each image file's bytes as they are (image folders only;
 //!   chosen automatically when the folder's images differ in size). HDF5 filters act on a vlen data set's
-//!   heap references, not on the bytes, so here the checksum covers the references and the PNG/JPEG framing
-//!   (PNG's own CRCs) the bytes.
+//!   heap references, not on the bytes, so here fletcher32 covers only the references; the bytes are covered
+//!   by `checksums` (below), as JPEG has no checksum of its own and a flipped byte would decode silently.
 //!
 //! Also written: `labels` `int64 [N]` (when the source has labels), `source_index` `int64 [N]` (row → index in
-//! the source: rows shift after skipped samples, and with `shuffle`) and root attributes `source`, `count`,
-//! `layout`, `shape` (H,W,C; fixed only), `class_names` (when known), `skipped`, `content_hash` and
-//! `content_hash_algorithm`. The content hash is 64-bit FNV-1a ([`fnv1a64`]) over, for every row in order:
-//! its byte count as u64 little-endian, its bytes (pixels, or the encoded file), then its label as i64
-//! little-endian when there are labels.
+//! the source: rows shift after skipped samples, and with `shuffle`), in the encoded layout `checksums`
+//! `uint32 [N]` (CRC-32 of each row's file bytes, IEEE polynomial as zlib's `crc32`, with the data set
+//! attribute `checksum = "crc32"`; the reader verifies each sample before decoding it) and root attributes
+//! `source`, `count`, `layout`, `shape` (H,W,C; fixed only), `class_names` (when known), `skipped`,
+//! `content_hash` and `content_hash_algorithm`. The content hash is 64-bit FNV-1a ([`fnv1a64`]) over, for every
+//! row in order: its byte count as u64 little-endian, its bytes (pixels, or the encoded file), then its label as
+//! i64 little-endian when there are labels.
 //!
 //! Unreadable samples are skipped, counted and listed. The file is written as `OUT.tmp-<pid>` beside OUT and
 //! renamed when complete, so OUT is never half-written; on an error the temporary file is removed.
@@ -34,6 +36,8 @@ const MAX_CHUNK_LEN: usize = 256;
 /// What `content_hash_algorithm` says.
 pub const CONTENT_HASH_ALGORITHM: &str =
     "fnv1a64 over rows in order: u64le(byte count), bytes, i64le(label) when labeled";
+/// The `checksum` attribute of the encoded layout's `checksums` data set: CRC-32 (IEEE, zlib's `crc32`).
+pub const CHECKSUM_ALGORITHM: &str = "crc32";
 
 #[derive(Clone, Debug)]
 pub struct PackOptions {
@@ -185,11 +189,13 @@ fn distinct_sizes(folder: &ImageFolder) -> Vec<(u32, u32)> {
     sizes
 }
 
-/// One row ready to write: its bytes (pixels or file), its shape when decoded, its label.
+/// One row ready to write: its bytes (pixels or file), its shape when decoded, its label, and the CRC-32 of
+/// its bytes when encoded.
 struct Row {
     bytes: Vec<u8>,
     shape: Option<[usize; 3]>,
     label: Option<i64>,
+    crc32: Option<u32>,
 }
 
 fn write(
@@ -275,7 +281,8 @@ fn write_file(
     let chunk_len = (CHUNK_BYTES / sample_bytes.max(1)).clamp(1, MAX_CHUNK_LEN);
     let file = File::create(tmp).map_err(h5)?;
     let mut data: Option<(Dataset, Option<[usize; 3]>)> = None;
-    let (mut kept_index, mut kept_labels, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut kept_index, mut kept_labels, mut kept_sums, mut skipped) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut hash = FNV_OFFSET;
     let mut last_report = Instant::now();
     for idx in order.chunks(chunk_len) {
@@ -300,6 +307,7 @@ fn write_file(
                         hash = fnv1a64(hash, &l.to_le_bytes());
                         kept_labels.push(l);
                     }
+                    kept_sums.extend(r.crc32);
                     kept_index.push(i as i64);
                     good.push(r);
                 }
@@ -324,21 +332,15 @@ fn write_file(
         });
     };
     let count = kept_index.len();
-    let column = |values: &[i64], ds_name: &str| -> ::hdf5::Result<()> {
-        let chunk = values.len().clamp(1, 1 << 16);
-        let ds = file
-            .new_dataset::<i64>()
-            .chunk(chunk)
-            .deflate(opts.deflate)
-            .fletcher32()
-            .shape(values.len())
-            .create(ds_name)?;
-        ds.write_raw(values)
-    };
     if labels.is_some() && kept_labels.len() == count {
-        column(&kept_labels, "labels").map_err(h5)?;
+        column(&file, "labels", &kept_labels, opts.deflate).map_err(h5)?;
     }
-    column(&kept_index, "source_index").map_err(h5)?;
+    column(&file, "source_index", &kept_index, opts.deflate).map_err(h5)?;
+    if encoded {
+        debug_assert_eq!(kept_sums.len(), count);
+        let ds = column(&file, "checksums", &kept_sums, opts.deflate).map_err(h5)?;
+        str_attr(&ds, "checksum", CHECKSUM_ALGORITHM).map_err(h5)?;
+    }
     let root: &Location = &file;
     str_attr(root, "source", name).map_err(h5)?;
     str_attr(root, "layout", if encoded { "encoded" } else { "fixed" }).map_err(h5)?;
@@ -378,7 +380,7 @@ fn read_row(input: &Input, i: usize, channels: u8) -> Result<Row, DataError> {
             let sample = s.get(i)?;
             let im = &sample.image;
             let shape = [im.height as usize, im.width as usize, im.channels as usize];
-            Ok(Row { bytes: sample.image.data, shape: Some(shape), label: sample.label })
+            Ok(Row { bytes: sample.image.data, shape: Some(shape), label: sample.label, crc32: None })
         }
         Input::Encoded(f) => {
             let path = f
@@ -387,9 +389,24 @@ fn read_row(input: &Input, i: usize, channels: u8) -> Result<Row, DataError> {
             let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
             // Decoded once here so that a file the reader could not decode is skipped now, not at training time.
             source::decode_bytes(&bytes, channels, source::DEFAULT_MAX_PIXELS, path)?;
-            Ok(Row { bytes, shape: None, label: None })
+            let crc32 = Some(libdeflater::crc32(&bytes));
+            Ok(Row { bytes, shape: None, label: None, crc32 })
         }
     }
+}
+
+/// Writes the 1-D data set `name` (labels, source indices, checksums): chunked, deflated and fletcher32-checked
+/// like the data.
+fn column<T: ::hdf5::H5Type>(file: &File, name: &str, values: &[T], deflate: u8) -> ::hdf5::Result<Dataset> {
+    let ds = file
+        .new_dataset::<T>()
+        .chunk(values.len().clamp(1, 1 << 16))
+        .deflate(deflate)
+        .fletcher32()
+        .shape(values.len())
+        .create(name)?;
+    ds.write_raw(values)?;
+    Ok(ds)
 }
 
 /// Creates the (growable) data set: `images [0.., H, W, C]` for decoded rows, `encoded [0..]` otherwise.

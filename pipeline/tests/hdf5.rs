@@ -1,7 +1,8 @@
 //! HDF5 on real data: Fashion-MNIST packed and read back pixel for pixel (by our reader and by h5py), checksums
 //! that catch a corrupt chunk, image folders of mixed sizes packed in the encoded layout with a corrupt file
-//! skipped and named, files written by h5py read by us, the loader's block-aware shuffle (bit-identical for any
-//! thread count, every index once per epoch), and output that is never half-written.
+//! skipped and named, per-sample CRC-32s of encoded files (equal to zlib's in h5py's view, and catching one
+//! flipped byte of a packed JPEG), files written by h5py read by us, the loader's block-aware shuffle
+//! (bit-identical for any thread count, every index once per epoch), and output that is never half-written.
 
 mod common;
 
@@ -26,12 +27,32 @@ fn pack_fmnist(dir: &Path) -> (std::path::PathBuf, PackSummary) {
     (out, summary)
 }
 
+/// The setup venv's Python, started without the descriptors of this process: HDF5 opens files without
+/// close-on-exec and `flock`s them, so a child that inherited the descriptor of a file another test thread is
+/// writing would hold that lock until it exits, and that test's next open of the file would fail ("unable to
+/// lock file").
+fn venv_python() -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(selfsup_pipeline::venv_python());
+    // SAFETY: between fork and exec only async-signal-safe system calls (close_range, close) run.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+                for fd in 3..4096 {
+                    libc::close(fd);
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Runs scripts/reference/check_packed.py (h5py, from the setup venv) on `file`.
 fn h5py_view(file: &Path, args: &[&str]) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/reference/check_packed.py");
-    let py = selfsup_pipeline::venv_python();
-    let out = std::process::Command::new(&py).arg(script).arg(file).args(args).output().unwrap_or_else(|e| {
-        panic!("{}: {e} (run scripts/setup)", py.display());
+    let out = venv_python().arg(script).arg(file).args(args).output().unwrap_or_else(|e| {
+        panic!("{}: {e} (run scripts/setup)", selfsup_pipeline::venv_python().display());
     });
     assert!(out.status.success(), "check_packed.py failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
@@ -165,6 +186,8 @@ fn folders_of_mixed_sizes_pack_encoded_and_skip_a_corrupt_file() {
     let v = h5py_view(&out, &["--rows", "0", "--hash"]);
     assert_eq!(v["datasets"]["encoded"]["dtype"], "vlen uint8");
     assert_eq!(v["datasets"]["encoded"]["fletcher32"], true);
+    assert_eq!(v["datasets"]["checksums"]["dtype"], "uint32");
+    assert_eq!(v["checksums"], serde_json::json!({"algorithm": "crc32", "count": 8, "verified": 8, "mismatched": []}));
     assert_eq!(v["attrs"]["layout"], "encoded");
     assert_eq!(v["attrs"]["class_names"], serde_json::json!(["cat", "dog"]));
     assert_eq!(v["content_hash"], format!("{:016x}", summary.content_hash));
@@ -200,6 +223,122 @@ fn folders_of_mixed_sizes_pack_encoded_and_skip_a_corrupt_file() {
     assert!(e.contains("--encoded needs a folder"), "{e}");
 }
 
+/// Noise (from `seed`): JPEG keeps it as kilobytes of entropy-coded data, whose byte runs occur nowhere else.
+fn noisy_rgb(w: u32, h: u32, seed: u32) -> image::RgbImage {
+    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    image::RgbImage::from_fn(w, h, |_, _| {
+        let mut next = || {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 24) as u8
+        };
+        image::Rgb([next(), next(), next()])
+    })
+}
+
+#[test]
+fn encoded_checksums_match_zlib_and_catch_a_flipped_byte_in_one_jpeg() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("mixed");
+    for class in ["png", "jpeg"] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+    }
+    for k in 0..4u8 {
+        write_png(&root.join(format!("png/{k}.png")), 15 + u32::from(k), 11 + 2 * u32::from(k), k + 1);
+        let k = u32::from(k);
+        noisy_rgb(40 + 8 * k, 30 + 4 * k, k).save(root.join(format!("jpeg/{k}.jpg"))).unwrap();
+    }
+    let out = dir.path().join("mixed.h5");
+    let summary = pack::pack(&root, &out, &PackOptions { channels: 3, ..Default::default() }).unwrap();
+    assert_eq!((summary.layout, summary.count, summary.skipped.len()), ("encoded", 8, 0));
+    let file = hdf5::File::open(&out).unwrap();
+    let rows: Vec<i64> = file.dataset("source_index").unwrap().read_raw().unwrap();
+    let sums: Vec<u32> = file.dataset("checksums").unwrap().read_raw().unwrap();
+    drop(file);
+
+    // h5py's view: the data set as specified, and every CRC equal to zlib's.
+    let v = h5py_view(&out, &[]);
+    let ds = &v["datasets"]["checksums"];
+    assert_eq!(
+        (&ds["dtype"], &ds["shape"], &ds["attrs"]["checksum"]),
+        (&"uint32".into(), &serde_json::json!([8]), &"crc32".into())
+    );
+    assert_eq!((ds["compression"].as_str(), ds["fletcher32"].as_bool()), (Some("gzip"), Some(true)));
+    assert_eq!(v["checksums"], serde_json::json!({"algorithm": "crc32", "count": 8, "verified": 8, "mismatched": []}));
+
+    // Flip one byte in the middle of one JPEG's bytes in the file: a 16-byte run of its entropy-coded data is
+    // found exactly once (in the HDF5 global heap, which no filter covers).
+    let folder = ImageFolder::open(&root, 3).unwrap();
+    let target = rows.iter().position(|&i| folder.file(i as usize).unwrap().ends_with("jpeg/2.jpg")).unwrap();
+    let jpeg = std::fs::read(folder.file(rows[target] as usize).unwrap()).unwrap();
+    assert!(jpeg.len() > 2000, "{} bytes", jpeg.len());
+    let window = &jpeg[jpeg.len() / 2..jpeg.len() / 2 + 16];
+    let mut bytes = std::fs::read(&out).unwrap();
+    let found: Vec<usize> = bytes.windows(16).enumerate().filter(|(_, w)| *w == window).map(|(p, _)| p).collect();
+    assert_eq!(found.len(), 1, "the run occurs once: {found:?}");
+    bytes[found[0] + 8] ^= 0x55;
+    let corrupt = dir.path().join("corrupt.h5");
+    std::fs::write(&corrupt, &bytes).unwrap();
+
+    // That sample, and only that one, fails with the checksum error; the others read as before.
+    let (good, bad) = (Hdf5Source::open(&out, 3).unwrap(), Hdf5Source::open(&corrupt, 3).unwrap());
+    for r in 0..8 {
+        let want = folder.get(rows[r] as usize).unwrap();
+        assert_eq!(good.get(r).unwrap().image, want.image, "row {r}");
+        if r == target {
+            let e = bad.get(r).unwrap_err().to_string();
+            let stored = format!("checksum mismatch: stored crc32 {:#010x}, computed 0x", sums[r]);
+            assert!(e.contains(&format!("corrupt.h5#{r}: {stored}")) && e.ends_with("(corrupt file)"), "{e}");
+        } else {
+            let s = bad.get(r).unwrap();
+            assert_eq!((s.image, s.label), (want.image, want.label), "row {r}");
+        }
+    }
+    let v = h5py_view(&corrupt, &[]);
+    assert_eq!(v["checksums"]["mismatched"], serde_json::json!([target]), "zlib agrees");
+    assert_eq!(v["checksums"]["verified"], 7);
+
+    // The loader delivers the other seven and reports that one.
+    let recipe = RecipeConfig::simclr(16, 3);
+    let views = Views::new(vec![recipe.build(3).unwrap()]);
+    let cfg = LoaderConfig {
+        batch_size: 3,
+        threads: 2,
+        prefetch: 2,
+        seed: 1,
+        shuffle: true,
+        full_shuffle: false,
+        drop_last: false,
+    };
+    let batches: Vec<HostBatch> = Loader::new(Arc::new(bad), Arc::new(views), cfg).unwrap().epoch(0).collect();
+    let mut delivered: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).collect();
+    delivered.sort_unstable();
+    assert_eq!(delivered, (0..8).filter(|&r| r != target).collect::<Vec<_>>());
+    let reported: Vec<_> = batches.iter().flat_map(|b| b.bad.clone()).collect();
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    assert_eq!(reported[0].index, target);
+    assert!(reported[0].error.contains("checksum mismatch"), "{:?}", reported[0]);
+
+    // Without `checksums` (as h5py or an older pack writes it), the file reads unchecked: the flipped byte goes
+    // unnoticed or surfaces as some other error, which is the gap the checksums close.
+    let unchecked = dir.path().join("unchecked.h5");
+    std::fs::copy(&corrupt, &unchecked).unwrap();
+    hdf5::File::open_rw(&unchecked).unwrap().unlink("checksums").unwrap();
+    let h5 = Hdf5Source::open(&unchecked, 3).unwrap();
+    for r in (0..8).filter(|&r| r != target) {
+        assert_eq!(h5.get(r).unwrap().image, good.get(r).unwrap().image, "row {r}");
+    }
+    match h5.get(target) {
+        Ok(s) => assert_ne!(s.image, good.get(target).unwrap().image),
+        Err(e) => assert!(!e.to_string().contains("checksum"), "{e}"),
+    }
+    // A `checksums` that does not fit the data is refused at open.
+    let file = hdf5::File::open_rw(&unchecked).unwrap();
+    file.new_dataset_builder().with_data(&[1u32, 2, 3]).create("checksums").unwrap();
+    drop(file);
+    let e = Hdf5Source::open(&unchecked, 3).err().unwrap().to_string();
+    assert!(e.contains("`checksums` has 3 entries for 8 samples"), "{e}");
+}
+
 #[test]
 fn files_written_by_h5py_are_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -216,11 +355,7 @@ with h5py.File(d + "/shuffled.h5", "w") as f:        # chunked, shuffle + gzip +
 with h5py.File(d + "/gzip.h5", "w") as f:            # gzip + fletcher32 as h5py orders them: the fast path
     f.create_dataset("images", data=imgs[..., None], chunks=(16, 6, 5, 1), compression="gzip", fletcher32=True)
 "#;
-    let status = std::process::Command::new(selfsup_pipeline::venv_python())
-        .args(["-c", script])
-        .arg(dir.path())
-        .status()
-        .unwrap();
+    let status = venv_python().args(["-c", script]).arg(dir.path()).status().unwrap();
     assert!(status.success());
     let want = |i: usize| -> Vec<u8> { (0..30).map(|k| ((i * 30 + k) as i64 * 7 % 251) as u8).collect() };
     for (name, block, raw) in [("contiguous.h5", 256, false), ("shuffled.h5", 8, false), ("gzip.h5", 16, true)] {

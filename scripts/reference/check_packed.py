@@ -3,6 +3,9 @@
 root attributes, each data set's shape, dtype, chunks and filters, the labels, the pixels (fixed layout) or bytes
 (encoded layout) of the rows asked for, and, with --hash, the content hash recomputed from the data exactly as
 pack.rs defines it (64-bit FNV-1a over every row in order: u64le(byte count), bytes, i64le(label) when labeled).
+When the file has `checksums` (encoded layout: CRC-32 of each row's bytes), every row is checked with Python's
+zlib.crc32, an implementation independent of ours: "checksums" gives the algorithm (the data set's `checksum`
+attribute), how many rows verified and which rows did not (the exit status stays 0: the caller judges).
 
     check_packed.py FILE [--rows 0,1,1999] [--hash]
 
@@ -11,6 +14,7 @@ Used by pipeline/tests/hdf5.rs, which compares every field with what our reader 
 import argparse
 import json
 import sys
+import zlib
 
 import h5py
 import numpy as np
@@ -46,6 +50,7 @@ def describe(ds):
         "compression_opts": ds.compression_opts,
         "fletcher32": bool(ds.fletcher32),
         "shuffle": bool(ds.shuffle),
+        "attrs": {k: plain(v) for k, v in ds.attrs.items()},
     }
 
 
@@ -77,6 +82,24 @@ def main():
                     if labels is not None:
                         h = fnv1a64(h, int(labels[start + k]).to_bytes(8, "little", signed=True))
             out["content_hash"] = f"{h:016x}"
+        out["checksums"] = None
+        if "checksums" in f:
+            sums = f["checksums"][:]
+            verified, mismatched = 0, []
+            for start in range(0, data.shape[0], 1024):
+                for k, row in enumerate(data[start : start + 1024]):
+                    r = start + k
+                    if r < len(sums) and zlib.crc32(np.asarray(row, dtype=np.uint8).tobytes()) == int(sums[r]):
+                        verified += 1
+                    else:
+                        mismatched.append(r)
+            algorithm = f["checksums"].attrs.get("checksum")
+            out["checksums"] = {
+                "algorithm": plain(algorithm) if algorithm is not None else None,
+                "count": len(sums),
+                "verified": verified,
+                "mismatched": mismatched,
+            }
     json.dump(out, sys.stdout)
 
 

@@ -4,8 +4,12 @@
 //! - encoded: dataset `encoded`, variable-length `uint8` holding one PNG/JPEG file per sample, decoded like
 //!   [`ImageFolder`](super::ImageFolder) decodes (to the `channels` asked for).
 //!
-//! Optional: dataset `labels` (integers `[N]`, read once at open) and the attribute `class_names` (strings, on
-//! the file or on the data set).
+//! Optional: dataset `labels` (integers `[N]`, read once at open), the attribute `class_names` (strings, on
+//! the file or on the data set) and, in the encoded layout, dataset `checksums` (`uint32 [N]`, attribute
+//! `checksum = "crc32"`: what `pack` writes; read once at open). With `checksums`, each sample's bytes are
+//! checked against their CRC-32 before decoding (inside [`timed_decode`](super::timed_decode): part of turning
+//! stored bytes into pixels), and a mismatch is an error for that sample only; HDF5's own fletcher32 covers a
+//! vlen data set's heap references, not the bytes. Files without it (h5py's, older packs) read unchecked.
 //!
 //! Reading streams chunk by chunk: a `get` that misses reads the sample's whole chunk (one hyperslab read
 //! along N) into a small first-in-first-out cache of decoded chunks shared by all threads (plus a per-thread
@@ -127,6 +131,8 @@ pub struct Hdf5Source {
     count: usize,
     block: usize,
     labels: Option<Vec<i64>>,
+    /// CRC-32 of each encoded sample's bytes (dataset `checksums`), when the file has them.
+    checksums: Option<Vec<u32>>,
     classes: Vec<String>,
     channels: u8,
     max_pixels: u64,
@@ -152,6 +158,22 @@ fn string_attr(loc: &Location, name: &str) -> ::hdf5::Result<Option<Vec<String>>
     }
     let v = attr.read_raw::<VarLenAscii>()?;
     Ok(Some(v.iter().map(|s| s.as_str().to_string()).collect()))
+}
+
+/// The encoded layout's `checksums` data set: one CRC-32 per sample.
+fn read_checksums(file: &File, path: &Path, count: usize) -> Result<Vec<u32>, DataError> {
+    let err = |e: ::hdf5::Error| h5_err(path, e);
+    let ds = file.dataset("checksums").map_err(err)?;
+    if let Some(algorithm) = string_attr(&ds, "checksum").map_err(err)? {
+        if algorithm != [crate::pack::CHECKSUM_ALGORITHM] {
+            return Err(h5_err(path, format!("`checksums`: unknown checksum {algorithm:?}, this reader knows crc32")));
+        }
+    }
+    let sums = ds.read_raw::<u32>().map_err(err)?;
+    if sums.len() != count {
+        return Err(h5_err(path, format!("`checksums` has {} entries for {count} samples", sums.len())));
+    }
+    Ok(sums)
 }
 
 impl Hdf5Source {
@@ -212,6 +234,10 @@ impl Hdf5Source {
         } else {
             None
         };
+        let checksums = match layout {
+            Hdf5Layout::Encoded if file.link_exists("checksums") => Some(read_checksums(&file, path, count)?),
+            _ => None,
+        };
         let classes = match string_attr(&file, "class_names").map_err(err)? {
             Some(c) => c,
             None => string_attr(&data, "class_names").map_err(err)?.unwrap_or_default(),
@@ -228,6 +254,7 @@ impl Hdf5Source {
             count,
             block,
             labels,
+            checksums,
             classes,
             channels,
             max_pixels: DEFAULT_MAX_PIXELS,
@@ -296,8 +323,16 @@ impl Hdf5Source {
             }
             (Chunk::Encoded { bytes, ends }, Hdf5Layout::Encoded) => {
                 let start = if k == 0 { 0 } else { ends[k - 1] };
-                let name = PathBuf::from(self.describe(index));
-                decode_bytes(&bytes[start..ends[k]], self.channels, self.max_pixels, &name)
+                let (bytes, name) = (&bytes[start..ends[k]], PathBuf::from(self.describe(index)));
+                if let Some(stored) = self.checksums.as_ref().map(|c| c[index]) {
+                    let computed = super::timed_decode(|| libdeflater::crc32(bytes));
+                    if computed != stored {
+                        let message =
+                            format!("checksum mismatch: stored crc32 {stored:#010x}, computed {computed:#010x}");
+                        return Err(DataError::Invalid { path: name, message: message + " (corrupt file)" });
+                    }
+                }
+                decode_bytes(bytes, self.channels, self.max_pixels, &name)
             }
             _ => Err(h5_err(&self.path, "internal: chunk read in another layout")),
         }
