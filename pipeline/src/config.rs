@@ -162,6 +162,8 @@ pub struct DataConfig {
     pub shuffle: ShuffleMode,
     /// Images whose header claims more pixels than this are refused before decoding (counted as unreadable).
     pub max_pixels: u64,
+    /// Pretrain on the first N training images only (0 = all): quick looks and tests.
+    pub limit: usize,
 }
 
 impl DataConfig {
@@ -180,6 +182,7 @@ impl Default for DataConfig {
             class_names: Vec::new(),
             shuffle: ShuffleMode::Auto,
             max_pixels: crate::source::DEFAULT_MAX_PIXELS,
+            limit: 0,
         }
     }
 }

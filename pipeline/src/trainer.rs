@@ -197,7 +197,10 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     let resolved = opts.out.join("config.toml");
     std::fs::write(&resolved, cfg.to_toml()).map_err(io(&resolved))?;
 
-    let source: Arc<dyn Source> = source::open_with(&cfg.data.train, cfg.data.open_options())?.into();
+    let mut source: Arc<dyn Source> = source::open_with(&cfg.data.train, cfg.data.open_options())?.into();
+    if cfg.data.limit > 0 && cfg.data.limit < source.len() {
+        source = Arc::new(source::Prefix::new(source, cfg.data.limit));
+    }
     let channels = source.channels();
     let mut model = build_model(cfg, channels, device)?;
     let recipes = cfg.view_recipes().iter().map(|r| r.build(channels)).collect::<Result<Vec<_>, _>>()?;

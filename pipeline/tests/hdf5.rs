@@ -332,6 +332,7 @@ fn encoded_checksums_match_zlib_and_catch_a_flipped_byte_in_one_jpeg() {
         Err(e) => assert!(!e.to_string().contains("checksum"), "{e}"),
     }
     // A `checksums` that does not fit the data is refused at open.
+    drop(h5);
     let file = hdf5::File::open_rw(&unchecked).unwrap();
     file.new_dataset_builder().with_data(&[1u32, 2, 3]).create("checksums").unwrap();
     drop(file);
