@@ -354,6 +354,13 @@ fn mae_pretrain_reconstructs_and_finetune_works_on_mae_and_simclr_checkpoints() 
     assert!(ft.join("finetuned.safetensors").is_file());
     let fev = read_events(&ft);
     assert_eq!(fev["scalars"]["finetune/test_top1"].as_array().unwrap().len(), 3);
+    // One confusion matrix per evaluation: 10 classes of 16 px cells on a 1 px grid = 171 x 171.
+    let cm = fev["images"]["finetune/confusion_matrix"].as_array().unwrap();
+    assert_eq!(cm.len(), 3);
+    assert_eq!((cm[2][1].as_i64(), cm[2][2].as_i64()), (Some(171), Some(171)));
+    let conf = r["test"]["confusion"].as_array().unwrap();
+    let total: u64 = conf.iter().flat_map(|row| row.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(total, 500, "every test image in the confusion matrix once");
     assert!(fev["scalars"]["finetune/train_loss"].as_array().is_some());
 
     let scratch = dir.path().join("scratch");

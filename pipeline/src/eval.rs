@@ -190,6 +190,8 @@ pub struct ClassReport {
     pub per_class: Vec<ClassAccuracy>,
     pub worst_class: String,
     pub worst_accuracy: f64,
+    /// `confusion[t][p]`: test images of class t predicted as class p.
+    pub confusion: Vec<Vec<usize>>,
 }
 
 impl ClassReport {
@@ -198,9 +200,13 @@ impl ClassReport {
         let t: Vec<i64> = Vec::try_from(truth).expect("labels are i64");
         let mut hit = vec![0usize; classes];
         let mut count = vec![0usize; classes];
+        let mut confusion = vec![vec![0usize; classes]; classes];
         for (&p, &t) in p.iter().zip(&t) {
             count[t as usize] += 1;
             hit[t as usize] += usize::from(p == t);
+            if let Some(c) = confusion[t as usize].get_mut(p as usize) {
+                *c += 1;
+            }
         }
         let name = |c: usize| class_names.get(c).cloned().unwrap_or_else(|| c.to_string());
         let per_class: Vec<ClassAccuracy> = (0..classes)
@@ -221,6 +227,7 @@ impl ClassReport {
             per_class,
             worst_class: worst.class,
             worst_accuracy: worst.accuracy,
+            confusion,
         }
     }
 }
@@ -272,5 +279,7 @@ mod tests {
         assert!((r.top1 - 5.0 / 6.0).abs() < 1e-12);
         assert_eq!((r.worst_class.as_str(), r.worst_accuracy), ("b", 0.5));
         assert_eq!(r.per_class[0], ClassAccuracy { class: "a".into(), accuracy: 1.0, count: 2 });
+        // Rows: true class; columns: predicted. The one "b" predicted as "a" is confusion[1][0].
+        assert_eq!(r.confusion, vec![vec![2, 0, 0], vec![1, 1, 0], vec![0, 0, 2]]);
     }
 }

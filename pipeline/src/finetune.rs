@@ -19,7 +19,7 @@ use crate::eval::{eval_recipe, extract, ClassReport, ExtractOptions};
 use crate::loader::{Loader, LoaderConfig};
 use crate::progress::Progress;
 use crate::source::{self, Source, Subset};
-use crate::tensorboard::Sink;
+use crate::tensorboard::{confusion_image, Sink};
 use crate::trainer::{optimizer_step, param_spec, report_bad, to_device};
 use crate::{checkpoint, prepare_device, write_json_atomic, Error, Result};
 
@@ -290,6 +290,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         let test_top1 = if last || (f.eval_every > 0 && (epoch + 1) % f.eval_every == 0) {
             let report = evaluate(&model, test_src.clone(), &eval_opts, classes, &names, frozen)?;
             sink.scalar("finetune/test_top1", step as i64, report.0.top1);
+            sink.image("finetune/confusion_matrix", step as i64, &confusion_image(&report.0.confusion, 16));
             let top1 = report.0.top1;
             last_report = Some(report);
             Some(top1)

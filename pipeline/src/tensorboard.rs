@@ -169,3 +169,24 @@ pub fn images_from_tensor(x: &tch::Tensor, mean: &[f32], std: &[f32]) -> Vec<Ima
         })
         .collect()
 }
+
+/// A confusion matrix as an image: one `cell` x `cell` gray square per (true class row, predicted class column),
+/// brightness = the share of that row's images (white = all of them), on a 1-pixel dark grid. Off-diagonal
+/// bright cells are the classes the model mixes up.
+pub fn confusion_image(confusion: &[Vec<usize>], cell: u32) -> Image {
+    let k = confusion.len().max(1) as u32;
+    let side = k * (cell + 1) + 1;
+    let mut data = vec![40u8; (side * side) as usize];
+    for (t, row) in confusion.iter().enumerate() {
+        let total = row.iter().sum::<usize>().max(1) as f64;
+        for (p, &n) in row.iter().enumerate() {
+            let v = (255.0 * n as f64 / total).round() as u8;
+            let (x0, y0) = (1 + p as u32 * (cell + 1), 1 + t as u32 * (cell + 1));
+            for y in y0..y0 + cell {
+                let at = (y * side + x0) as usize;
+                data[at..at + cell as usize].fill(v);
+            }
+        }
+    }
+    Image { width: side, height: side, channels: 1, data }
+}

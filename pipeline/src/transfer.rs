@@ -146,6 +146,7 @@ pub fn evaluate(backbone: &dyn Backbone, ctx: &EvalContext, sink: &mut dyn Sink,
     });
     sink.scalar("eval/knn_top1", step, knn.top1);
     sink.scalar("eval/linear_top1", step, linear.top1);
+    sink.image("eval/linear_confusion_matrix", step, &crate::tensorboard::confusion_image(&linear.confusion, 16));
     if let Some(r) = &raw_pixels_linear {
         sink.scalar("eval/raw_pixels_linear_top1", step, r.top1);
     }
