@@ -66,6 +66,15 @@ enum Command {
     /// Fine-tune a pretrained backbone (or the same one from scratch) on labeled data and report top-1,
     /// per-class and worst-class accuracy. The recipe is the checkpoint's `[finetune]` section (plus --set).
     Finetune(FinetuneArgs),
+    /// Write a checkpoint's backbone alone, under torchvision (ResNet) or timm (ViT) names, for PyTorch.
+    Export {
+        /// A checkpoint folder, a run folder or its checkpoints folder (the latest is used).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Versions, devices, threads, and which datasets are installed where.
     Info,
     /// What a dataset holds: counts, image sizes, unreadable files, exact duplicates, class balance.
@@ -312,6 +321,21 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     Ok(())
 }
 
+fn export(ckpt: &Path, out: &Path) -> Result<()> {
+    if out.extension().is_none_or(|e| e != "safetensors") {
+        bail!("--out {}: the file must end in .safetensors", out.display());
+    }
+    let ckpt = checkpoint::resolve(ckpt)?;
+    let n = checkpoint::export_backbone(&ckpt, out)?;
+    let cfg = checkpoint::load_config(&ckpt)?;
+    let names = match cfg.model.backbone {
+        selfsup_models::BackboneConfig::Resnet(_) => "torchvision ResNet",
+        selfsup_models::BackboneConfig::Vit(_) => "timm VisionTransformer",
+    };
+    println!("wrote {n} backbone tensors of {} to {} ({names} names)", ckpt.display(), out.display());
+    Ok(())
+}
+
 fn inspect(data: &Path, channels: u8, json: Option<PathBuf>) -> Result<()> {
     let source = selfsup_pipeline::source::open(data, channels)?;
     let report = selfsup_pipeline::inspect::inspect(source.as_ref(), &data.display().to_string());
@@ -331,6 +355,7 @@ fn main() {
         Command::Pretrain { config, set, out, resume, quiet } => pretrain(config, set, out, resume, quiet),
         Command::Eval { checkpoint, set, out } => eval(checkpoint, set, out),
         Command::Finetune(args) => finetune(args),
+        Command::Export { checkpoint, out } => export(&checkpoint, &out),
         Command::Info => info::print(),
         Command::Inspect { data, channels, json } => inspect(&data, channels, json),
         Command::BenchLoader { config, set, seconds, threads, gpu_img_per_s } => {

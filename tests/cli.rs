@@ -465,3 +465,58 @@ fn resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run() {
     assert_eq!(a.len(), 4, "{a:?}");
     assert_eq!(a, b, "resumed run diverged");
 }
+
+/// `selfsup export` writes the backbone under torchvision names: a SimCLR ResNet-18 (CIFAR stem, gray) loads into
+/// torchvision's resnet18 with only `fc` missing; a ViT export has timm names and no objective heads.
+#[test]
+fn exported_backbones_load_in_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r18");
+    let one_step = [
+        "--set",
+        "train.device=\"cpu\"",
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "data.limit=64",
+        "--set",
+        "eval.at_end=false",
+        "--quiet",
+    ];
+    let mut args = vec!["pretrain", "--config", "simclr-fmnist", "--out", run.to_str().unwrap()];
+    args.extend(one_step);
+    ok(&args);
+    let file = dir.path().join("r18.safetensors");
+    let stdout = ok(&["export", "--checkpoint", run.to_str().unwrap(), "--out", file.to_str().unwrap()]);
+    assert!(stdout.contains("torchvision ResNet names"), "{stdout}");
+    let py = |file: &Path, kind: &str| -> serde_json::Value {
+        let script = Path::new("scripts/reference/load_exported.py");
+        let out = Command::new(selfsup_pipeline::venv_python()).arg(script).arg(file).arg(kind).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let r = py(&file, "resnet18-cifar-gray");
+    assert_eq!(r["missing"], serde_json::json!(["fc.bias", "fc.weight"]), "{r}");
+    assert_eq!(r["unexpected"], serde_json::json!([]), "{r}");
+    assert_eq!(r["conv1_equal"], true);
+    assert_eq!(r["feature_dim"], serde_json::json!([2, 512]));
+
+    let vit = dir.path().join("vit");
+    let mut args = vec!["pretrain", "--config", "mae-fmnist-tiny", "--out", vit.to_str().unwrap()];
+    args.extend(one_step);
+    ok(&args);
+    let file = dir.path().join("vit.safetensors");
+    ok(&["export", "--checkpoint", vit.to_str().unwrap(), "--out", file.to_str().unwrap()]);
+    let v = py(&file, "names");
+    let names: Vec<&str> = v["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    for want in ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.3.attn.qkv.weight", "norm.weight"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    assert!(names.iter().all(|n| !n.starts_with("backbone.") && !n.starts_with("decoder") && *n != "mask_token"));
+    assert_eq!(v["shapes"]["blocks.0.attn.qkv.weight"], serde_json::json!([288, 96]));
+    // Not a .safetensors name: refused before anything is written.
+    let out = selfsup(&["export", "--checkpoint", vit.to_str().unwrap(), "--out", "x.pt"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(".safetensors"));
+}

@@ -165,3 +165,26 @@ pub fn load_backbone(vs: &VarStore, ckpt: &Path) -> Result<usize, CheckpointErro
     }
     Ok(loaded)
 }
+
+/// Writes the backbone of checkpoint `ckpt` to `out` (safetensors) under its own names, without the `backbone.`
+/// prefix: torchvision names for a ResNet (`layer1.0.conv1.weight`), timm names for a ViT
+/// (`blocks.0.attn.qkv.weight`), so `load_state_dict` takes it. Objective heads are left out. Returns the number
+/// of tensors written. Written to a temporary file, synced, then renamed.
+pub fn export_backbone(ckpt: &Path, out: &Path) -> Result<usize, CheckpointError> {
+    let p = ckpt.join(WEIGHTS);
+    let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(&p)
+        .map_err(|e| invalid(&p, e))?
+        .into_iter()
+        .filter_map(|(name, t)| name.strip_prefix("backbone.").map(|n| (n.to_string(), t)))
+        .collect();
+    if tensors.is_empty() {
+        return Err(invalid(&p, "no backbone.* tensors"));
+    }
+    let name = out.file_name().map_or("export".into(), |n| n.to_string_lossy().into_owned());
+    // tch picks the format from the extension: keep `.safetensors` last.
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}.safetensors", std::process::id()));
+    Tensor::write_safetensors(&tensors, &tmp).map_err(|e| invalid(&tmp, e))?;
+    sync_file(&tmp)?;
+    std::fs::rename(&tmp, out).map_err(io(out))?;
+    Ok(tensors.len())
+}
