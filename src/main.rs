@@ -218,13 +218,13 @@ fn eval(ckpt: PathBuf, set: Vec<String>, out: Option<PathBuf>) -> Result<()> {
     let mut model = trainer::build_model(&cfg, source.channels(), device)?;
     checkpoint::load_weights(&mut model.vs, &ckpt)?;
     eprintln!("evaluating {}", ckpt.display());
-    let ctx = EvalContext { cfg: &cfg, device, threads: cfg.train.threads, autocast };
-    let report = transfer::evaluate(model.objective.backbone(), &ctx, &mut NullSink, 0)?;
-    println!("{report}");
     // checkpoints live in <run>/checkpoints/<name>: the report goes to the run folder by default.
     let dir =
         out.unwrap_or_else(|| ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf));
     std::fs::create_dir_all(&dir)?;
+    let ctx = EvalContext { cfg: &cfg, device, threads: cfg.train.threads, autocast, projector_dir: Some(&dir) };
+    let report = transfer::evaluate(model.objective.backbone(), &ctx, &mut NullSink, 0)?;
+    println!("{report}");
     transfer::write_report(&report, &dir)?;
     println!("wrote {}", dir.join("eval.json").display());
     Ok(())

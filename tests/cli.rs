@@ -91,6 +91,24 @@ fn pretrain_checkpoint_eval_and_tensorboard() {
     // 16 pairs, 8 tiles per row (4 pairs), 28 px views shown at 56 px with 2 px borders: 8*58+2 by 4*58+2.
     assert_eq!(ev["images"]["views/pairs"][0], serde_json::json!([0, 466, 234]));
 
+    // The embedding projector's files, read as TensorBoard's projector plugin reads them.
+    let out = Command::new(selfsup_pipeline::venv_python())
+        .arg("scripts/reference/check_projector.py")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = &p[0];
+    assert_eq!(e["shape"], serde_json::json!([1000, 128]), "{e}");
+    assert_eq!(e["declared_shape"], e["shape"]);
+    assert_eq!((e["all_rows_same_width"].as_bool(), e["finite"].as_bool()), (Some(true), Some(true)));
+    assert_eq!((e["metadata_header"].as_str(), e["metadata_rows"].as_u64()), (Some("class\tlabel"), Some(1000)));
+    assert_eq!(e["classes"].as_array().unwrap().len(), 10, "{e}");
+    assert!(e["classes"].as_array().unwrap().contains(&serde_json::json!("Ankle boot")));
+    assert_eq!(e["sprite_size"], e["sprite_expected"]);
+    assert_eq!(e["sprite_size"], serde_json::json!([32 * 28, 32 * 28]));
+
     // `eval` on the checkpoint reproduces the k-NN result exactly (deterministic features and vote).
     let out2 = dir.path().join("eval2");
     let stdout = ok(&["eval", "--checkpoint", run.to_str().unwrap(), "--out", out2.to_str().unwrap()]);

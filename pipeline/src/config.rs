@@ -269,6 +269,8 @@ pub struct EvalConfig {
     pub raw_pixel_baseline: bool,
     /// Use only the first N labeled training images as the k-NN bank / probe training set (0 = all).
     pub train_limit: usize,
+    /// Write the features of this many test images for TensorBoard's embedding projector (0 = none).
+    pub projector_samples: usize,
 }
 
 impl Default for EvalConfig {
@@ -284,6 +286,7 @@ impl Default for EvalConfig {
             probe_weight_decay: 1e-5,
             raw_pixel_baseline: true,
             train_limit: 0,
+            projector_samples: 1000,
         }
     }
 }

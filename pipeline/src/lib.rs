@@ -9,6 +9,7 @@ pub mod inspect;
 pub mod loader;
 pub mod pack;
 pub mod progress;
+pub mod projector;
 pub mod source;
 pub mod tensorboard;
 pub mod trainer;

@@ -112,12 +112,20 @@ pub fn upscale(image: &Image, factor: u32) -> Image {
 
 /// Lays images of equal size out in a grid with `cols` columns and a 2-pixel gray border.
 pub fn grid(images: &[Image], cols: usize) -> Image {
+    layout(images, cols, 2, 128)
+}
+
+/// Images of equal size edge to edge, row by row, on black: the sprite layout of TensorBoard's projector.
+pub fn grid_tight(images: &[Image], cols: usize) -> Image {
+    layout(images, cols, 0, 0)
+}
+
+fn layout(images: &[Image], cols: usize, pad: usize, background: u8) -> Image {
     let (w, h, c) = images.first().map_or((1, 1, 1), |i| (i.width as usize, i.height as usize, i.channels as usize));
     let cols = cols.max(1).min(images.len().max(1));
     let rows = images.len().div_ceil(cols).max(1);
-    let pad = 2;
     let (gw, gh) = (cols * (w + pad) + pad, rows * (h + pad) + pad);
-    let mut out = Image { width: gw as u32, height: gh as u32, channels: c as u8, data: vec![128; gw * gh * c] };
+    let mut out = Image { width: gw as u32, height: gh as u32, channels: c as u8, data: vec![background; gw * gh * c] };
     for (k, img) in images.iter().enumerate() {
         let (x0, y0) = (pad + (k % cols) * (w + pad), pad + (k / cols) * (h + pad));
         for y in 0..h.min(img.height as usize) {

@@ -247,7 +247,7 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     let (mut total_wait, mut total_train, mut images_seen) = (0f64, 0f64, 0u64);
     let mut unreadable = 0usize;
     let mut final_loss = f64::NAN;
-    let eval_ctx = EvalContext { cfg, device, threads: t.threads, autocast };
+    let eval_ctx = EvalContext { cfg, device, threads: t.threads, autocast, projector_dir: Some(&opts.out) };
     let mut last_saved = None;
     let mut epoch = start_epoch;
     // The logging window runs across epoch boundaries and counts only time inside the training loop (not

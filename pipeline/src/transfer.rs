@@ -57,6 +57,8 @@ pub struct EvalContext<'a> {
     pub threads: usize,
     /// bf16 autocast (CUDA with `train.bf16`).
     pub autocast: bool,
+    /// The run folder (holding the event file): where the embedding projector's files go; `None` = not written.
+    pub projector_dir: Option<&'a Path>,
 }
 
 fn labeled(path: &Path, options: source::OpenOptions) -> Result<Arc<dyn Source>> {
@@ -94,6 +96,7 @@ struct EvalSets {
     classes: i64,
     names: Vec<String>,
     raw: Option<(Features, Features)>,
+    test_src: Arc<dyn Source>,
 }
 
 fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<EvalSets> {
@@ -118,10 +121,10 @@ fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<Eva
     let pixels = |x: &Tensor| x.flatten(1, -1);
     let fs: Vec<&dyn Fn(&Tensor) -> Tensor> = if raw { vec![&net, &pixels] } else { vec![&net] };
     let mut tr = extract(train_src, &opts(cfg.eval.train_limit), &fs).map_err(Error::Other)?.into_iter();
-    let mut te = extract(test_src, &opts(0), &fs).map_err(Error::Other)?.into_iter();
+    let mut te = extract(test_src.clone(), &opts(0), &fs).map_err(Error::Other)?.into_iter();
     let (train, test) = (tr.next().expect("one set per function"), te.next().expect("one set per function"));
     let raw = tr.next().zip(te.next());
-    Ok(EvalSets { train, test, classes, names, raw })
+    Ok(EvalSets { train, test, classes, names, raw, test_src })
 }
 
 /// Full evaluation: k-NN, linear probe, and (if configured) the raw-pixel probe baseline.
@@ -129,7 +132,12 @@ pub fn evaluate(backbone: &dyn Backbone, ctx: &EvalContext, sink: &mut dyn Sink,
     let t0 = Instant::now();
     let cfg = ctx.cfg;
     let e = &cfg.eval;
-    let EvalSets { train, test, classes, names, raw } = features(backbone, ctx, e.raw_pixel_baseline)?;
+    let EvalSets { train, test, classes, names, raw, test_src } = features(backbone, ctx, e.raw_pixel_baseline)?;
+    if let (Some(dir), true) = (ctx.projector_dir, e.projector_samples > 0) {
+        let k = (e.projector_samples as i64).min(test.x.size()[0]);
+        let labels: Vec<i64> = Vec::try_from(test.y.narrow(0, 0, k)).unwrap_or_default();
+        crate::projector::write(dir, &test.x.narrow(0, 0, k), &labels, &names, test_src.as_ref())?;
+    }
     let probe = ProbeOptions {
         epochs: e.probe_epochs,
         lr: e.probe_lr,
