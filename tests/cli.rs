@@ -91,6 +91,12 @@ fn pretrain_checkpoint_eval_and_tensorboard() {
     // 16 pairs, 8 tiles per row (4 pairs), 28 px views shown at 56 px with 2 px borders: 8*58+2 by 4*58+2.
     assert_eq!(ev["images"]["views/pairs"][0], serde_json::json!([0, 466, 234]));
 
+    // The online probe's accuracy, logged with the loss: a real classifier on the live features (chance is 10%).
+    let probe: Vec<f64> =
+        ev["scalars"]["train/online_probe_top1"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
+    assert_eq!(probe.len(), 3, "{probe:?}");
+    assert!(probe.iter().all(|a| (0.0..=1.0).contains(a)) && probe[2] > 0.2 && probe[2] > probe[0], "{probe:?}");
+
     // The embedding projector's files, read as TensorBoard's projector plugin reads them.
     let out = Command::new(selfsup_pipeline::venv_python())
         .arg("scripts/reference/check_projector.py")

@@ -271,6 +271,12 @@ pub struct EvalConfig {
     pub train_limit: usize,
     /// Write the features of this many test images for TensorBoard's embedding projector (0 = none).
     pub projector_samples: usize,
+    /// Train a linear classifier on the (detached) backbone features of each training batch while pretraining,
+    /// when the training data has labels, and log its accuracy (`train/online_probe_top1`): a live learning curve.
+    /// The labels never reach the backbone.
+    pub online_probe: bool,
+    /// The online probe's SGD learning rate (momentum 0.9, no decay).
+    pub online_probe_lr: f64,
 }
 
 impl Default for EvalConfig {
@@ -287,6 +293,8 @@ impl Default for EvalConfig {
             raw_pixel_baseline: true,
             train_limit: 0,
             projector_samples: 1000,
+            online_probe: true,
+            online_probe_lr: 0.1,
         }
     }
 }

@@ -128,6 +128,58 @@ fn recon_batch(cfg: &Config, train: &dyn Source, device: Device, n: usize) -> Op
     (!batch.is_empty()).then(|| to_device(&batch, device).swap_remove(0))
 }
 
+/// A linear classifier trained on the detached backbone features of each training batch (solo-learn's online
+/// linear evaluation): a live accuracy curve during pretraining. Its own variables and optimizer, so it is not
+/// part of the checkpoint (a resumed run starts a fresh probe) and no gradient reaches the backbone.
+struct OnlineProbe {
+    _vs: VarStore,
+    head: tch::nn::Linear,
+    opt: Optimizer,
+    lr: f64,
+    /// Correct predictions and images since the last log, on the device.
+    hits: Tensor,
+    seen: u64,
+}
+
+impl OnlineProbe {
+    fn new(dim: i64, classes: i64, lr: f64, device: Device) -> Result<Self> {
+        let vs = VarStore::new(device);
+        let head = selfsup_models::linear(vs.root() / "online_probe", dim, classes);
+        let cfg = selfsup_models::OptimizerConfig {
+            kind: selfsup_models::OptimizerKind::Sgd,
+            base_lr: lr,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let opt = Optimizer::new(&vs, &cfg)?;
+        Ok(OnlineProbe { _vs: vs, head, opt, lr, hits: Tensor::zeros([], (Kind::Int64, device)), seen: 0 })
+    }
+
+    /// One SGD step on `features` (`[N, D]`, detached) and `labels`; counts its accuracy before the step.
+    fn step(&mut self, features: &Tensor, labels: &[i64]) {
+        let y = Tensor::from_slice(labels).to_device(features.device());
+        // Standardized per batch (a batch norm without parameters, as MAE's linear probe): the raw feature scale
+        // drifts while the backbone trains, which a plain linear layer at a fixed lr follows slowly.
+        let f = features.detach().to_kind(Kind::Float);
+        let f = (&f - f.mean_dim([0i64].as_slice(), true, Kind::Float))
+            / f.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6);
+        let logits = f.apply(&self.head);
+        self.hits += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64).detach();
+        self.seen += labels.len() as u64;
+        let loss = selfsup_models::cross_entropy(&logits, &y, 0.0);
+        optimizer_step(&mut self.opt, &loss, 0.0, self.lr);
+    }
+
+    /// Accuracy since the last call (reads one number back from the device), `None` when nothing was seen.
+    fn take_accuracy(&mut self) -> Option<f64> {
+        let seen = std::mem::take(&mut self.seen);
+        let hits = self.hits.int64_value(&[]);
+        let _ = self.hits.zero_();
+        (seen > 0).then(|| hits as f64 / seen as f64)
+    }
+}
+
 /// The seed of torch's global RNG in epoch `epoch`.
 fn epoch_seed(seed: u64, epoch: usize) -> i64 {
     (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (epoch as u64 + 1)) as i64 & i64::MAX
@@ -254,6 +306,12 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     // checkpoints or k-NN between epochs), so images/s and the wait fraction cover every step exactly once.
     let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
     let (mut acc_steps, mut win_images, mut win_wait, mut win_time) = (0u64, 0u64, 0f64, 0f64);
+    let mut probe = match source.num_classes() {
+        Some(classes) if cfg.eval.online_probe && classes > 1 => {
+            Some(OnlineProbe::new(model.objective.backbone().dim(), classes as i64, cfg.eval.online_probe_lr, device)?)
+        }
+        _ => None,
+    };
     let mut cut_short = false;
     while epoch < t.epochs && step < max_steps {
         // Torch's global RNG (masks of MAE/SimMIM, dropout) restarts from (seed, epoch) every epoch: a run resumed
@@ -279,6 +337,9 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
             let out =
                 tch::autocast(autocast, || model.objective.loss(&Batch { views: to_device(&batch, device) }, true));
             optimizer_step(&mut opt, &out.loss, cfg.optimizer.clip_grad, lr);
+            if let (Some(p), Some(labels)) = (probe.as_mut(), batch.labels.as_ref()) {
+                p.step(&out.features, labels);
+            }
             step += 1;
             model.objective.after_step(step as f64 / total_steps as f64);
             loss_acc += out.loss.detach().to_kind(Kind::Float);
@@ -296,6 +357,9 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
                 sink.scalar("train/lr", step as i64, lr);
                 sink.scalar("train/images_per_s", step as i64, ips);
                 sink.scalar("train/data_wait_fraction", step as i64, wait);
+                if let Some(acc) = probe.as_mut().and_then(OnlineProbe::take_accuracy) {
+                    sink.scalar("train/online_probe_top1", step as i64, acc);
+                }
                 progress.update(epoch, t.epochs, step, loss, ips, wait, step >= max_steps);
                 if !loss.is_finite() {
                     return Err(Error::Other(format!("loss is {loss} at step {step}; lower optimizer.base_lr?")));
