@@ -135,7 +135,8 @@ pub fn open_data(cfg: &Config) -> Result<(Arc<dyn Source>, Arc<dyn Source>, Vec<
     }
     let names = if !f.class_names.is_empty() {
         f.class_names.clone()
-    } else if f.train.is_none() && f.test.is_none() && !cfg.data.class_names.is_empty() {
+    } else if cfg.data.test.as_ref() == Some(test_path) && !cfg.data.class_names.is_empty() {
+        // The pretraining data's test set (named explicitly or not): its class names apply.
         cfg.data.class_names.clone()
     } else if !b.is_empty() {
         b
