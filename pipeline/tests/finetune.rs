@@ -70,3 +70,26 @@ fn labeled_sets_that_disagree_are_refused_naming_the_keys() {
     let (train, test, names) = open_data(&c).unwrap();
     assert_eq!((train.len(), test.len(), names), (6, 6, vec!["a".to_string(), "b".into(), "c".into()]));
 }
+
+/// A low-label subset of a packed HDF5 file still lets the loader read a batch's chunks up front: the subset maps
+/// its indices to the file's chunks, and chunks already read are not asked for again.
+#[test]
+fn subsets_of_block_sources_forward_chunk_reads() {
+    use selfsup_pipeline::pack::{self, PackOptions};
+    use selfsup_pipeline::source::{Hdf5Source, Prefix};
+    let dir = tempfile::tempdir().unwrap();
+    let idx: Arc<dyn Source> = source::open(common::fmnist_train(), 1).unwrap().into();
+    let out = dir.path().join("fm.h5");
+    pack::pack_source(&Prefix::new(idx, 2000), "fmnist-2000", &out, &PackOptions::default()).unwrap();
+    let h5: Arc<dyn Source> = Arc::new(Hdf5Source::open(&out, 1).unwrap());
+    assert_eq!(h5.block_len(), 256);
+    let sub = Subset::new(h5.clone(), vec![10, 300, 600, 1999]);
+    // Subset rows 0..3 live in chunks 0, 1, 2 and 7 of the file.
+    assert_eq!(sub.missing_blocks(&[0, 1, 2, 3]), vec![0, 1, 2, 7]);
+    sub.load_block(1);
+    assert_eq!(sub.missing_blocks(&[1, 2]), vec![2]);
+    assert_eq!(sub.get(1).unwrap().image, h5.get(300).unwrap().image);
+    // A prefix forwards them too.
+    let pre = Prefix::new(h5, 1000);
+    assert_eq!(pre.missing_blocks(&[0, 999]), vec![0, 3]);
+}

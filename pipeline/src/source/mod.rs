@@ -183,6 +183,12 @@ impl Source for Prefix {
     fn block_len(&self) -> usize {
         self.inner.block_len()
     }
+    fn missing_blocks(&self, indices: &[usize]) -> Vec<usize> {
+        self.inner.missing_blocks(indices)
+    }
+    fn load_block(&self, block: usize) {
+        self.inner.load_block(block)
+    }
 }
 
 /// Chosen samples of another source, in the given order (low-label subsets).
@@ -249,5 +255,14 @@ impl Source for Subset {
     fn labels(&self) -> Option<Vec<i64>> {
         let all = self.inner.labels()?;
         Some(self.indices.iter().map(|&i| all[i]).collect())
+    }
+    // The order stays sample by sample (block_len 1: a subset is scattered over the blocks), but a batch's blocks
+    // are still read up front, in parallel, by the block source underneath.
+    fn missing_blocks(&self, indices: &[usize]) -> Vec<usize> {
+        let inner: Vec<usize> = indices.iter().filter_map(|&i| self.indices.get(i).copied()).collect();
+        self.inner.missing_blocks(&inner)
+    }
+    fn load_block(&self, block: usize) {
+        self.inner.load_block(block)
     }
 }
