@@ -544,3 +544,34 @@ fn exported_backbones_load_in_pytorch() {
     let out = selfsup(&["export", "--checkpoint", vit.to_str().unwrap(), "--out", "x.pt"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(".safetensors"));
 }
+
+/// The SimMIM preset end to end (a few steps): it trains, checkpoints, and logs its reconstruction grid.
+#[test]
+fn simmim_preset_trains_and_logs_reconstructions() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("simmim");
+    let stdout = ok(&[
+        "pretrain",
+        "--config",
+        "simmim-fmnist-tiny",
+        "--out",
+        run.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.batch_size=32",
+        "--set",
+        "train.log_every=3",
+        "--set",
+        "eval.at_end=false",
+    ]);
+    assert!(stdout.contains("pretrained 6 steps"), "{stdout}");
+    let ev = read_events(&run);
+    let loss: Vec<f64> =
+        ev["scalars"]["train/loss"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
+    assert!(loss.len() == 2 && loss.iter().all(|l| l.is_finite() && *l > 0.0), "{loss:?}");
+    let recon = ev["images"]["reconstruction/original_masked_reconstructed"].as_array().unwrap();
+    assert_eq!((recon[0][1].as_i64(), recon[0][2].as_i64()), (Some(466), Some(176)));
+    assert!(run.join("checkpoints/LATEST").is_file());
+}
