@@ -8,10 +8,9 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::masking::{
-    masked_and_pasted, masked_mse, normalize_patches, patch_stats, patchify, random_masking, validate_mask_ratio,
-    vit_for, MaskedForward,
+    masked_mse, normalize_patches, patch_stats, patchify, random_masking, validate_mask_ratio, vit_for, MaskedForward,
+    MaskedImageModel,
 };
-use super::{Batch, Objective, Step};
 use crate::backbone::{layer_norm, sincos_2d, xavier_linear, Backbone, Block, Vit};
 use crate::{invalid, ModelError};
 
@@ -144,34 +143,21 @@ impl Mae {
     }
 }
 
-impl Objective for Mae {
-    /// # Shapes
-    /// `batch.views`: one `[N, C, H, W]` → loss scalar, features `[N, D]`.
-    fn loss(&mut self, batch: &Batch, train: bool) -> Step {
-        let out = self.forward(&batch.views[0], train);
-        Step { loss: out.loss, features: out.features.detach() }
+impl MaskedImageModel for Mae {
+    fn forward(&self, imgs: &Tensor, train: bool) -> MaskedForward {
+        Mae::forward(self, imgs, train)
     }
 
-    fn backbone(&self) -> &dyn Backbone {
+    fn encoder(&self) -> &dyn Backbone {
         self.backbone.as_ref()
     }
 
-    fn num_views(&self) -> usize {
-        1
-    }
-
-    fn reconstruct(&mut self, x: &Tensor) -> Option<(Tensor, Tensor)> {
-        tch::no_grad(|| {
-            let out = self.forward(x, false);
-            let (p, c) = (self.vit().patch_size(), self.vit().in_channels());
-            let target = patchify(&x.to_kind(Kind::Float), p);
-            let mut pred = out.pred.to_kind(Kind::Float);
-            if self.norm_pix_loss {
-                // Back to pixels with each target patch's own statistics, as MAE's visualization demo.
-                let (mean, std) = patch_stats(&target);
-                pred = pred * std + mean;
-            }
-            Some(masked_and_pasted(&target, &pred, &out.mask, p, c))
-        })
+    fn to_pixels(&self, pred: Tensor, target: &Tensor) -> Tensor {
+        if !self.norm_pix_loss {
+            return pred;
+        }
+        // Back to pixels with each target patch's own statistics, as MAE's visualization demo.
+        let (mean, std) = patch_stats(target);
+        pred * std + mean
     }
 }

@@ -4,6 +4,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::{Batch, Objective, Step};
 use crate::backbone::{Backbone, Vit};
 use crate::{invalid, ModelError};
 
@@ -147,4 +148,46 @@ pub(crate) fn masked_and_pasted(target: &Tensor, pred: &Tensor, mask: &Tensor, p
     let visible = target * (1.0 - &m);
     let pasted = &visible + pred * &m;
     (unpatchify(&visible, p, c), unpatchify(&pasted, p, c))
+}
+
+/// What MAE and SimMIM share: a forward pass over randomly masked images with the ViT they are built on.
+/// [`Objective`] comes with it: the loss of one view, the encoder as the backbone, and reconstructions with the
+/// visible patches pasted back.
+pub trait MaskedImageModel {
+    fn forward(&self, imgs: &Tensor, train: bool) -> MaskedForward;
+    /// The ViT being pretrained.
+    fn encoder(&self) -> &dyn Backbone;
+    /// Predicted patches (fp32, `[N, L, p*p*C]`) back to pixels, given the target patches: the identity unless
+    /// the targets were normalized.
+    fn to_pixels(&self, pred: Tensor, _target: &Tensor) -> Tensor {
+        pred
+    }
+}
+
+impl<T: MaskedImageModel> Objective for T {
+    /// # Shapes
+    /// `batch.views`: one `[N, C, H, W]` → loss scalar, features `[N, D]`.
+    fn loss(&mut self, batch: &Batch, train: bool) -> Step {
+        let out = self.forward(&batch.views[0], train);
+        Step { loss: out.loss, features: out.features.detach() }
+    }
+
+    fn backbone(&self) -> &dyn Backbone {
+        self.encoder()
+    }
+
+    fn num_views(&self) -> usize {
+        1
+    }
+
+    fn reconstruct(&mut self, x: &Tensor) -> Option<(Tensor, Tensor)> {
+        tch::no_grad(|| {
+            let out = self.forward(x, false);
+            let vit = self.encoder().as_vit().expect("masked-image objectives are built on a ViT");
+            let (p, c) = (vit.patch_size(), vit.in_channels());
+            let target = patchify(&x.to_kind(Kind::Float), p);
+            let pred = self.to_pixels(out.pred.to_kind(Kind::Float), &target);
+            Some(masked_and_pasted(&target, &pred, &out.mask, p, c))
+        })
+    }
 }

@@ -11,7 +11,7 @@ use tch::{nn, Tensor};
 pub use mae::{Mae, MaeConfig};
 pub use masking::{
     keep_count, masked_l1, masked_mse, normalize_patches, patch_stats, patchify, random_masking, unpatchify,
-    MaskedForward, Masking,
+    MaskedForward, MaskedImageModel, Masking,
 };
 pub use simclr::{SimClr, SimClrConfig};
 pub use simmim::{SimMim, SimMimConfig};

@@ -4,12 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 use tch::nn;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::masking::{
-    masked_and_pasted, masked_l1, patchify, random_masking, validate_mask_ratio, vit_for, MaskedForward,
+    masked_l1, patchify, random_masking, validate_mask_ratio, vit_for, MaskedForward, MaskedImageModel,
 };
-use super::{Batch, Objective, Step};
 use crate::backbone::{Backbone, Vit};
 use crate::head::linear;
 use crate::ModelError;
@@ -82,28 +81,12 @@ impl SimMim {
     }
 }
 
-impl Objective for SimMim {
-    /// # Shapes
-    /// `batch.views`: one `[N, C, H, W]` → loss scalar, features `[N, D]`.
-    fn loss(&mut self, batch: &Batch, train: bool) -> Step {
-        let out = self.forward(&batch.views[0], train);
-        Step { loss: out.loss, features: out.features.detach() }
+impl MaskedImageModel for SimMim {
+    fn forward(&self, imgs: &Tensor, train: bool) -> MaskedForward {
+        SimMim::forward(self, imgs, train)
     }
 
-    fn backbone(&self) -> &dyn Backbone {
+    fn encoder(&self) -> &dyn Backbone {
         self.backbone.as_ref()
-    }
-
-    fn num_views(&self) -> usize {
-        1
-    }
-
-    fn reconstruct(&mut self, x: &Tensor) -> Option<(Tensor, Tensor)> {
-        tch::no_grad(|| {
-            let out = self.forward(x, false);
-            let (p, c) = (self.vit().patch_size(), self.vit().in_channels());
-            let target = patchify(&x.to_kind(Kind::Float), p);
-            Some(masked_and_pasted(&target, &out.pred.to_kind(Kind::Float), &out.mask, p, c))
-        })
     }
 }
