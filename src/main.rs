@@ -287,25 +287,18 @@ struct FinetuneArgs {
 fn finetune(a: FinetuneArgs) -> Result<()> {
     let ckpt = checkpoint::resolve(&a.checkpoint)?;
     let base = checkpoint::load_config(&ckpt)?;
-    let mut set = Vec::new();
-    let quote = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
-    if let Some(d) = &a.data {
-        set.push(format!("finetune.train={}", quote(d)));
-    }
-    if let Some(t) = &a.test {
-        set.push(format!("finetune.test={}", quote(t)));
-    }
-    if let Some(n) = a.labels_per_class {
-        set.push(format!("finetune.labels_per_class={n}"));
-    }
-    if let Some(e) = a.epochs {
-        set.push(format!("finetune.epochs={e}"));
-    }
+    let file = ckpt.join("config.toml").display().to_string();
+    let mut cfg = Config::from_toml(&base.to_toml(), &file, &a.set)?;
+    // The flags are shorthands for finetune.* keys; validated again with them applied.
+    let f = &mut cfg.finetune;
+    f.train = a.data.or(f.train.take());
+    f.test = a.test.or(f.test.take());
+    f.labels_per_class = a.labels_per_class.unwrap_or(f.labels_per_class);
+    f.epochs = a.epochs.unwrap_or(f.epochs);
     if a.linear {
-        set.push("finetune.mode=\"linear\"".into());
+        f.mode = selfsup_pipeline::config::FinetuneMode::Linear;
     }
-    set.extend(a.set);
-    let cfg = Config::from_toml(&base.to_toml(), &ckpt.join("config.toml").display().to_string(), &set)?;
+    cfg.validate(&file)?;
     let run_dir = ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf);
     let out = a.out.unwrap_or_else(|| run_dir.join(format!("finetune-{}", utc_stamp())));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

@@ -20,7 +20,7 @@ use crate::loader::{Loader, LoaderConfig};
 use crate::progress::Progress;
 use crate::source::{self, Source, Subset};
 use crate::tensorboard::{confusion_image, Sink};
-use crate::trainer::{optimizer_step, param_spec, report_bad, to_device};
+use crate::trainer::{labels_to_device, optimizer_step, param_spec, report_bad, to_device};
 use crate::{checkpoint, prepare_device, write_json_atomic, Error, Result};
 
 pub struct FinetuneOptions {
@@ -264,7 +264,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
                 continue;
             }
             let labels = batch.labels.as_ref().ok_or_else(|| Error::Other("a batch without labels".into()))?;
-            let y = Tensor::from_slice(labels).to_device(device);
+            let y = labels_to_device(labels, device);
             let x = to_device(&batch, device).swap_remove(0);
             let lr = ocfg.lr_at(peak_lr, step as f64 / steps_per_epoch as f64, f.epochs as f64);
             let logits = tch::autocast(autocast, || model.logits(&x, true, frozen));

@@ -76,6 +76,16 @@ pub fn param_spec(backbone: &dyn Backbone, layer_decay: f64) -> impl Fn(&str, &T
     }
 }
 
+/// Labels to `device` the way batches go: pinned and asynchronous on CUDA, so the step never waits on the copy.
+pub fn labels_to_device(labels: &[i64], device: Device) -> Tensor {
+    let t = Tensor::from_slice(labels);
+    if device.is_cuda() {
+        t.pin_memory(device).to_device_(device, Kind::Int64, true, false)
+    } else {
+        t
+    }
+}
+
 /// Moves a host batch to `device` as `[N, C, H, W]` tensors. Pinned memory makes the copy asynchronous on CUDA.
 pub fn to_device(batch: &HostBatch, device: Device) -> Vec<Tensor> {
     batch
@@ -158,7 +168,7 @@ impl OnlineProbe {
 
     /// One SGD step on `features` (`[N, D]`, detached) and `labels`; counts its accuracy before the step.
     fn step(&mut self, features: &Tensor, labels: &[i64]) {
-        let y = Tensor::from_slice(labels).to_device(features.device());
+        let y = labels_to_device(labels, features.device());
         // Standardized per batch (a batch norm without parameters, as MAE's linear probe): the raw feature scale
         // drifts while the backbone trains, which a plain linear layer at a fixed lr follows slowly.
         let f = features.detach().to_kind(Kind::Float);
