@@ -191,6 +191,9 @@ fn pretrain(config: Option<String>, set: Vec<String>, out: Option<PathBuf>, resu
         100.0 * summary.data_wait_fraction,
         summary.final_loss
     );
+    if let Some(profile) = &summary.profile {
+        println!("{profile}");
+    }
     if summary.unreadable_samples > 0 {
         println!("{} unreadable sample(s) were skipped (listed above)", summary.unreadable_samples);
     }

@@ -2,6 +2,8 @@
 // Every function is extern "C", takes plain values and never throws across the boundary.
 #include <ATen/autocast_mode.h>
 #include <ATen/Context.h>
+#include <ATen/ops/empty.h>
+#include <cstring>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/headeronly/version.h>
 
@@ -44,6 +46,39 @@ long selfsup_cudart_version() {
     return at::detail::getCUDAHooks().versionCUDART();
   } catch (...) {
     return -1;
+  }
+}
+
+// Enters an autocast region for CUDA (what tch::autocast does, through the non-deprecated per-device calls: tch's
+// at::autocast::is_enabled/set_enabled print a deprecation warning on every call). Returns the previous state.
+int selfsup_autocast_enter(int enabled) {
+  bool prev = at::autocast::is_autocast_enabled(at::kCUDA);
+  at::autocast::set_autocast_enabled(at::kCUDA, enabled != 0);
+  at::autocast::increment_nesting();
+  return prev ? 1 : 0;
+}
+
+// Leaves the region entered with selfsup_autocast_enter, restoring `prev`; the cast cache is cleared when the
+// outermost region ends.
+void selfsup_autocast_exit(int prev) {
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(at::kCUDA, prev != 0);
+}
+
+// A new CPU tensor in page-locked (pinned) memory with `ndim` sizes `shape`, of float32 (kind 0) or int64 (kind 1),
+// filled with `nbytes` bytes from `src`: one copy, where from_slice + pin_memory made two (and tch's pin_memory
+// passes a device, deprecated, warning every call). Returns a heap at::Tensor* (tch's C_tensor), or null on error
+// (size mismatch, or no CUDA to pin with).
+void* selfsup_pinned_from(const void* src, long nbytes, const long* shape, int ndim, int kind) {
+  try {
+    std::vector<int64_t> sizes(shape, shape + ndim);
+    auto dtype = kind == 1 ? at::kLong : at::kFloat;
+    at::Tensor t = at::empty(sizes, at::TensorOptions().dtype(dtype).pinned_memory(true));
+    if (static_cast<long>(t.nbytes()) != nbytes) return nullptr;
+    if (nbytes > 0) std::memcpy(t.data_ptr(), src, nbytes);
+    return new at::Tensor(std::move(t));
+  } catch (...) {
+    return nullptr;
   }
 }
 

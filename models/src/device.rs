@@ -1,4 +1,7 @@
-//! Device-wide switches that tch does not expose, through the C++ shim in `csrc/torch_shim.cpp`.
+//! Device-wide switches that tch does not expose, through the C++ shim in `csrc/torch_shim.cpp`: autocast without
+//! tch's deprecation warnings, pinned host tensors, bf16, TF32, cuDNN autotuning, versions.
+
+use tch::{Device, Tensor};
 
 extern "C" {
     fn selfsup_set_autocast_bf16(enabled: i32) -> i32;
@@ -7,6 +10,74 @@ extern "C" {
     fn selfsup_torch_version() -> i32;
     fn selfsup_cudnn_version() -> std::os::raw::c_long;
     fn selfsup_cudart_version() -> std::os::raw::c_long;
+    fn selfsup_autocast_enter(enabled: i32) -> i32;
+    fn selfsup_autocast_exit(prev: i32);
+    fn selfsup_pinned_from(
+        src: *const std::ffi::c_void,
+        nbytes: std::os::raw::c_long,
+        shape: *const std::os::raw::c_long,
+        ndim: i32,
+        kind: i32,
+    ) -> *mut torch_sys::C_tensor;
+}
+
+/// Runs `f` with CUDA autocast on or off (bf16 after [`use_bf16_autocast`]), as `tch::autocast`, but through
+/// libtorch's per-device calls: tch's use the deprecated global ones, which print a warning on every call (17 lines
+/// per SimCLR step on the GPU machine). The previous state comes back even if `f` panics. Without CUDA: just `f()`.
+pub fn autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    struct Restore(i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: pairs with the enter below on this thread; plain calls into libtorch's thread-local state.
+            unsafe { selfsup_autocast_exit(self.0) }
+        }
+    }
+    if !tch::Cuda::is_available() {
+        return f();
+    }
+    // SAFETY: as above; the shim catches nothing because these calls do not throw.
+    let _restore = Restore(unsafe { selfsup_autocast_enter(i32::from(enabled)) });
+    f()
+}
+
+/// Element types [`pinned`] copies.
+pub trait PinnedElement: tch::kind::Element + Copy {
+    #[doc(hidden)]
+    const SHIM_KIND: i32;
+}
+impl PinnedElement for f32 {
+    const SHIM_KIND: i32 = 0;
+}
+impl PinnedElement for i64 {
+    const SHIM_KIND: i32 = 1;
+}
+
+/// `data` as a CPU tensor of `shape` in page-locked memory, in one copy (`from_slice` + `pin_memory` make two), so
+/// that `to_device_(cuda, .., non_blocking = true, ..)` is a truly asynchronous copy. `None` when pinning is
+/// impossible (no CUDA) or `shape` does not hold `data.len()` elements.
+pub fn pinned<T: PinnedElement>(data: &[T], shape: &[i64]) -> Option<Tensor> {
+    if shape.iter().product::<i64>() != data.len() as i64 {
+        return None;
+    }
+    let dims: Vec<std::os::raw::c_long> = shape.iter().map(|&d| d as std::os::raw::c_long).collect();
+    let nbytes = std::mem::size_of_val(data) as std::os::raw::c_long;
+    // SAFETY: `data` is valid for `nbytes` bytes and `dims` for `ndim` entries during the call; the shim copies
+    // and returns a new heap at::Tensor (tch's C_tensor) or null, never throwing.
+    let ptr =
+        unsafe { selfsup_pinned_from(data.as_ptr().cast(), nbytes, dims.as_ptr(), dims.len() as i32, T::SHIM_KIND) };
+    // SAFETY: a non-null pointer is a fresh at::Tensor that the returned Tensor now owns.
+    (!ptr.is_null()).then(|| unsafe { Tensor::from_ptr(ptr) })
+}
+
+/// `data` as a tensor of `shape` on `device`: on CUDA through pinned memory and an asynchronous copy (the caller
+/// does not wait for it; later kernels on the stream do), elsewhere a plain CPU tensor.
+pub fn host_to_device<T: PinnedElement>(data: &[T], shape: &[i64], device: Device) -> Tensor {
+    if device.is_cuda() {
+        if let Some(t) = pinned(data, shape) {
+            return t.to_device_(device, <T as tch::kind::Element>::KIND, true, false);
+        }
+    }
+    Tensor::from_slice(data).view(shape).to_device(device)
 }
 
 /// The libtorch version compiled against, e.g. `2.11.0`.

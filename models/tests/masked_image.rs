@@ -429,11 +429,11 @@ fn bf16_autocast_keeps_the_loss_fp32_on_cuda() {
     let x = Tensor::randn([4, 1, 28, 28], (Kind::Float, Device::Cuda(0)));
     let batch = Batch { views: vec![x.shallow_clone()] };
     for objective in [&mut mae as &mut dyn Objective, &mut simmim] {
-        let step = tch::autocast(true, || objective.loss(&batch, true));
+        let step = selfsup_models::device::autocast(true, || objective.loss(&batch, true));
         assert_eq!(step.loss.kind(), Kind::Float);
         assert!(step.loss.double_value(&[]).is_finite());
         step.loss.backward();
-        let (masked, rec) = tch::autocast(true, || objective.reconstruct(&x).unwrap());
+        let (masked, rec) = selfsup_models::device::autocast(true, || objective.reconstruct(&x).unwrap());
         assert_eq!((masked.kind(), rec.kind()), (Kind::Float, Kind::Float));
         assert_eq!(rec.size(), x.size());
     }

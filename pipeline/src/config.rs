@@ -232,6 +232,10 @@ pub struct TrainConfig {
     /// Masked-image objectives: log a grid of original / masked / reconstructed images every this many epochs
     /// (and at the end; 0 = never).
     pub recon_every: usize,
+    /// Diagnostics: after 10 warm-up steps, synchronize the device after each phase of a step (forward, backward,
+    /// optimizer, online probe) for this many steps, and report per phase the host's time to issue the work and
+    /// the device's time to finish it after that (summary.json `profile`). Slows those steps; 0 = off.
+    pub profile_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -248,6 +252,7 @@ impl Default for TrainConfig {
             max_steps: 0,
             preview_pairs: 16,
             recon_every: 1,
+            profile_steps: 0,
         }
     }
 }

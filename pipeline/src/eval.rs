@@ -83,12 +83,12 @@ pub fn extract(
             continue;
         }
         let labels = batch.labels.as_ref().ok_or("the evaluation data has no labels")?;
-        let x = Tensor::from_slice(&batch.views[0])
-            .view([batch.len() as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64])
-            .to_device(opts.device);
+        let dims = [batch.len() as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64];
+        let x = selfsup_models::device::host_to_device(&batch.views[0], &dims, opts.device);
         for (f, out) in fs.iter().zip(xs.iter_mut()) {
-            let feats = tch::no_grad(|| tch::autocast(opts.autocast, || f(&x)));
-            out.push(feats.to_kind(Kind::Float).to_device(Device::Cpu));
+            // Kept on the device until the end: one copy back instead of a synchronizing one per batch.
+            let feats = tch::no_grad(|| selfsup_models::device::autocast(opts.autocast, || f(&x)));
+            out.push(feats.to_kind(Kind::Float));
         }
         ys.push(Tensor::from_slice(labels));
     }
@@ -96,7 +96,10 @@ pub fn extract(
         return Err("no readable evaluation samples".into());
     }
     let y = Tensor::cat(&ys, 0);
-    Ok(xs.iter().map(|x| Features { x: Tensor::cat(x, 0), y: y.shallow_clone(), bad: bad.clone() }).collect())
+    Ok(xs
+        .iter()
+        .map(|x| Features { x: Tensor::cat(x, 0).to_device(Device::Cpu), y: y.shallow_clone(), bad: bad.clone() })
+        .collect())
 }
 
 /// Weighted k-NN predictions for `test` from the bank `train`.

@@ -267,7 +267,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
             let y = labels_to_device(labels, device);
             let x = to_device(&batch, device).swap_remove(0);
             let lr = ocfg.lr_at(peak_lr, step as f64 / steps_per_epoch as f64, f.epochs as f64);
-            let logits = tch::autocast(autocast, || model.logits(&x, true, frozen));
+            let logits = selfsup_models::device::autocast(autocast, || model.logits(&x, true, frozen));
             let loss = cross_entropy(&logits, &y, f.label_smoothing);
             optimizer_step(&mut opt, &loss, ocfg.clip_grad, lr);
             step += 1;

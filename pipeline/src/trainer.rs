@@ -45,6 +45,63 @@ pub struct RunSummary {
     pub final_loss: f64,
     pub unreadable_samples: usize,
     pub eval: Option<EvalReport>,
+    /// Where a step's time goes (`train.profile_steps`).
+    pub profile: Option<StepProfile>,
+}
+
+/// Per phase of a training step (forward, backward, optimizer, online probe), the mean milliseconds the host took
+/// to issue the work (`host_ms`) and the device took to finish it after that (`device_ms`, a synchronization right
+/// after the phase): host-bound phases have `device_ms` near 0, device-bound ones a large one. `train.profile_steps`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StepProfile {
+    pub phases: [&'static str; 4],
+    pub steps: u64,
+    pub host_ms: [f64; 4],
+    pub device_ms: [f64; 4],
+}
+
+/// Steps before `train.profile_steps` starts counting (cuDNN autotuning, allocator warm-up).
+const PROFILE_WARMUP: u64 = 10;
+
+impl StepProfile {
+    fn new() -> Self {
+        StepProfile { phases: ["forward", "backward", "optimizer", "online_probe"], ..Default::default() }
+    }
+
+    /// Runs phase `i`, adding its issue time and the synchronization after it.
+    fn time<T>(&mut self, i: usize, device: Device, f: impl FnOnce() -> T) -> T {
+        let t0 = Instant::now();
+        let out = f();
+        self.host_ms[i] += t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+        synchronize(device);
+        self.device_ms[i] += t1.elapsed().as_secs_f64() * 1e3;
+        out
+    }
+
+    /// Sums to per-step means.
+    fn finish(mut self) -> Self {
+        let n = self.steps.max(1) as f64;
+        self.host_ms.iter_mut().chain(self.device_ms.iter_mut()).for_each(|x| *x /= n);
+        self
+    }
+}
+
+impl std::fmt::Display for StepProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "step profile ({} synchronized steps), ms per step, host issuing + device finishing:", self.steps)?;
+        for i in 0..4 {
+            write!(f, " {} {:.2} + {:.2};", self.phases[i], self.host_ms[i], self.device_ms[i])?;
+        }
+        let total: f64 = self.host_ms.iter().chain(&self.device_ms).sum();
+        write!(f, " total {total:.2}")
+    }
+}
+
+fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
 }
 
 /// The model of a run: variables, objective (with its backbone) and the number of input channels.
@@ -78,27 +135,19 @@ pub fn param_spec(backbone: &dyn Backbone, layer_decay: f64) -> impl Fn(&str, &T
 
 /// Labels to `device` the way batches go: pinned and asynchronous on CUDA, so the step never waits on the copy.
 pub fn labels_to_device(labels: &[i64], device: Device) -> Tensor {
-    let t = Tensor::from_slice(labels);
-    if device.is_cuda() {
-        t.pin_memory(device).to_device_(device, Kind::Int64, true, false)
-    } else {
-        t
-    }
+    selfsup_models::device::host_to_device(labels, &[labels.len() as i64], device)
 }
 
-/// Moves a host batch to `device` as `[N, C, H, W]` tensors. Pinned memory makes the copy asynchronous on CUDA.
+/// Moves a host batch to `device` as `[N, C, H, W]` tensors: on CUDA one copy into pinned memory, then an
+/// asynchronous copy to the device.
 pub fn to_device(batch: &HostBatch, device: Device) -> Vec<Tensor> {
     batch
         .views
         .iter()
         .zip(&batch.shapes)
         .map(|(v, s)| {
-            let t = Tensor::from_slice(v).view([batch.len() as i64, s[0] as i64, s[1] as i64, s[2] as i64]);
-            if device.is_cuda() {
-                t.pin_memory(device).to_device_(device, Kind::Float, true, false)
-            } else {
-                t
-            }
+            let shape = [batch.len() as i64, s[0] as i64, s[1] as i64, s[2] as i64];
+            selfsup_models::device::host_to_device(v, &shape, device)
         })
         .collect()
 }
@@ -323,6 +372,7 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
         _ => None,
     };
     let mut cut_short = false;
+    let mut profile: Option<StepProfile> = None;
     while epoch < t.epochs && step < max_steps {
         // Torch's global RNG (masks of MAE/SimMIM, dropout) restarts from (seed, epoch) every epoch: a run resumed
         // at an epoch boundary continues exactly, and reconstruction grids between epochs change nothing.
@@ -344,12 +394,39 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
             }
             let progress_epochs = step as f64 / steps_per_epoch as f64;
             let lr = cfg.optimizer.lr_at(peak_lr, progress_epochs, t.epochs as f64);
-            let out =
-                tch::autocast(autocast, || model.objective.loss(&Batch { views: to_device(&batch, device) }, true));
-            optimizer_step(&mut opt, &out.loss, cfg.optimizer.clip_grad, lr);
-            if let (Some(p), Some(labels)) = (probe.as_mut(), batch.labels.as_ref()) {
-                p.step(&out.features, labels);
-            }
+            let mut forward = || {
+                selfsup_models::device::autocast(autocast, || {
+                    model.objective.loss(&Batch { views: to_device(&batch, device) }, true)
+                })
+            };
+            let profiling =
+                t.profile_steps > 0 && (PROFILE_WARMUP..PROFILE_WARMUP + t.profile_steps as u64).contains(&step);
+            let out = if profiling {
+                // The same calls as optimizer_step, one phase at a time.
+                let prof = profile.get_or_insert_with(StepProfile::new);
+                synchronize(device);
+                let out = prof.time(0, device, forward);
+                prof.time(1, device, || {
+                    opt.zero_grad();
+                    out.loss.backward();
+                    if cfg.optimizer.clip_grad > 0.0 {
+                        let _ = opt.clip_grad_norm(cfg.optimizer.clip_grad);
+                    }
+                });
+                prof.time(2, device, || opt.step(lr));
+                if let (Some(p), Some(labels)) = (probe.as_mut(), batch.labels.as_ref()) {
+                    prof.time(3, device, || p.step(&out.features, labels));
+                }
+                prof.steps += 1;
+                out
+            } else {
+                let out = forward();
+                optimizer_step(&mut opt, &out.loss, cfg.optimizer.clip_grad, lr);
+                if let (Some(p), Some(labels)) = (probe.as_mut(), batch.labels.as_ref()) {
+                    p.step(&out.features, labels);
+                }
+                out
+            };
             step += 1;
             model.objective.after_step(step as f64 / total_steps as f64);
             loss_acc += out.loss.detach().to_kind(Kind::Float);
@@ -436,5 +513,6 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
         final_loss,
         unreadable_samples: unreadable,
         eval,
+        profile: profile.map(StepProfile::finish),
     })
 }

@@ -44,7 +44,8 @@ DEFAULTS = {
     "optimizer": {"kind": "lars", "base_lr": 0.3, "momentum": 0.9, "weight_decay": 1e-6, "eta": 0.02,
                   "warmup_epochs": 2.0, "final_lr_fraction": 0.0},
     "train": {"epochs": 20, "batch_size": 512, "threads": 0, "prefetch": 4, "log_every": 20,
-              "checkpoint_every": 5, "device": "auto", "bf16": True, "max_steps": 0, "preview_pairs": 16},
+              "checkpoint_every": 5, "device": "auto", "bf16": True, "max_steps": 0, "preview_pairs": 16,
+              "profile_steps": 0},
     "eval": {"at_end": True, "knn_every": 0, "knn_k": 200, "knn_temperature": 0.1, "probe_epochs": 30,
              "probe_lr": 0.1, "probe_batch": 256, "probe_weight_decay": 1e-5, "raw_pixel_baseline": True,
              "train_limit": 0},
@@ -198,6 +199,29 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
+class StepProfile:
+    """selfsup's StepProfile: per phase, host ms to issue the work and device ms to finish it after that."""
+
+    def __init__(self):
+        self.steps, self.host, self.device = 0, [0.0] * 3, [0.0] * 3
+
+    def time(self, i, f):
+        t0 = time.perf_counter()
+        out = f()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        self.host[i] += (t1 - t0) * 1e3
+        self.device[i] += (time.perf_counter() - t1) * 1e3
+        return out
+
+    def result(self):
+        if not self.steps:
+            return None
+        return {"phases": ["forward", "backward", "optimizer"], "steps": self.steps,
+                "host_ms": [round(x / self.steps, 3) for x in self.host],
+                "device_ms": [round(x / self.steps, 3) for x in self.device]}
+
+
 def lr_at(o, peak, epoch, total_epochs):
     if epoch < o.warmup_epochs:
         return peak * epoch / o.warmup_epochs
@@ -285,6 +309,9 @@ def main():
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--out", help="folder for checkpoints (every train.checkpoint_every epochs and at the end)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--profile-steps", type=int, default=None,
+                    help="as selfsup's train.profile_steps (default: the config's): synchronize after each phase of "
+                         "this many steps after 10 warm-up steps; host vs device ms per phase in the JSON")
     args = ap.parse_args()
     cfg = load_config(args.config, args.set)
     t, o, e = cfg.train, cfg.optimizer, cfg.eval
@@ -318,6 +345,8 @@ def main():
             torch.save(state, Path(args.out) / f"{name}.pt")
         return step
 
+    profile_steps = args.profile_steps if args.profile_steps is not None else getattr(t, "profile_steps", 0)
+    prof = StepProfile()
     step, epoch, images_seen, wait, loop_time, final_loss, last_saved = 0, 0, 0, 0.0, 0.0, float("nan"), None
     run_start = time.perf_counter()
     while epoch < t.epochs and step < max_steps:
@@ -335,12 +364,25 @@ def main():
             lr = lr_at(o, peak_lr, step / steps_per_epoch, t.epochs)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                z = model(x)
-            loss = nt_xent(z[:n], z[n:], cfg.objective.temperature)  # outside autocast: fp32 logits
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            def forward():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    z = model(x)
+                return nt_xent(z[:n], z[n:], cfg.objective.temperature)  # outside autocast: fp32 logits
+
+            def backward():
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+
+            if cuda and 10 <= step < 10 + profile_steps:  # as selfsup's StepProfile
+                torch.cuda.synchronize()
+                loss = prof.time(0, forward)
+                prof.time(1, backward)
+                prof.time(2, opt.step)
+                prof.steps += 1
+            else:
+                loss = forward()
+                backward()
+                opt.step()
             step, images_seen, acc_steps = step + 1, images_seen + n, acc_steps + 1
             loss_acc += loss.detach()
             if step % t.log_every == 0 or step >= max_steps:
@@ -369,7 +411,7 @@ def main():
               "data_wait_fraction": round(wait / max(loop_time, 1e-9), 5), "knn_top1": None, "linear_top1": None,
               "raw_pixels_linear_top1": None, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
               "steps": step, "images": images_seen, "epochs": epoch, "final_loss": round(final_loss, 5), "workers": workers,
-              "channels_last": args.channels_last, "torch": torch.__version__}
+              "channels_last": args.channels_last, "torch": torch.__version__, "profile": prof.result()}
     if evaluator and e.at_end:
         t0 = time.perf_counter()
         tr, te = evaluator.features(model.backbone)

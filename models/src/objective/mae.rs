@@ -128,7 +128,7 @@ impl Mae {
 
         let p = vit.patch_size();
         // fp32 even under autocast: the normalized targets and squared errors want the precision.
-        let loss = tch::autocast(false, || masked_mse(&pred, &self.target(&patchify(imgs, p)), &m.mask));
+        let loss = crate::device::autocast(false, || masked_mse(&pred, &self.target(&patchify(imgs, p)), &m.mask));
         MaskedForward { loss, pred, mask: m.mask, features }
     }
 

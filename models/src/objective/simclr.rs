@@ -60,7 +60,7 @@ impl Objective for SimClr {
         let h = self.backbone.features(&x, train);
         let z = self.projector.forward_t(&h, train);
         // Outside autocast: under it the similarity matmul would run in bf16 despite the fp32 inputs.
-        let loss = tch::autocast(false, || nt_xent(&z.narrow(0, 0, n), &z.narrow(0, n, n), self.temperature));
+        let loss = crate::device::autocast(false, || nt_xent(&z.narrow(0, 0, n), &z.narrow(0, n, n), self.temperature));
         Step { loss, features: h.narrow(0, 0, n).detach() }
     }
 

@@ -76,7 +76,7 @@ impl SimMim {
         let features = vit.pool(&encoded);
         let pred = encoded.narrow(1, 1, l).apply(&self.decoder);
         let target = patchify(imgs, vit.patch_size());
-        let loss = tch::autocast(false, || masked_l1(&pred, &target, &m.mask));
+        let loss = crate::device::autocast(false, || masked_l1(&pred, &target, &m.mask));
         MaskedForward { loss, pred, mask: m.mask, features }
     }
 }

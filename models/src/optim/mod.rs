@@ -12,9 +12,10 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::{invalid, ModelError};
 
-use adamw::{adam_chunks, Chunk, CHUNK_NUMEL};
+use chunk::{make_chunks, Chunk, CHUNK_NUMEL};
 
 mod adamw;
+mod chunk;
 mod sgd;
 #[cfg(test)]
 mod tests;
@@ -149,7 +150,7 @@ struct Param {
 pub struct Optimizer {
     cfg: OptimizerConfig,
     params: Vec<Param>,
-    /// AdamW only: the parameters grouped for the multi-tensor update.
+    /// The parameters grouped for the multi-tensor update; their state tensors are views into the chunks'.
     chunks: Vec<Chunk>,
     /// AdamW steps taken (for the bias corrections); saved as `adamw.step`.
     step: i64,
@@ -189,16 +190,10 @@ impl Optimizer {
             if !(spec.lr_scale.is_finite() && spec.lr_scale >= 0.0) {
                 return Err(invalid(&format!("optimizer.lr_scale.{name}"), format!("{} out of range", spec.lr_scale)));
             }
-            let buffers = match cfg.kind {
-                OptimizerKind::Sgd | OptimizerKind::Lars => {
-                    Buffers::Momentum(tensor.zeros_like().set_requires_grad(false))
-                }
-                // Views into the chunk buffers, made below.
-                OptimizerKind::Adamw => Buffers::Adam { exp_avg: Tensor::new(), exp_avg_sq: Tensor::new() },
-            };
-            params.push(Param { name, tensor, spec, buffers });
+            // Views into the chunk buffers, made below.
+            params.push(Param { name, tensor, spec, buffers: Buffers::Momentum(Tensor::new()) });
         }
-        let chunks = if cfg.kind == OptimizerKind::Adamw { adam_chunks(&mut params, chunk_numel) } else { Vec::new() };
+        let chunks = make_chunks(&mut params, cfg.kind, chunk_numel);
         Ok(Optimizer { cfg: cfg.clone(), params, chunks, step: 0, multi_tensor: None })
     }
 

@@ -1,5 +1,5 @@
-//! Unit tests of the optimizers: hand-computed SGD/LARS steps, the schedule, layer decay, AdamW multi-tensor vs
-//! per-tensor equality, state round trip, config parsing, and an ignored AdamW step timing.
+//! Unit tests of the optimizers: hand-computed SGD/LARS steps, the schedule, layer decay, multi-tensor vs per-tensor
+//! equality (AdamW, LARS, SGD), state round trip, config parsing, and an ignored AdamW step timing.
 
 use super::*;
 
@@ -151,6 +151,53 @@ fn multi_tensor_adamw_matches_per_tensor_adamw() {
         for (x, y) in a.iter().zip(b) {
             // Same kernels on the same values: bitwise equal here; allow an ulp for other CPUs.
             assert!((x - y).abs() <= 1e-6, "{name}: {x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn multi_tensor_lars_and_sgd_match_per_tensor() {
+    // As the AdamW test: mixed lr scales and decay switches, chunks of at most 40 elements (one parameter larger
+    // than a chunk), a parameter without a gradient on the first step, and one that is all zeros (|p| = 0: trust
+    // ratio 1). The multi-tensor path takes per-parameter norms from segment sums, so allow float rounding.
+    let make = || {
+        tch::manual_seed(5);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        for (i, shape) in [vec![4, 5], vec![5], vec![4, 4], vec![64], vec![2, 2, 3], vec![3]].iter().enumerate() {
+            let _ = vs.root().randn(&format!("p{i}"), shape, 0.0, 1.0);
+        }
+        let _ = vs.root().zeros("p6", &[3, 3]);
+        vs
+    };
+    let spec =
+        |name: &str, t: &Tensor| ParamSpec { lr_scale: if name < "p3" { 0.5 } else { 1.0 }, weight_decay: t.dim() > 1 };
+    for kind in [OptimizerKind::Lars, OptimizerKind::Sgd] {
+        let cfg = OptimizerConfig { kind, momentum: 0.9, weight_decay: 0.05, eta: 0.02, ..Default::default() };
+        let run = |multi_tensor: bool| {
+            let vs = make();
+            let mut opt = Optimizer::build(&vs, &cfg, spec, 40).unwrap();
+            opt.multi_tensor = Some(multi_tensor);
+            for k in 0..3 {
+                opt.zero_grad();
+                backward(&vs, k, if k == 0 { "p2" } else { "" });
+                opt.step(0.3);
+            }
+            let mut vars: Vec<_> = vs.variables().into_iter().map(|(n, t)| (n, values(&t))).collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            let state: Vec<_> = opt.state().iter().map(|(n, t)| (n.clone(), values(t))).collect();
+            (vars, state)
+        };
+        let (multi, per_tensor, start) = (run(true), run(false), make());
+        assert_eq!((multi.0.len(), multi.1.len()), (7, 7));
+        let p6 = &multi.0.iter().find(|(n, _)| n == "p6").unwrap().1;
+        assert!(p6.iter().all(|x| x.abs() > 1e-4), "{kind:?}: the zero parameter must move: {p6:?}");
+        let p0_start = values(&start.variables()["p0"]);
+        let p0 = &multi.0.iter().find(|(n, _)| n == "p0").unwrap().1;
+        assert!(p0.iter().zip(&p0_start).any(|(a, b)| (a - b).abs() > 1e-4), "{kind:?}: p0 must move");
+        for ((name, a), (_, b)) in multi.0.iter().chain(&multi.1).zip(per_tensor.0.iter().chain(&per_tensor.1)) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{kind:?} {name}: {x} vs {y}");
+            }
         }
     }
 }
