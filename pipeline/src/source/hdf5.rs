@@ -37,6 +37,7 @@ use super::folder::{decode_bytes, DEFAULT_MAX_PIXELS};
 use super::{DataError, Sample, Source, SHUFFLE_WINDOW_BLOCKS};
 use raw::RawChunks;
 
+mod fletcher32;
 mod raw;
 
 /// Decoded chunks kept: a batch touches at most two shuffle windows of blocks; two spare for stragglers.
@@ -71,6 +72,14 @@ pub(crate) fn h5_err(path: &Path, message: impl std::fmt::Display) -> DataError 
 enum Chunk {
     Pixels(Vec<u8>),
     Encoded { bytes: Vec<u8>, ends: Vec<usize> },
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        if let Chunk::Pixels(p) = self {
+            raw::recycle(std::mem::take(p));
+        }
+    }
 }
 
 impl Chunk {
@@ -270,7 +279,7 @@ impl Hdf5Source {
 
     /// Self-check of the fast path: chunk 0 read through HDF5 and through `raw` must be the same pixels.
     fn agrees(&self, raw: &RawChunks) -> bool {
-        match (self.read_chunk(0), raw.read(0)) {
+        match (&self.read_chunk(0), raw.read(0)) {
             (Ok(Chunk::Pixels(want)), Ok(Some(got))) => got.get(..want.len()) == Some(&want[..]),
             _ => false,
         }

@@ -4,18 +4,26 @@
 //! threads read and inflate chunks in parallel. Only chunks of whole samples whose filters are deflate and
 //! fletcher32 (in either order, either one optional: what `pack` and h5py's `compression="gzip",
 //! fletcher32=True` write) take this path.
+//!
+//! Nothing is allocated per chunk in the steady state: each thread reuses its buffer for the stored bytes and
+//! its decompressor ([`SCRATCH`]), and the buffers of chunks dropped from the caches are reused for new chunks
+//! ([`recycle`]), so inflating writes into memory that is already mapped instead of fresh zeroed pages.
 
+use std::cell::RefCell;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Mutex;
 
 use ::hdf5::Dataset;
+
+use super::fletcher32::fletcher32;
 
 /// The fast path's chunk index: where each chunk lies in the file and which filters it went through.
 pub(super) struct RawChunks {
     file: std::fs::File,
     /// Per chunk (chunk c holds samples `c * block ..`): file offset, stored size, HDF5 filter mask.
     chunks: Vec<Option<(u64, usize, u32)>>,
-    /// The filter pipeline in write order; only these two are handled.
+    /// The filter pipeline in write order; only these two are handled, deflate at most once.
     filters: Vec<RawFilter>,
     /// Bytes of one uncompressed chunk.
     chunk_bytes: usize,
@@ -25,6 +33,41 @@ pub(super) struct RawChunks {
 enum RawFilter {
     Deflate,
     Fletcher32,
+}
+
+thread_local! {
+    /// Per thread: the stored (filtered) bytes of the chunk being read, and a decompressor (libdeflate allocates
+    /// one per `new`), both reused from chunk to chunk.
+    static SCRATCH: RefCell<(Vec<u8>, Option<libdeflater::Decompressor>)> = const { RefCell::new((Vec::new(), None)) };
+}
+
+/// Buffers of dropped chunks, kept for the next chunks read. Chunks come and go a shuffle window at a time (the
+/// loader reads a window's chunks, then the threads' recent lists drop as many), hence room for a window's worth.
+static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// At most this many bytes of spare buffers (all sources together): memory stays bounded, flat in data set size.
+const SPARE_BYTES: usize = 8 << 20;
+
+/// Keeps `buf` (the pixels of a chunk no longer used) for a later chunk, if there is room.
+pub(super) fn recycle(buf: Vec<u8>) {
+    if buf.capacity() == 0 {
+        return;
+    }
+    let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+    if spare.iter().map(Vec::capacity).sum::<usize>() + buf.capacity() <= SPARE_BYTES {
+        spare.push(buf);
+    }
+}
+
+/// A buffer of `len` initialized bytes (contents unspecified): a spare one when one is large enough.
+fn buffer(len: usize) -> Vec<u8> {
+    let reused = {
+        let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+        spare.iter().position(|b| b.capacity() >= len).map(|i| spare.swap_remove(i))
+    };
+    let mut buf = reused.unwrap_or_default();
+    // Spare buffers keep their length, so this zero-fills at most the few bytes past it.
+    buf.resize(len, 0);
+    buf
 }
 
 impl RawChunks {
@@ -45,6 +88,9 @@ impl RawChunks {
                 _ => None,
             })
             .collect::<Option<Vec<_>>>()?;
+        if filters.iter().filter(|&&f| f == RawFilter::Deflate).count() > 1 {
+            return None;
+        }
         let mut chunks = vec![None; count.div_ceil(block)];
         ds.chunks_visit(|info| {
             if let Some(slot) = chunks.get_mut(info.offset[0] as usize / block) {
@@ -60,71 +106,60 @@ impl RawChunks {
     /// Chunk `c`'s pixels, or `None` when the chunk is not stored (HDF5 supplies fill values then).
     pub(super) fn read(&self, c: usize) -> Result<Option<Vec<u8>>, String> {
         let Some(&Some((addr, size, mask))) = self.chunks.get(c) else { return Ok(None) };
-        let mut buf = vec![0u8; size];
-        self.file.read_exact_at(&mut buf, addr).map_err(|e| format!("chunk {c}: {e}"))?;
-        // Undo the filters in reverse pipeline order, skipping those the chunk's mask says were not applied.
-        for (i, f) in self.filters.iter().enumerate().rev() {
-            if mask & (1 << i) != 0 {
-                continue;
+        SCRATCH.with(|scratch| {
+            let (stored, decompressor) = &mut *scratch.borrow_mut();
+            if stored.len() < size {
+                stored.resize(size, 0);
             }
-            buf = match f {
-                RawFilter::Fletcher32 => {
-                    let body =
-                        buf.len().checked_sub(4).ok_or_else(|| format!("chunk {c}: shorter than its checksum"))?;
-                    let stored = u32::from_le_bytes([buf[body], buf[body + 1], buf[body + 2], buf[body + 3]]);
-                    let sum = fletcher32(&buf[..body]);
-                    // HDF5 before 1.6.3 stored it with the bytes of each half swapped; HDF5 accepts both.
-                    let swapped = ((sum & 0x00ff_00ff) << 8) | ((sum >> 8) & 0x00ff_00ff);
-                    if stored != sum && stored != swapped {
-                        return Err(format!("chunk {c}: data error detected by Fletcher32 checksum (corrupt file)"));
-                    }
-                    buf.truncate(body);
-                    buf
+            self.file.read_exact_at(&mut stored[..size], addr).map_err(|e| format!("chunk {c}: {e}"))?;
+            // The bytes so far: `stored[..len]`, or `out[..len]` once inflated.
+            let (mut out, mut len) = (None::<Vec<u8>>, size);
+            // Undo the filters in reverse pipeline order, skipping those the chunk's mask says were not applied.
+            for (i, f) in self.filters.iter().enumerate().rev() {
+                if mask & (1 << i) != 0 {
+                    continue;
                 }
-                RawFilter::Deflate => {
-                    // The output is the chunk, plus a checksum when fletcher32 ran before deflate.
-                    let mut out = vec![0u8; self.chunk_bytes + 4];
-                    let n = crate::source::timed_decode(|| {
-                        libdeflater::Decompressor::new().zlib_decompress(&buf, &mut out)
-                    })
-                    .map_err(|e| format!("chunk {c}: cannot inflate: {e}"))?;
-                    out.truncate(n);
-                    out
+                match f {
+                    RawFilter::Fletcher32 => {
+                        let bytes = out.as_deref().unwrap_or(&stored[..]);
+                        let body = len.checked_sub(4).ok_or_else(|| format!("chunk {c}: shorter than its checksum"))?;
+                        let stored_sum =
+                            u32::from_le_bytes([bytes[body], bytes[body + 1], bytes[body + 2], bytes[body + 3]]);
+                        let sum = fletcher32(&bytes[..body]);
+                        // HDF5 before 1.6.3 stored it with the bytes of each half swapped; HDF5 accepts both.
+                        let swapped = ((sum & 0x00ff_00ff) << 8) | ((sum >> 8) & 0x00ff_00ff);
+                        if stored_sum != sum && stored_sum != swapped {
+                            return Err(format!(
+                                "chunk {c}: data error detected by Fletcher32 checksum (corrupt file)"
+                            ));
+                        }
+                        len = body;
+                    }
+                    RawFilter::Deflate => {
+                        // The output is the chunk, plus a checksum when fletcher32 ran before deflate.
+                        let mut inflated = buffer(self.chunk_bytes + 4);
+                        let d = decompressor.get_or_insert_with(libdeflater::Decompressor::new);
+                        len = crate::source::timed_decode(|| d.zlib_decompress(&stored[..len], &mut inflated))
+                            .map_err(|e| format!("chunk {c}: cannot inflate: {e}"))?;
+                        out = Some(inflated);
+                    }
+                }
+            }
+            if len != self.chunk_bytes {
+                return Err(format!("chunk {c}: {len} bytes after its filters, expected {}", self.chunk_bytes));
+            }
+            let pixels = match out {
+                Some(mut inflated) => {
+                    inflated.truncate(len);
+                    inflated
+                }
+                None => {
+                    let mut copy = buffer(len);
+                    copy.copy_from_slice(&stored[..len]);
+                    copy
                 }
             };
-        }
-        if buf.len() != self.chunk_bytes {
-            return Err(format!("chunk {c}: {} bytes after its filters, expected {}", buf.len(), self.chunk_bytes));
-        }
-        Ok(Some(buf))
+            Ok(Some(pixels))
+        })
     }
-}
-
-/// HDF5's Fletcher-32 (H5_checksum_fletcher32 in H5checksum.c): big-endian 16-bit words, an odd last byte as
-/// the high byte of a word, both sums folded every 360 words. Per block, `a += Σ w_i` and
-/// `b += n·a + Σ (n-i)·w_i` (what the word-by-word loop adds up to), so the compiler can vectorize it; wrapping
-/// u32 arithmetic gives what the C code's 32-bit sums give.
-fn fletcher32(data: &[u8]) -> u32 {
-    let (mut a, mut b) = (0u32, 0u32);
-    let fold = |x: u32| (x & 0xffff) + (x >> 16);
-    let even = data.len() & !1;
-    for block in data[..even].chunks(720) {
-        // With at most 360 words per block, both sums fit in u32 (360·361/2·65535 < 2^32): vectorizable.
-        let n = (block.len() / 2) as u32;
-        let (mut s, mut t) = (0u32, 0u32);
-        for (i, w) in block.chunks_exact(2).enumerate() {
-            let w = u32::from(u16::from_be_bytes([w[0], w[1]]));
-            s = s.wrapping_add(w);
-            t = t.wrapping_add((n - i as u32).wrapping_mul(w));
-        }
-        b = b.wrapping_add(n.wrapping_mul(a)).wrapping_add(t);
-        a = a.wrapping_add(s);
-        (a, b) = (fold(a), fold(b));
-    }
-    if let Some(&last) = data.get(even) {
-        a = a.wrapping_add(u32::from(last) << 8);
-        b = b.wrapping_add(a);
-        (a, b) = (fold(a), fold(b));
-    }
-    (fold(b) << 16) | fold(a)
 }
