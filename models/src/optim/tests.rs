@@ -114,24 +114,34 @@ fn lars_spec_scales_lr_and_switches_off_adaptation() {
     assert_eq!(values(&w), vec![3.0 - 0.5f32 as f64, 4.0 - 0.5f32 as f64]);
 }
 
+/// Six parameters of mixed shapes (`p0`..`p5`, 117 elements) with values that depend on `seed` and, with `zero`,
+/// an all-zero `p6` [3, 3]. Not from torch's global RNG: tests run in parallel and would reseed it under each other.
+fn mixed_vars(seed: i64, zero: bool) -> nn::VarStore {
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    for (i, shape) in [vec![4, 5], vec![5], vec![4, 4], vec![64], vec![2, 2, 3], vec![3]].iter().enumerate() {
+        let n: i64 = shape.iter().product();
+        let values = ((Tensor::arange(n, tch::kind::FLOAT_CPU) + (seed * 7 + i as i64 * 13)) * 0.91).sin() * 1.3;
+        let _ = vs.root().var_copy(&format!("p{i}"), &values.view(shape.as_slice()));
+    }
+    if zero {
+        let _ = vs.root().zeros("p6", &[3, 3]);
+    }
+    vs
+}
+
+/// Half the lr for `p0`..`p2`, decay on tensors of rank > 1.
+fn mixed_spec(name: &str, t: &Tensor) -> ParamSpec {
+    ParamSpec { lr_scale: if name < "p3" { 0.5 } else { 1.0 }, weight_decay: t.dim() > 1 }
+}
+
 #[test]
 fn multi_tensor_adamw_matches_per_tensor_adamw() {
     // Mixed specs, chunks of at most 40 elements (so some chunks hold several parameters and one parameter is
     // larger than a chunk), and one parameter without a gradient on the first step (its chunk takes the
     // per-tensor path then).
-    let make = || {
-        tch::manual_seed(3);
-        let vs = nn::VarStore::new(tch::Device::Cpu);
-        for (i, shape) in [vec![4, 5], vec![5], vec![4, 4], vec![64], vec![2, 2, 3], vec![3]].iter().enumerate() {
-            let _ = vs.root().randn(&format!("p{i}"), shape, 0.0, 1.0);
-        }
-        vs
-    };
-    let spec =
-        |name: &str, t: &Tensor| ParamSpec { lr_scale: if name < "p3" { 0.5 } else { 1.0 }, weight_decay: t.dim() > 1 };
     let run = |multi_tensor: bool| {
-        let vs = make();
-        let mut opt = Optimizer::build(&vs, &adamw(0.05), spec, 40).unwrap();
+        let vs = mixed_vars(3, false);
+        let mut opt = Optimizer::build(&vs, &adamw(0.05), mixed_spec, 40).unwrap();
         let sizes: Vec<usize> = opt.chunks.iter().map(|c| c.members.len()).collect();
         assert_eq!(sizes, [2, 1, 1, 1, 1], "chunks");
         opt.multi_tensor = Some(multi_tensor);
@@ -160,22 +170,11 @@ fn multi_tensor_lars_and_sgd_match_per_tensor() {
     // As the AdamW test: mixed lr scales and decay switches, chunks of at most 40 elements (one parameter larger
     // than a chunk), a parameter without a gradient on the first step, and one that is all zeros (|p| = 0: trust
     // ratio 1). The multi-tensor path takes per-parameter norms from segment sums, so allow float rounding.
-    let make = || {
-        tch::manual_seed(5);
-        let vs = nn::VarStore::new(tch::Device::Cpu);
-        for (i, shape) in [vec![4, 5], vec![5], vec![4, 4], vec![64], vec![2, 2, 3], vec![3]].iter().enumerate() {
-            let _ = vs.root().randn(&format!("p{i}"), shape, 0.0, 1.0);
-        }
-        let _ = vs.root().zeros("p6", &[3, 3]);
-        vs
-    };
-    let spec =
-        |name: &str, t: &Tensor| ParamSpec { lr_scale: if name < "p3" { 0.5 } else { 1.0 }, weight_decay: t.dim() > 1 };
     for kind in [OptimizerKind::Lars, OptimizerKind::Sgd] {
         let cfg = OptimizerConfig { kind, momentum: 0.9, weight_decay: 0.05, eta: 0.02, ..Default::default() };
         let run = |multi_tensor: bool| {
-            let vs = make();
-            let mut opt = Optimizer::build(&vs, &cfg, spec, 40).unwrap();
+            let vs = mixed_vars(5, true);
+            let mut opt = Optimizer::build(&vs, &cfg, mixed_spec, 40).unwrap();
             opt.multi_tensor = Some(multi_tensor);
             for k in 0..3 {
                 opt.zero_grad();
@@ -187,7 +186,7 @@ fn multi_tensor_lars_and_sgd_match_per_tensor() {
             let state: Vec<_> = opt.state().iter().map(|(n, t)| (n.clone(), values(t))).collect();
             (vars, state)
         };
-        let (multi, per_tensor, start) = (run(true), run(false), make());
+        let (multi, per_tensor, start) = (run(true), run(false), mixed_vars(5, true));
         assert_eq!((multi.0.len(), multi.1.len()), (7, 7));
         let p6 = &multi.0.iter().find(|(n, _)| n == "p6").unwrap().1;
         assert!(p6.iter().all(|x| x.abs() > 1e-4), "{kind:?}: the zero parameter must move: {p6:?}");

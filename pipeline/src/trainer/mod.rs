@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use selfsup_augment::{Image, Rng, Views};
+use selfsup_augment::Views;
 use selfsup_models::{layer_decay_scale, Backbone, Batch, Objective, Optimizer, ParamSpec};
 use serde::Serialize;
 use tch::nn::VarStore;
@@ -16,9 +16,18 @@ use crate::config::{Config, ShuffleMode};
 use crate::loader::{BadSample, HostBatch, Loader, LoaderConfig};
 use crate::progress::Progress;
 use crate::source::{self, Source};
-use crate::tensorboard::{grid, images_from_tensor, upscale, Sink};
+use crate::tensorboard::Sink;
 use crate::transfer::{self, EvalContext, EvalReport};
 use crate::{prepare_device, Error, Result};
+
+mod probe;
+mod profile;
+mod visuals;
+
+use probe::OnlineProbe;
+pub use profile::StepProfile;
+use profile::{synchronize, PROFILE_WARMUP};
+use visuals::{log_reconstruction, preview, recon_batch};
 
 pub struct RunOptions {
     /// The run folder: resolved config, event file, checkpoints, eval.json.
@@ -47,61 +56,6 @@ pub struct RunSummary {
     pub eval: Option<EvalReport>,
     /// Where a step's time goes (`train.profile_steps`).
     pub profile: Option<StepProfile>,
-}
-
-/// Per phase of a training step (forward, backward, optimizer, online probe), the mean milliseconds the host took
-/// to issue the work (`host_ms`) and the device took to finish it after that (`device_ms`, a synchronization right
-/// after the phase): host-bound phases have `device_ms` near 0, device-bound ones a large one. `train.profile_steps`.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct StepProfile {
-    pub phases: [&'static str; 4],
-    pub steps: u64,
-    pub host_ms: [f64; 4],
-    pub device_ms: [f64; 4],
-}
-
-/// Steps before `train.profile_steps` starts counting (cuDNN autotuning, allocator warm-up).
-const PROFILE_WARMUP: u64 = 10;
-
-impl StepProfile {
-    fn new() -> Self {
-        StepProfile { phases: ["forward", "backward", "optimizer", "online_probe"], ..Default::default() }
-    }
-
-    /// Runs phase `i`, adding its issue time and the synchronization after it.
-    fn time<T>(&mut self, i: usize, device: Device, f: impl FnOnce() -> T) -> T {
-        let t0 = Instant::now();
-        let out = f();
-        self.host_ms[i] += t0.elapsed().as_secs_f64() * 1e3;
-        let t1 = Instant::now();
-        synchronize(device);
-        self.device_ms[i] += t1.elapsed().as_secs_f64() * 1e3;
-        out
-    }
-
-    /// Sums to per-step means.
-    fn finish(mut self) -> Self {
-        let n = self.steps.max(1) as f64;
-        self.host_ms.iter_mut().chain(self.device_ms.iter_mut()).for_each(|x| *x /= n);
-        self
-    }
-}
-
-impl std::fmt::Display for StepProfile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "step profile ({} synchronized steps), ms per step, host issuing + device finishing:", self.steps)?;
-        for i in 0..4 {
-            write!(f, " {} {:.2} + {:.2};", self.phases[i], self.host_ms[i], self.device_ms[i])?;
-        }
-        let total: f64 = self.host_ms.iter().chain(&self.device_ms).sum();
-        write!(f, " total {total:.2}")
-    }
-}
-
-fn synchronize(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
 }
 
 /// The model of a run: variables, objective (with its backbone) and the number of input channels.
@@ -152,93 +106,6 @@ pub fn to_device(batch: &HostBatch, device: Device) -> Vec<Tensor> {
         .collect()
 }
 
-/// The first `pairs` samples of epoch 0, every view side by side, as one image grid.
-fn preview(source: &dyn Source, views: &Views, order: &[usize], seed: u64, pairs: usize) -> Option<Image> {
-    let mut tiles = Vec::new();
-    for &i in order.iter().take(pairs) {
-        let Ok(sample) = source.get(i) else { continue };
-        let mut rng = Rng::for_sample(seed, 0, i as u64);
-        for p in &views.recipes {
-            let view = p.run_image(&sample.image, &mut rng);
-            // Small views (28 px) are shown at least 56 px wide.
-            let factor = (56 / view.width.max(1)).max(1);
-            tiles.push(upscale(&view, factor));
-        }
-    }
-    let per_row = views.recipes.len() * 4;
-    (!tiles.is_empty()).then(|| grid(&tiles, per_row))
-}
-
-/// A fixed batch of `n` whole images (the first of the test data when there is one, else of the training data)
-/// for reconstruction grids, normalized as the first view. `None` when the objective reconstructs nothing.
-fn recon_batch(cfg: &Config, train: &dyn Source, device: Device, n: usize) -> Option<Tensor> {
-    if !matches!(cfg.objective, selfsup_models::ObjectiveConfig::Mae(_) | selfsup_models::ObjectiveConfig::Simmim(_)) {
-        return None;
-    }
-    let test = cfg.data.test.as_ref().and_then(|p| source::open_with(p, cfg.data.open_options()).ok());
-    let src: &dyn Source = test.as_deref().unwrap_or(train);
-    let first = src.get(0).ok()?.image;
-    let view = cfg.view_recipes().swap_remove(0);
-    let pipe = crate::eval::eval_recipe(&view, first.width, first.height).build(src.channels()).ok()?;
-    let views = Views::new(vec![pipe]);
-    let indices: Vec<usize> = (0..n.min(src.len())).collect();
-    let job = crate::loader::BatchJob { indices: &indices, seed: cfg.seed, epoch: 0, reuse: None };
-    let batch = crate::loader::build_batch(src, &views, job, &Default::default());
-    (!batch.is_empty()).then(|| to_device(&batch, device).swap_remove(0))
-}
-
-/// A linear classifier trained on the detached backbone features of each training batch (solo-learn's online
-/// linear evaluation): a live accuracy curve during pretraining. Its own variables and optimizer, so it is not
-/// part of the checkpoint (a resumed run starts a fresh probe) and no gradient reaches the backbone.
-struct OnlineProbe {
-    _vs: VarStore,
-    head: tch::nn::Linear,
-    opt: Optimizer,
-    lr: f64,
-    /// Correct predictions and images since the last log, on the device.
-    hits: Tensor,
-    seen: u64,
-}
-
-impl OnlineProbe {
-    fn new(dim: i64, classes: i64, lr: f64, device: Device) -> Result<Self> {
-        let vs = VarStore::new(device);
-        let head = selfsup_models::linear(vs.root() / "online_probe", dim, classes);
-        let cfg = selfsup_models::OptimizerConfig {
-            kind: selfsup_models::OptimizerKind::Sgd,
-            base_lr: lr,
-            momentum: 0.9,
-            weight_decay: 0.0,
-            ..Default::default()
-        };
-        let opt = Optimizer::new(&vs, &cfg)?;
-        Ok(OnlineProbe { _vs: vs, head, opt, lr, hits: Tensor::zeros([], (Kind::Int64, device)), seen: 0 })
-    }
-
-    /// One SGD step on `features` (`[N, D]`, detached) and `labels`; counts its accuracy before the step.
-    fn step(&mut self, features: &Tensor, labels: &[i64]) {
-        let y = labels_to_device(labels, features.device());
-        // Standardized per batch (a batch norm without parameters, as MAE's linear probe): the raw feature scale
-        // drifts while the backbone trains, which a plain linear layer at a fixed lr follows slowly.
-        let f = features.detach().to_kind(Kind::Float);
-        let f = (&f - f.mean_dim([0i64].as_slice(), true, Kind::Float))
-            / f.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6);
-        let logits = f.apply(&self.head);
-        self.hits += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64).detach();
-        self.seen += labels.len() as u64;
-        let loss = selfsup_models::cross_entropy(&logits, &y, 0.0);
-        optimizer_step(&mut self.opt, &loss, 0.0, self.lr);
-    }
-
-    /// Accuracy since the last call (reads one number back from the device), `None` when nothing was seen.
-    fn take_accuracy(&mut self) -> Option<f64> {
-        let seen = std::mem::take(&mut self.seen);
-        let hits = self.hits.int64_value(&[]);
-        let _ = self.hits.zero_();
-        (seen > 0).then(|| hits as f64 / seen as f64)
-    }
-}
-
 /// The seed of torch's global RNG in epoch `epoch`.
 fn epoch_seed(seed: u64, epoch: usize) -> i64 {
     (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (epoch as u64 + 1)) as i64 & i64::MAX
@@ -253,25 +120,6 @@ pub fn optimizer_step(opt: &mut Optimizer, loss: &Tensor, clip: f64, lr: f64) {
         let _ = opt.clip_grad_norm(clip);
     }
     opt.step(lr);
-}
-
-/// Logs original / masked / reconstructed images (one row each) for masked-image objectives. The masks come
-/// from a fixed seed, so grids from different epochs show the same patches hidden.
-fn log_reconstruction(objective: &mut dyn Objective, x: Option<&Tensor>, cfg: &Config, sink: &mut dyn Sink, step: i64) {
-    let Some(x) = x else { return };
-    tch::manual_seed(epoch_seed(cfg.seed, usize::MAX));
-    let Some((masked, recon)) = objective.reconstruct(x) else { return };
-    let view = &cfg.view_recipes()[0];
-    let mut tiles = Vec::new();
-    for t in [x, &masked, &recon] {
-        for img in images_from_tensor(t, &view.mean, &view.std) {
-            let factor = (56 / img.width.max(1)).max(1);
-            tiles.push(upscale(&img, factor));
-        }
-    }
-    let cols = x.size()[0] as usize;
-    sink.image("reconstruction/original_masked_reconstructed", step, &grid(&tiles, cols));
-    sink.flush();
 }
 
 pub(crate) fn report_bad(epoch: usize, bad: &[BadSample], seen: usize, max_fraction: f64) -> Result<()> {
