@@ -119,9 +119,16 @@ enum Command {
         /// Write the samples in a random order from this seed (for folders sorted by class).
         #[arg(long, value_name = "SEED")]
         shuffle: Option<u64>,
-        /// Deflate level, 0-9 (0: chunks stored uncompressed, still checksummed; fastest to read).
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(0..=9))]
-        deflate: u8,
+        /// Chunk compression: lz4hc (Blosc LZ4HC, HDF5 filter 32001: nearly deflate's ratio, ~8x faster to read;
+        /// h5py reads it after `import hdf5plugin`), deflate (gzip: every HDF5 tool reads it), none.
+        #[arg(long, value_enum, default_value_t = CodecArg::Lz4hc)]
+        codec: CodecArg,
+        /// Compression level: lz4hc 1-9 (default 9), deflate 0-9 (default 4; 0 = stored).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+        level: Option<u8>,
+        /// Shorthand for `--codec deflate --level N` (0-9).
+        #[arg(long, value_name = "N", conflicts_with_all = ["codec", "level"], value_parser = clap::value_parser!(u8).range(0..=9))]
+        deflate: Option<u8>,
     },
 }
 
@@ -357,21 +364,52 @@ fn main() {
         Command::BenchLoader { config, set, seconds, threads, gpu_img_per_s } => {
             bench::run(&config, &set, bench::Options { seconds, threads, gpu_img_per_s })
         }
-        Command::Pack { src, out, channels, encoded, shuffle, deflate } => {
-            let opts = selfsup_pipeline::pack::PackOptions {
-                channels,
-                encoded,
-                shuffle,
-                deflate,
-                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            };
-            selfsup_pipeline::pack::pack(&src, &out, &opts)
-                .map(|summary| println!("{summary}"))
-                .with_context(|| format!("packing {} into {}", src.display(), out.display()))
+        Command::Pack { src, out, channels, encoded, shuffle, codec, level, deflate } => {
+            pack(&src, &out, channels, encoded, shuffle, codec_of(codec, level, deflate))
         }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// The codec the pack flags ask for (`--deflate N` is `--codec deflate --level N`).
+fn codec_of(codec: CodecArg, level: Option<u8>, deflate: Option<u8>) -> Result<selfsup_pipeline::pack::Codec> {
+    use selfsup_pipeline::pack::Codec;
+    Ok(match (deflate, codec, level) {
+        (Some(l), ..) => Codec::Deflate(l),
+        (None, CodecArg::Lz4hc, Some(0)) => bail!("--level: lz4hc takes 1-9"),
+        (None, CodecArg::Lz4hc, l) => Codec::Lz4hc(l.unwrap_or(9)),
+        (None, CodecArg::Deflate, l) => Codec::Deflate(l.unwrap_or(4)),
+        (None, CodecArg::None, _) => Codec::None,
+    })
+}
+
+fn pack(
+    src: &Path,
+    out: &Path,
+    channels: u8,
+    encoded: bool,
+    shuffle: Option<u64>,
+    codec: Result<selfsup_pipeline::pack::Codec>,
+) -> Result<()> {
+    let opts = selfsup_pipeline::pack::PackOptions {
+        channels,
+        encoded,
+        shuffle,
+        codec: codec?,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    selfsup_pipeline::pack::pack(src, out, &opts)
+        .map(|summary| println!("{summary}"))
+        .with_context(|| format!("packing {} into {}", src.display(), out.display()))
+}
+
+/// `selfsup pack --codec`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CodecArg {
+    Lz4hc,
+    Deflate,
+    None,
 }

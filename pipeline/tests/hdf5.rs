@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use selfsup_augment::{RecipeConfig, Views};
 use selfsup_pipeline::loader::{HostBatch, Loader, LoaderConfig};
-use selfsup_pipeline::pack::{self, PackOptions, PackSummary};
+use selfsup_pipeline::pack::{self, Codec, PackOptions, PackSummary};
 use selfsup_pipeline::source::{self, Hdf5Layout, Hdf5Source, ImageFolder, Prefix, Source, SHUFFLE_WINDOW_BLOCKS};
 
 const N: usize = 2000;
@@ -93,7 +93,9 @@ fn fashion_mnist_round_trips_through_our_reader_and_h5py() {
     assert_eq!(images["shape"], serde_json::json!([N, 28, 28, 1]));
     assert_eq!(images["dtype"], "uint8");
     assert_eq!(images["chunks"], serde_json::json!([256, 28, 28, 1]));
-    assert_eq!((images["compression"].as_str(), images["compression_opts"].as_u64()), (Some("gzip"), Some(4)));
+    // pack's default pipeline: Blosc (32001) with LZ4HC (compressor code 2) at level 9, no shuffle, on chunks of
+    // 256 x 784 bytes; then fletcher32 (3).
+    assert_eq!(images["filters"], serde_json::json!([[32001, [2, 2, 1, 256 * 784, 9, 0, 2]], [3, []]]));
     assert_eq!(images["fletcher32"], true);
     assert_eq!(v["datasets"]["labels"]["dtype"], "int64");
     assert_eq!(v["datasets"]["labels"]["fletcher32"], true);
@@ -262,7 +264,7 @@ fn encoded_checksums_match_zlib_and_catch_a_flipped_byte_in_one_jpeg() {
         (&ds["dtype"], &ds["shape"], &ds["attrs"]["checksum"]),
         (&"uint32".into(), &serde_json::json!([8]), &"crc32".into())
     );
-    assert_eq!((ds["compression"].as_str(), ds["fletcher32"].as_bool()), (Some("gzip"), Some(true)));
+    assert_eq!((ds["filters"][0][0].as_u64(), ds["fletcher32"].as_bool()), (Some(32001), Some(true)));
     assert_eq!(v["checksums"], serde_json::json!({"algorithm": "crc32", "count": 8, "verified": 8, "mismatched": []}));
 
     // Flip one byte in the middle of one JPEG's bytes in the file: a 16-byte run of its entropy-coded data is
@@ -355,11 +357,17 @@ with h5py.File(d + "/shuffled.h5", "w") as f:        # chunked, shuffle + gzip +
     f.create_dataset("images", data=imgs[..., None], chunks=(8, 6, 5, 1), shuffle=True, compression="gzip", fletcher32=True)
 with h5py.File(d + "/gzip.h5", "w") as f:            # gzip + fletcher32 as h5py orders them: the fast path
     f.create_dataset("images", data=imgs[..., None], chunks=(16, 6, 5, 1), compression="gzip", fletcher32=True)
+import hdf5plugin                                     # Blosc as hdf5plugin writes it (lz4, byte shuffle): fast path
+with h5py.File(d + "/blosc.h5", "w") as f:
+    f.create_dataset("images", data=imgs[..., None], chunks=(16, 6, 5, 1), fletcher32=True,
+                     **hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
 "#;
     let status = venv_python().args(["-c", script]).arg(dir.path()).status().unwrap();
     assert!(status.success());
     let want = |i: usize| -> Vec<u8> { (0..30).map(|k| ((i * 30 + k) as i64 * 7 % 251) as u8).collect() };
-    for (name, block, raw) in [("contiguous.h5", 256, false), ("shuffled.h5", 8, false), ("gzip.h5", 16, true)] {
+    let files =
+        [("contiguous.h5", 256, false), ("shuffled.h5", 8, false), ("gzip.h5", 16, true), ("blosc.h5", 16, true)];
+    for (name, block, raw) in files {
         let h5 = Hdf5Source::open(&dir.path().join(name), 3).unwrap();
         assert_eq!((h5.len(), h5.channels(), h5.block_len(), h5.reads_raw_chunks()), (50, 1, block, raw), "{name}");
         for i in [0, 7, 8, 17, 49] {
@@ -459,7 +467,7 @@ fn output_is_never_half_written() {
     std::fs::write(&stale, b"half written").unwrap();
     assert!(source::open(&stale, 1).is_err(), "a .tmp-* file is not opened as HDF5");
     let small = Prefix::new(fmnist_prefix(), 10);
-    let stored = PackOptions { deflate: 0, ..opts.clone() }; // deflate level 0: stored blocks, still checksummed
+    let stored = PackOptions { codec: Codec::Deflate(0), ..opts.clone() }; // stored blocks, still checksummed
     assert_eq!(pack::pack_source(&small, "x", &out, &stored).unwrap().count, 10);
     // The dead run's leftover is cleaned up; a temporary file of a live process (pid 1) is left alone.
     assert!(!stale.exists(), "stale temporary file not removed");
@@ -470,6 +478,16 @@ fn output_is_never_half_written() {
     let h5 = Hdf5Source::open(&out, 1).unwrap();
     assert_eq!((h5.len(), h5.reads_raw_chunks()), (10, true));
     assert_eq!(h5.get(9).unwrap().image, small.get(9).unwrap().image);
+    // The other codecs: same pixels, same fast path.
+    for codec in [Codec::Deflate(4), Codec::None, Codec::Lz4hc(1)] {
+        let file = dir.path().join(format!("{codec}.h5").replace(' ', "-"));
+        pack::pack_source(&small, "x", &file, &PackOptions { codec, ..opts.clone() }).unwrap();
+        let h5 = Hdf5Source::open(&file, 1).unwrap();
+        assert_eq!((h5.len(), h5.reads_raw_chunks()), (10, true), "{codec}");
+        for i in 0..10 {
+            assert_eq!(h5.get(i).unwrap().image, small.get(i).unwrap().image, "{codec} #{i}");
+        }
+    }
     // Wrong extension: refused before anything is read.
     let e = pack::pack_source(&small, "x", &dir.path().join("fm.bin"), &opts).unwrap_err().to_string();
     assert!(e.contains(".h5 or .hdf5"), "{e}");

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reads a file written by `selfsup pack` with h5py (an independent HDF5 reader) and prints what it finds as JSON:
+"""Reads a file written by `selfsup pack` with h5py (an independent HDF5 reader; hdf5plugin's Blosc filter) and prints what it finds as JSON:
 root attributes, each data set's shape, dtype, chunks and filters, the labels, the pixels (fixed layout) or bytes
 (encoded layout) of the rows asked for, and, with --hash, the content hash recomputed from the data exactly as
 pack.rs defines it (64-bit FNV-1a over every row in order: u64le(byte count), bytes, i64le(label) when labeled).
@@ -18,6 +18,11 @@ import zlib
 
 import h5py
 import numpy as np
+
+try:
+    import hdf5plugin  # noqa: F401  registers the Blosc filter (32001) of `pack`'s default codec with h5py's HDF5
+except ImportError:
+    sys.exit("check_packed.py: needs hdf5plugin to read Blosc chunks (scripts/setup installs it into its venv)")
 
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
@@ -48,6 +53,10 @@ def describe(ds):
         "chunks": list(ds.chunks) if ds.chunks else None,
         "compression": ds.compression,
         "compression_opts": ds.compression_opts,
+        # The whole pipeline as HDF5 stores it: [filter id, [cd_values]] in write order (Blosc's cd_values:
+        # filter version, blosc version, type size, chunk bytes, level, shuffle, compressor: 2 = LZ4HC).
+        "filters": [[f[0], list(f[2])] for f in map(ds.id.get_create_plist().get_filter,
+                                                     range(ds.id.get_create_plist().get_nfilters()))],
         "fletcher32": bool(ds.fletcher32),
         "shuffle": bool(ds.shuffle),
         "attrs": {k: plain(v) for k, v in ds.attrs.items()},

@@ -18,10 +18,11 @@
 //! Concurrent misses on the same chunk wait for one read. HDF5 calls are serialized by hdf5-metno's global
 //! lock, so the handles are safe to share between rayon threads; decoding of encoded samples runs outside it.
 //!
-//! Fixed-layout chunks of whole samples filtered by deflate and fletcher32 only (what `pack` writes) are read
-//! by [`raw`] instead, outside HDF5 and in parallel: inflating is most of a chunk's cost (Fashion-MNIST, 256
-//! samples: zlib inside HDF5 ~720 us, libdeflate ~300 us on the 2-core dev machine). At open, chunk 0 is read
-//! both ways and that path is used only if they agree.
+//! Fixed-layout chunks of whole samples filtered by fletcher32 and at most one of Blosc and deflate (what `pack`
+//! writes) are read by [`raw`] instead, outside HDF5 and in parallel: decompressing is most of a chunk's cost
+//! (Fashion-MNIST, 256 samples, on the 2-core dev machine: deflate through zlib inside HDF5 ~720 us, libdeflate
+//! ~300 us; pack's default Blosc LZ4HC ~40 us). At open, chunk 0 is read both ways and that path is used only if
+//! they agree.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;

@@ -1,9 +1,9 @@
 //! The fast path of [`Hdf5Source`](super::Hdf5Source): chunks of a fixed-layout data set read straight from
 //! the file (one positioned read per chunk, at the offset HDF5's chunk index gives), their fletcher32 checksum
-//! verified and their deflate stream inflated by libdeflate, all outside HDF5 and its global lock, so loader
-//! threads read and inflate chunks in parallel. Only chunks of whole samples whose filters are deflate and
-//! fletcher32 (in either order, either one optional: what `pack` and h5py's `compression="gzip",
-//! fletcher32=True` write) take this path.
+//! verified and their Blosc or deflate stream decompressed by c-blosc or libdeflate, all outside HDF5 and its
+//! global lock, so loader threads read and decompress chunks in parallel. Only chunks of whole samples whose
+//! filters are fletcher32 and at most one of Blosc and deflate (in either order, each optional: what `pack` and
+//! h5py's `compression="gzip", fletcher32=True` or hdf5plugin's Blosc write) take this path.
 //!
 //! Nothing is allocated per chunk in the steady state: each thread reuses its buffer for the stored bytes and
 //! its decompressor ([`SCRATCH`]), and the buffers of chunks dropped from the caches are reused for new chunks
@@ -23,7 +23,7 @@ pub(super) struct RawChunks {
     file: std::fs::File,
     /// Per chunk (chunk c holds samples `c * block ..`): file offset, stored size, HDF5 filter mask.
     chunks: Vec<Option<(u64, usize, u32)>>,
-    /// The filter pipeline in write order; only these two are handled, deflate at most once.
+    /// The filter pipeline in write order; only these are handled, one compressor at most.
     filters: Vec<RawFilter>,
     /// Bytes of one uncompressed chunk.
     chunk_bytes: usize,
@@ -32,6 +32,7 @@ pub(super) struct RawChunks {
 #[derive(Clone, Copy, PartialEq)]
 enum RawFilter {
     Deflate,
+    Blosc,
     Fletcher32,
 }
 
@@ -72,7 +73,7 @@ fn buffer(len: usize) -> Vec<u8> {
 
 impl RawChunks {
     /// The chunk index of `ds` (a fixed-layout data set of `count` samples in `path`, `block` per chunk), when
-    /// the fast path applies: chunks of whole samples, filters only deflate and fletcher32.
+    /// the fast path applies: chunks of whole samples, filters only fletcher32 and one of Blosc and deflate.
     pub(super) fn index(path: &Path, ds: &Dataset, block: usize, count: usize) -> Option<RawChunks> {
         let shape = ds.shape();
         let chunk = ds.chunk()?;
@@ -84,11 +85,12 @@ impl RawChunks {
             .iter()
             .map(|f| match f {
                 ::hdf5::filters::Filter::Deflate(_) => Some(RawFilter::Deflate),
+                ::hdf5::filters::Filter::Blosc(..) => Some(RawFilter::Blosc),
                 ::hdf5::filters::Filter::Fletcher32 => Some(RawFilter::Fletcher32),
                 _ => None,
             })
             .collect::<Option<Vec<_>>>()?;
-        if filters.iter().filter(|&&f| f == RawFilter::Deflate).count() > 1 {
+        if filters.iter().filter(|&&f| f != RawFilter::Fletcher32).count() > 1 {
             return None;
         }
         let mut chunks = vec![None; count.div_ceil(block)];
@@ -142,6 +144,26 @@ impl RawChunks {
                         len = crate::source::timed_decode(|| d.zlib_decompress(&stored[..len], &mut inflated))
                             .map_err(|e| format!("chunk {c}: cannot inflate: {e}"))?;
                         out = Some(inflated);
+                    }
+                    RawFilter::Blosc => {
+                        let src = &stored[..len];
+                        let mut want = 0usize;
+                        // SAFETY: `src` is valid for its length; validate only reads the header within it.
+                        let ok = unsafe { blosc_src::blosc_cbuffer_validate(src.as_ptr().cast(), len, &mut want) };
+                        if ok != 0 || want > self.chunk_bytes + 4 {
+                            return Err(format!("chunk {c}: not a Blosc buffer of this chunk's size (corrupt file)"));
+                        }
+                        let mut decoded = buffer(want);
+                        // SAFETY: validated above (the header's sizes fit `src`); `decoded` holds `want` bytes;
+                        // the _ctx variant keeps no global state, so loader threads may call it at once.
+                        let n = crate::source::timed_decode(|| unsafe {
+                            blosc_src::blosc_decompress_ctx(src.as_ptr().cast(), decoded.as_mut_ptr().cast(), want, 1)
+                        });
+                        if n < 0 || n as usize != want {
+                            return Err(format!("chunk {c}: cannot decompress its Blosc buffer (code {n})"));
+                        }
+                        len = want;
+                        out = Some(decoded);
                     }
                 }
             }
