@@ -136,6 +136,58 @@ fn a_corrupt_chunk_is_an_error_for_its_samples_only() {
     assert_eq!(h5.get(4 * 256).unwrap().image, fmnist_prefix().get(4 * 256).unwrap().image);
 }
 
+#[test]
+fn corrupt_blosc_chunks_without_a_checksum_are_errors_not_crashes() {
+    // No fletcher32 (as h5py + hdf5plugin write by default), so corrupt bytes reach c-blosc: the header check
+    // and blosc's own bounds checks must turn every one into an error or (undetectably) other pixels, never a
+    // crash or a read past the buffer. 300 corruptions of chunk 1, header bytes included; chunk 0 stays intact.
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+import sys, h5py, hdf5plugin, numpy as np
+imgs = (np.arange(64 * 28 * 28, dtype=np.int64).reshape(64, 28, 28, 1) * 13 % 256 // 3 * 3).astype(np.uint8)
+with h5py.File(sys.argv[1], "w") as f:
+    f.create_dataset("images", data=imgs, chunks=(16, 28, 28, 1), **hdf5plugin.Blosc(cname="lz4hc", clevel=9))
+"#;
+    let good = dir.path().join("blosc.h5");
+    assert!(venv_python().args(["-c", script]).arg(&good).status().unwrap().success());
+    let pristine = std::fs::read(&good).unwrap();
+    let info = hdf5::File::open(&good).unwrap().dataset("images").unwrap().chunk_info(1).unwrap();
+    let (addr, size) = (info.addr as usize, info.size as usize);
+    let want: Vec<Vec<u8>> = {
+        let h5 = Hdf5Source::open(&good, 1).unwrap();
+        assert!(h5.reads_raw_chunks(), "Blosc without fletcher32 takes the fast path");
+        (16..32).map(|i| h5.get(i).unwrap().image.data).collect()
+    };
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: usize| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as usize % n
+    };
+    let (mut errors, mut changed) = (0, 0);
+    let bad = dir.path().join("bad.h5");
+    for round in 0..300 {
+        let mut bytes = pristine.clone();
+        for _ in 0..1 + next(4) {
+            // Half the hits in blosc's 16-byte header and block offsets, half anywhere in the chunk.
+            let at = if round % 2 == 0 { next(size.min(32)) } else { next(size) };
+            bytes[addr + at] ^= 1 + next(255) as u8;
+        }
+        std::fs::write(&bad, &bytes).unwrap();
+        let h5 = Hdf5Source::open(&bad, 1).unwrap();
+        for (k, i) in (16..32).enumerate() {
+            match h5.get(i) {
+                Err(e) => {
+                    assert!(e.to_string().contains("bad.h5"), "{e}");
+                    errors += 1;
+                }
+                Ok(s) => changed += usize::from(s.image.data != want[k]),
+            }
+        }
+        assert_eq!(h5.get(0).unwrap().image.data.len(), 784, "chunk 0 is intact");
+    }
+    assert!(errors > 0, "no corruption detected in 300 rounds ({changed} samples changed silently)");
+}
+
 fn write_png(path: &Path, w: u32, h: u32, seed: u8) {
     image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x as u8).wrapping_mul(seed), y as u8, seed]))
         .save(path)
