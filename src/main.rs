@@ -382,7 +382,8 @@ fn codec_of(codec: CodecArg, level: Option<u8>, deflate: Option<u8>) -> Result<s
         (None, CodecArg::Lz4hc, Some(0)) => bail!("--level: lz4hc takes 1-9"),
         (None, CodecArg::Lz4hc, l) => Codec::Lz4hc(l.unwrap_or(9)),
         (None, CodecArg::Deflate, l) => Codec::Deflate(l.unwrap_or(4)),
-        (None, CodecArg::None, _) => Codec::None,
+        (None, CodecArg::None, Some(_)) => bail!("--level: --codec none has no level"),
+        (None, CodecArg::None, None) => Codec::None,
     })
 }
 

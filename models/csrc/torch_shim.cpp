@@ -52,17 +52,24 @@ long selfsup_cudart_version() {
 // Enters an autocast region for CUDA (what tch::autocast does, through the non-deprecated per-device calls: tch's
 // at::autocast::is_enabled/set_enabled print a deprecation warning on every call). Returns the previous state.
 int selfsup_autocast_enter(int enabled) {
-  bool prev = at::autocast::is_autocast_enabled(at::kCUDA);
-  at::autocast::set_autocast_enabled(at::kCUDA, enabled != 0);
-  at::autocast::increment_nesting();
-  return prev ? 1 : 0;
+  try {
+    bool prev = at::autocast::is_autocast_enabled(at::kCUDA);
+    at::autocast::set_autocast_enabled(at::kCUDA, enabled != 0);
+    at::autocast::increment_nesting();
+    return prev ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
 }
 
 // Leaves the region entered with selfsup_autocast_enter, restoring `prev`; the cast cache is cleared when the
 // outermost region ends.
 void selfsup_autocast_exit(int prev) {
-  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-  at::autocast::set_autocast_enabled(at::kCUDA, prev != 0);
+  try {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(at::kCUDA, prev != 0);
+  } catch (...) {
+  }
 }
 
 // A new CPU tensor in page-locked (pinned) memory with `ndim` sizes `shape`, of float32 (kind 0) or int64 (kind 1),

@@ -35,7 +35,7 @@ pub fn autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
     if !tch::Cuda::is_available() {
         return f();
     }
-    // SAFETY: as above; the shim catches nothing because these calls do not throw.
+    // SAFETY: as above; the shim catches every C++ exception.
     let _restore = Restore(unsafe { selfsup_autocast_enter(i32::from(enabled)) });
     f()
 }
@@ -101,7 +101,7 @@ pub fn cuda_runtime_version() -> Option<i64> {
     (v > 0).then_some(v as i64)
 }
 
-/// Makes CUDA autocast (`tch::autocast`) run in bfloat16 instead of fp16. bf16 has fp32's range, so no grad scaler.
+/// Makes CUDA autocast ([`autocast`]) run in bfloat16 instead of fp16. bf16 has fp32's range, so no grad scaler.
 pub fn use_bf16_autocast() -> bool {
     // SAFETY: plain C call into libtorch's global autocast state; the shim catches every C++ exception.
     unsafe { selfsup_set_autocast_bf16(1) == 0 }

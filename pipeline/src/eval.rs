@@ -75,7 +75,7 @@ pub fn extract(
         drop_last: false,
     };
     let loader = Loader::new(source, views, cfg).map_err(|e| e.to_string())?;
-    let mut xs: Vec<Vec<Tensor>> = fs.iter().map(|_| Vec::new()).collect();
+    let mut xs: Vec<DeviceBuffer> = fs.iter().map(|_| DeviceBuffer::default()).collect();
     let (mut ys, mut bad) = (Vec::new(), Vec::new());
     for batch in loader.epoch(0) {
         bad.extend(batch.bad.iter().cloned());
@@ -86,7 +86,6 @@ pub fn extract(
         let dims = [batch.len() as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64];
         let x = selfsup_models::device::host_to_device(&batch.views[0], &dims, opts.device);
         for (f, out) in fs.iter().zip(xs.iter_mut()) {
-            // Kept on the device until the end: one copy back instead of a synchronizing one per batch.
             let feats = tch::no_grad(|| selfsup_models::device::autocast(opts.autocast, || f(&x)));
             out.push(feats.to_kind(Kind::Float));
         }
@@ -96,10 +95,45 @@ pub fn extract(
         return Err("no readable evaluation samples".into());
     }
     let y = Tensor::cat(&ys, 0);
-    Ok(xs
-        .iter()
-        .map(|x| Features { x: Tensor::cat(x, 0).to_device(Device::Cpu), y: y.shallow_clone(), bad: bad.clone() })
-        .collect())
+    Ok(xs.into_iter().map(|x| Features { x: x.finish(), y: y.shallow_clone(), bad: bad.clone() }).collect())
+}
+
+/// Features collected batch by batch: kept on the device up to [`DeviceBuffer::BUDGET`] bytes, then moved to the
+/// host in one copy, so evaluation neither synchronizes on every batch nor holds a whole data set's features (or
+/// raw pixels) in GPU memory next to the model.
+#[derive(Default)]
+struct DeviceBuffer {
+    pending: Vec<Tensor>,
+    pending_bytes: usize,
+    host: Vec<Tensor>,
+}
+
+impl DeviceBuffer {
+    const BUDGET: usize = 256 << 20;
+
+    fn push(&mut self, t: Tensor) {
+        self.pending_bytes += t.numel() * t.kind().elt_size_in_bytes();
+        self.pending.push(t);
+        if self.pending_bytes >= Self::BUDGET {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            self.host.push(Tensor::cat(&std::mem::take(&mut self.pending), 0).to_device(Device::Cpu));
+            self.pending_bytes = 0;
+        }
+    }
+
+    /// Everything pushed, in order, as one CPU tensor.
+    fn finish(mut self) -> Tensor {
+        self.flush();
+        if self.host.len() == 1 {
+            return self.host.pop().expect("one tensor");
+        }
+        Tensor::cat(&self.host, 0)
+    }
 }
 
 /// Weighted k-NN predictions for `test` from the bank `train`.

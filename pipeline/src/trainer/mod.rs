@@ -221,6 +221,7 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     };
     let mut cut_short = false;
     let mut profile: Option<StepProfile> = None;
+    let first_step = step;
     while epoch < t.epochs && step < max_steps {
         // Torch's global RNG (masks of MAE/SimMIM, dropout) restarts from (seed, epoch) every epoch: a run resumed
         // at an epoch boundary continues exactly, and reconstruction grids between epochs change nothing.
@@ -242,13 +243,15 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
             }
             let progress_epochs = step as f64 / steps_per_epoch as f64;
             let lr = cfg.optimizer.lr_at(peak_lr, progress_epochs, t.epochs as f64);
-            let mut forward = || {
-                selfsup_models::device::autocast(autocast, || {
-                    model.objective.loss(&Batch { views: to_device(&batch, device) }, true)
-                })
-            };
+            // Issued before the forward pass (also when profiling, so that its phases cover the model only, as
+            // the PyTorch reference's do).
+            let views = to_device(&batch, device);
+            let forward =
+                || selfsup_models::device::autocast(autocast, || model.objective.loss(&Batch { views }, true));
+            // Counted from this run's first step, so a resumed run profiles too.
+            let run_step = step - first_step;
             let profiling =
-                t.profile_steps > 0 && (PROFILE_WARMUP..PROFILE_WARMUP + t.profile_steps as u64).contains(&step);
+                t.profile_steps > 0 && (PROFILE_WARMUP..PROFILE_WARMUP + t.profile_steps as u64).contains(&run_step);
             let out = if profiling {
                 // The same calls as optimizer_step, one phase at a time.
                 let prof = profile.get_or_insert_with(StepProfile::new);
