@@ -51,17 +51,20 @@ impl Chunk {
 
     /// The L2 norm of each member's part of the flat `x`: `[members]` fp32, two kernels whatever the count.
     pub(super) fn segment_norms(&mut self, x: &Tensor) -> Tensor {
-        let lengths =
-            self.lengths_tensor.get_or_insert_with(|| Tensor::from_slice(&self.lengths).to_device(self.device));
         // unsafe_ = true: no validation of `lengths` (ours, known good), which would read them back to the host.
-        Tensor::segment_reduce(&x.square(), "sum", Some(&*lengths), None, None, 0, true, 0.0).sqrt()
+        Tensor::segment_reduce(&x.square(), "sum", Some(self.lengths_tensor()), None, None, 0, true, 0.0).sqrt()
     }
 
     /// `per_member` (`[members]`) repeated over each member's elements: `[numel]`, without a host sync.
     pub(super) fn expand(&mut self, per_member: &Tensor) -> Tensor {
-        let lengths =
-            self.lengths_tensor.get_or_insert_with(|| Tensor::from_slice(&self.lengths).to_device(self.device));
-        per_member.repeat_interleave_self_tensor(lengths, 0, self.numel)
+        let numel = self.numel;
+        per_member.repeat_interleave_self_tensor(self.lengths_tensor(), 0, numel)
+    }
+
+    /// `lengths` on the device, copied there once.
+    fn lengths_tensor(&mut self) -> &Tensor {
+        let (lengths, device) = (&self.lengths, self.device);
+        self.lengths_tensor.get_or_insert_with(|| Tensor::from_slice(lengths).to_device(device))
     }
 }
 

@@ -26,7 +26,7 @@ mod visuals;
 
 use probe::OnlineProbe;
 pub use profile::StepProfile;
-use profile::{synchronize, PROFILE_WARMUP};
+use profile::{Phases, PROFILE_WARMUP};
 use visuals::{log_reconstruction, preview, recon_batch};
 
 pub struct RunOptions {
@@ -114,12 +114,17 @@ fn epoch_seed(seed: u64, epoch: usize) -> i64 {
 /// One optimizer update from `loss`: zero the gradients, backpropagate, clip their global norm to `clip` (0 = no
 /// clipping), step with learning rate `lr`. The same for pretraining and fine-tuning.
 pub fn optimizer_step(opt: &mut Optimizer, loss: &Tensor, clip: f64, lr: f64) {
+    backward(opt, loss, clip);
+    opt.step(lr);
+}
+
+/// The gradients of `loss` in place of the previous ones, their global norm clipped to `clip` (0 = no clipping).
+fn backward(opt: &mut Optimizer, loss: &Tensor, clip: f64) {
     opt.zero_grad();
     loss.backward();
     if clip > 0.0 {
         let _ = opt.clip_grad_norm(clip);
     }
-    opt.step(lr);
 }
 
 pub(crate) fn report_bad(epoch: usize, bad: &[BadSample], seen: usize, max_fraction: f64) -> Result<()> {
@@ -252,32 +257,13 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
             let run_step = step - first_step;
             let profiling =
                 t.profile_steps > 0 && (PROFILE_WARMUP..PROFILE_WARMUP + t.profile_steps as u64).contains(&run_step);
-            let out = if profiling {
-                // The same calls as optimizer_step, one phase at a time.
-                let prof = profile.get_or_insert_with(StepProfile::new);
-                synchronize(device);
-                let out = prof.time(0, device, forward);
-                prof.time(1, device, || {
-                    opt.zero_grad();
-                    out.loss.backward();
-                    if cfg.optimizer.clip_grad > 0.0 {
-                        let _ = opt.clip_grad_norm(cfg.optimizer.clip_grad);
-                    }
-                });
-                prof.time(2, device, || opt.step(lr));
-                if let (Some(p), Some(labels)) = (probe.as_mut(), batch.labels.as_ref()) {
-                    prof.time(3, device, || p.step(&out.features, labels));
-                }
-                prof.steps += 1;
-                out
-            } else {
-                let out = forward();
-                optimizer_step(&mut opt, &out.loss, cfg.optimizer.clip_grad, lr);
-                if let (Some(p), Some(labels)) = (probe.as_mut(), batch.labels.as_ref()) {
-                    p.step(&out.features, labels);
-                }
-                out
-            };
+            let mut phases = Phases::new(profiling.then(|| profile.get_or_insert_with(StepProfile::new)), device);
+            let out = phases.run(0, forward);
+            phases.run(1, || backward(&mut opt, &out.loss, cfg.optimizer.clip_grad));
+            phases.run(2, || opt.step(lr));
+            if let (Some(p), Some(labels)) = (probe.as_mut(), batch.labels.as_ref()) {
+                phases.run(3, || p.step(&out.features, labels));
+            }
             step += 1;
             model.objective.after_step(step as f64 / total_steps as f64);
             loss_acc += out.loss.detach().to_kind(Kind::Float);
