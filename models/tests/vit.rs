@@ -1,8 +1,9 @@
 //! The ViT backbone: timm names and shapes, parameter count, MAE's sin-cos table and initialisation, the
 //! attention block against an explicit per-head computation, token-level helpers, layer ids for layer-wise lr
-//! decay, and config parsing / validation.
+//! decay, and config parsing / validation; multi-crop inputs (the position table resampled bicubically, against
+//! PyTorch) and stochastic depth.
 
-use selfsup_models::backbone::{sincos_2d, Block};
+use selfsup_models::backbone::{drop_path, resample_pos_embed, sincos_2d, Block};
 use selfsup_models::{Backbone, BackboneConfig, PosEmbed, ResNetConfig, Vit, VitConfig, VitPool, VitSize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -311,4 +312,225 @@ fn vit_config_parses_and_validates_naming_the_field() {
     // Learned positions do not need a width divisible by 4.
     let odd = VitConfig { width: Some(18), heads: Some(3), pos_embed: PosEmbed::Learned, ..Default::default() };
     assert!(BackboneConfig::Vit(odd).validate().is_ok());
+}
+
+// ---- Multi-crop inputs: the position table resampled to other patch grids (DINO / timm) ----
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// Depth 2, width 32, 2 heads, 4 px patches on 28 px: a 7x7 native grid.
+fn multi_crop_vit(drop_path: f64) -> VitConfig {
+    VitConfig { drop_path, ..small(2, 32, 2, 4) }
+}
+
+#[test]
+fn pos_embed_resampling_matches_pytorch_bicubic() {
+    // scripts/reference/vit_pos_interp_reference.py: a random [1, 1 + 7*7, 8] table resampled by
+    // F.interpolate(mode="bicubic", align_corners=False, size=(h, w)) to 3x3, 5x7, 14x14, 2x9 (and 7x7).
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/vit_pos_interp_reference.json"))
+            .unwrap();
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let (grid, dim) = (r["grid"].as_i64().unwrap(), r["dim"].as_i64().unwrap());
+    let table = Tensor::from_slice(&floats(&r["pos_embed"])).view([1, 1 + grid * grid, dim]);
+    let vs = VarStore::new(Device::Cpu);
+    let cfg = VitConfig { pos_embed: PosEmbed::Learned, ..small(1, dim, 2, 28 / grid) };
+    let vit = Vit::new(vs.root(), &cfg, 1);
+    let mut pos = vs.variables()["pos_embed"].shallow_clone();
+    tch::no_grad(|| pos.copy_(&table));
+    let cases = r["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    let mut worst = 0f64;
+    for case in cases {
+        let (h, w) = (case["h"].as_i64().unwrap(), case["w"].as_i64().unwrap());
+        let want = Tensor::from_slice(&floats(&case["pos_embed"])).view([1, 1 + h * w, dim]);
+        let got = vit.pos_for(h, w);
+        assert_eq!(got.size(), vec![1, h * w, dim]);
+        let err = max_abs_diff(&got, &want.narrow(1, 1, h * w));
+        // The free function is the same resampling; the cls row is never resampled.
+        let free = resample_pos_embed(&table.narrow(1, 1, grid * grid), (grid, grid), (h, w));
+        assert!(max_abs_diff(&free, &want.narrow(1, 1, h * w)) < 1e-5, "{h}x{w}");
+        assert_eq!(max_abs_diff(&want.narrow(1, 0, 1), &table.narrow(1, 0, 1)), 0.0);
+        println!("pos_for({h}, {w}) vs PyTorch: max |diff| {err:.3e}");
+        assert!(err < 1e-5, "pos_for({h}, {w}): max |diff| {err} vs PyTorch");
+        worst = worst.max(err);
+    }
+    println!("worst max |diff| over all sizes: {worst:.3e}");
+    // The native grid is the stored table itself: bit-identical, no copy.
+    let native = vit.pos_for(grid, grid);
+    assert_eq!(max_abs_diff(&native, &table.narrow(1, 1, grid * grid)), 0.0);
+    assert_eq!(native.data_ptr(), pos.narrow(1, 1, grid * grid).data_ptr());
+    // Resampling keeps the graph, so a learned table trains from local crops too.
+    vit.pos_for(3, 3).sum(Kind::Float).backward();
+    let grad = pos.grad();
+    assert!(grad.narrow(1, 1, grid * grid).abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    assert_eq!(grad.narrow(1, 0, 1).abs().sum(Kind::Float).double_value(&[]), 0.0, "the cls row is not resampled");
+}
+
+#[test]
+fn vit_takes_multi_crop_and_non_square_inputs() {
+    tch::manual_seed(4);
+    let vs = VarStore::new(Device::Cpu);
+    let cfg = multi_crop_vit(0.0);
+    let vit = Vit::new(vs.root(), &cfg, 3);
+    let global = Tensor::randn([2, 3, 28, 28], tch::kind::FLOAT_CPU);
+    let local = Tensor::randn([6, 3, 12, 12], tch::kind::FLOAT_CPU);
+    let wide = Tensor::randn([2, 3, 16, 20], tch::kind::FLOAT_CPU);
+    assert_eq!((vit.grid_of(&global), vit.grid_of(&local), vit.grid_of(&wide)), ((7, 7), (3, 3), (4, 5)));
+    assert_eq!(vit.patch_tokens(&local).size(), vec![6, 9, 32]);
+    assert_eq!(vit.patch_tokens(&wide).size(), vec![2, 20, 32]);
+    for (x, n) in [(&global, 2), (&local, 6), (&wide, 2)] {
+        let f = vit.features(x, false);
+        assert_eq!(f.size(), vec![n, 32]);
+        assert!(f.isfinite().all().int64_value(&[]) == 1);
+    }
+    // The native size takes the MAE path bit for bit.
+    let old = vit.pool(&vit.encode(&vit.add_pos(&vit.patch_tokens(&global)), false));
+    assert_eq!(max_abs_diff(&vit.features(&global, false), &old), 0.0);
+    // 16x20 is 4 rows of 5 patches: the table is resampled to (4, 5), not (5, 4).
+    let native = vs.variables()["pos_embed"].narrow(1, 1, 49);
+    let tokens = vit.patch_tokens(&wide) + resample_pos_embed(&native, (7, 7), (4, 5));
+    let want = vit.pool(&vit.encode(&tokens, false));
+    assert!(max_abs_diff(&vit.features(&wide, false), &want) < 1e-6);
+    let swapped = vit.patch_tokens(&wide) + resample_pos_embed(&native, (7, 7), (5, 4));
+    assert!(max_abs_diff(&vit.features(&wide, false), &vit.pool(&vit.encode(&swapped, false))) > 1e-3);
+    // add_pos_at_grid on a gathered subset equals gathering after add_pos_grid (iBOT-style masking on a 3x3 crop).
+    let t = vit.patch_tokens(&local);
+    let ids = Tensor::from_slice(&[8i64, 0, 4, 1, 1, 7]).view([6, 1]);
+    let idx = ids.unsqueeze(-1).expand([6, 1, 32], false);
+    let at = vit.add_pos_at_grid(&t.gather(1, &idx, false), &ids, 3, 3);
+    assert!(max_abs_diff(&at, &vit.add_pos_grid(&t, 3, 3).gather(1, &idx, false)) < 1e-6);
+
+    // Config-time check: a clear error naming the patch size instead of a panic mid-training.
+    for (c, h, w) in [(3, 28, 28), (3, 12, 12), (3, 16, 20), (1, 4, 4)] {
+        assert!(cfg.check_input(c, h, w).is_ok(), "{c}x{h}x{w}");
+    }
+    let msg = cfg.check_input(3, 30, 30).unwrap_err().to_string();
+    assert!(msg.contains("model.backbone.patch_size") && msg.contains("30x30") && msg.contains(" 4"), "{msg}");
+    assert!(cfg.check_input(3, 28, 30).is_err());
+    assert!(cfg.check_input(3, 0, 28).is_err(), "an empty image is not a multiple");
+    assert!(cfg.check_input(0, 28, 28).is_err());
+    let backbone = BackboneConfig::Vit(cfg.clone());
+    assert!(backbone.check_input(3, 12, 12).is_ok());
+    assert!(backbone.check_input(3, 30, 30).unwrap_err().to_string().contains("model.backbone.patch_size"));
+    let resnet = BackboneConfig::Resnet(ResNetConfig::default());
+    assert!(resnet.check_input(3, 30, 30).is_ok() && resnet.check_input(1, 1, 1).is_ok());
+    assert!(resnet.check_input(3, 0, 30).is_err());
+}
+
+#[test]
+#[should_panic(expected = "multiples of the patch size 4, got [2, 3, 30, 30]")]
+fn patch_tokens_panics_on_sizes_not_a_multiple_of_the_patch() {
+    let vs = VarStore::new(Device::Cpu);
+    let vit = Vit::new(vs.root(), &multi_crop_vit(0.0), 3);
+    let _ = vit.patch_tokens(&Tensor::zeros([2, 3, 30, 30], tch::kind::FLOAT_CPU));
+}
+
+// ---- Stochastic depth ----
+
+#[test]
+fn drop_path_zeroes_or_rescales_whole_samples_and_is_unbiased() {
+    tch::manual_seed(5);
+    let (n, rate) = (4000i64, 0.25);
+    let x = Tensor::randn([n, 3, 5], tch::kind::FLOAT_CPU) + 0.5;
+    // Off in eval mode and at rate 0: x itself.
+    assert_eq!(max_abs_diff(&drop_path(&x, rate, false), &x), 0.0);
+    assert_eq!(max_abs_diff(&drop_path(&x, 0.0, true), &x), 0.0);
+    let y = drop_path(&x, rate, true);
+    assert_eq!(y.size(), x.size());
+    // Every sample is either all zero or all x / keep, never a mix.
+    let zero = y.abs().flatten(1, -1).max_dim(1, false).0.eq(0.0);
+    let scaled = (&y - &x / (1.0 - rate)).abs().flatten(1, -1).max_dim(1, false).0.le(1e-6);
+    let both = zero.logical_or(&scaled).all().int64_value(&[]);
+    assert_eq!(both, 1, "some sample is neither dropped nor kept whole");
+    let kept = scaled.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    // Binomial(4000, 0.75): std 0.0068, so ±0.035 is five sigma.
+    assert!((kept - 0.75).abs() < 0.035, "kept fraction {kept}");
+    // A second draw is another mask; the same seed the same mask (torch's global RNG).
+    assert!(max_abs_diff(&drop_path(&x, rate, true), &y) > 0.0);
+    tch::manual_seed(6);
+    let a = drop_path(&x, rate, true);
+    tch::manual_seed(6);
+    assert_eq!(max_abs_diff(&drop_path(&x, rate, true), &a), 0.0);
+    // Unbiased: the mean over 200k samples of drop_path(1) is 1 (std of the mean 0.0015, tolerance 0.01).
+    let ones = Tensor::ones([200_000, 2], tch::kind::FLOAT_CPU);
+    let mean = drop_path(&ones, 0.3, true).mean(Kind::Double).double_value(&[]);
+    assert!((mean - 1.0).abs() < 0.01, "E[drop_path(1)] = {mean}");
+}
+
+#[test]
+fn block_drop_path_drops_each_residual_branch_per_sample() {
+    tch::manual_seed(7);
+    let vs = VarStore::new(Device::Cpu);
+    let (rate, keep) = (0.5, 0.5);
+    let block = Block::new(vs.root() / "b", 12, 3, 2.0).with_drop_path(rate);
+    assert_eq!(block.drop_path_rate(), rate);
+    let x = Tensor::randn([64, 5, 12], tch::kind::FLOAT_CPU);
+    // Eval: both branches in full, exactly as a block without drop-path.
+    let a = block.attn_branch(&x);
+    let full = &x + &a;
+    let full = &full + block.mlp_branch(&full);
+    assert_eq!(max_abs_diff(&block.forward(&x, false), &full), 0.0);
+    // Train: each sample gets one of the four (attention kept?, MLP kept?) combinations, kept branches scaled
+    // by 1 / keep; all four occur among 64 samples (each misses with probability 0.75^64 ≈ 1e-8).
+    let y = block.forward(&x, true);
+    let mut seen = [0usize; 4];
+    for s in 0..64 {
+        let (xs, ys, as_) = (x.narrow(0, s, 1), y.narrow(0, s, 1), a.narrow(0, s, 1));
+        let mut matched = None;
+        for combo in 0..4 {
+            let (ka, km) = ((combo & 1) as f64, (combo >> 1) as f64);
+            let y1 = &xs + &as_ * (ka / keep);
+            let want = &y1 + block.mlp_branch(&y1) * (km / keep);
+            if max_abs_diff(&ys, &want) < 1e-5 {
+                matched = Some(combo);
+            }
+        }
+        seen[matched.unwrap_or_else(|| panic!("sample {s} matches no drop-path combination"))] += 1;
+    }
+    assert!(seen.iter().all(|&c| c > 0), "combinations seen {seen:?}");
+}
+
+#[test]
+fn vit_drop_path_rates_rise_linearly_and_act_only_in_training() {
+    let cfg = VitConfig { drop_path: 0.2, ..small(5, 16, 2, 7) };
+    let vs = VarStore::new(Device::Cpu);
+    let rates = Vit::new(vs.root(), &cfg, 1).drop_path_rates();
+    assert_eq!(rates.len(), 5);
+    for (got, want) in rates.iter().zip([0.0, 0.05, 0.1, 0.15, 0.2]) {
+        assert!((got - want).abs() < 1e-12, "{rates:?}");
+    }
+    assert_eq!(VitConfig { drop_path: 0.3, ..small(1, 16, 2, 7) }.drop_path_rates(), vec![0.0]);
+    assert_eq!(small(3, 16, 2, 7).drop_path_rates(), vec![0.0; 3], "off by default");
+
+    // Same seed, same weights (drop-path adds no parameters and draws nothing at init).
+    let build = |drop_path: f64| {
+        tch::manual_seed(8);
+        let vs = VarStore::new(Device::Cpu);
+        let vit = Vit::new(vs.root(), &multi_crop_vit(drop_path), 3);
+        (vs, vit)
+    };
+    let ((_a, plain), (_b, dropped)) = (build(0.0), build(0.5));
+    let x = Tensor::randn([8, 3, 28, 28], tch::kind::FLOAT_CPU);
+    let local = Tensor::randn([8, 3, 12, 12], tch::kind::FLOAT_CPU);
+    for input in [&x, &local] {
+        let eval = plain.features(input, false);
+        assert_eq!(max_abs_diff(&dropped.features(input, false), &eval), 0.0, "eval ignores drop_path");
+        assert_eq!(max_abs_diff(&plain.features(input, true), &eval), 0.0, "rate 0 trains as today");
+        let (t1, t2) = (dropped.features(input, true), dropped.features(input, true));
+        assert!(max_abs_diff(&t1, &t2) > 1e-4, "two training passes draw different paths");
+        assert!(max_abs_diff(&t1, &eval) > 1e-4);
+    }
+
+    // Config: serde default 0, validated in [0, 1).
+    let parsed: BackboneConfig = toml::from_str("kind = \"vit\"\ndrop_path = 0.1").unwrap();
+    assert_eq!(parsed, BackboneConfig::Vit(VitConfig { drop_path: 0.1, ..Default::default() }));
+    assert_eq!(VitConfig::default().drop_path, 0.0);
+    assert!(BackboneConfig::Vit(VitConfig { drop_path: 0.99, ..Default::default() }).validate().is_ok());
+    for bad in [1.0, -0.1, f64::NAN] {
+        let err = BackboneConfig::Vit(VitConfig { drop_path: bad, ..Default::default() }).validate().unwrap_err();
+        assert!(err.to_string().contains("model.backbone.drop_path"), "{bad}: {err}");
+    }
 }

@@ -1,6 +1,7 @@
 //! Backbones: the networks whose features transfer. ResNet (torchvision names) and the Vision Transformer (timm
 //! names), both behind the [`Backbone`] trait and built from the tagged [`BackboneConfig`].
 
+mod pos_embed;
 mod resnet;
 mod transformer;
 mod vit;
@@ -9,10 +10,11 @@ use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::Tensor;
 
+pub use pos_embed::{resample_pos_embed, sincos_2d};
 pub(crate) use resnet::bn_config;
 pub use resnet::{ResNet, ResNetConfig};
+pub use transformer::{drop_path, Block};
 pub(crate) use transformer::{layer_norm, xavier_linear};
-pub use transformer::{sincos_2d, Block};
 pub use vit::{PosEmbed, Vit, VitConfig, VitPool, VitSize};
 
 use crate::ModelError;
@@ -61,6 +63,18 @@ impl BackboneConfig {
         match self {
             BackboneConfig::Resnet(c) => c.validate(),
             BackboneConfig::Vit(c) => c.validate(),
+        }
+    }
+
+    /// Whether the backbone takes `[N, channels, h, w]` inputs (called by config validation for every view size):
+    /// a ResNet takes any size >= 1, a ViT sides that are positive multiples of its patch size.
+    pub fn check_input(&self, channels: i64, h: i64, w: i64) -> Result<(), ModelError> {
+        match self {
+            BackboneConfig::Resnet(_) if channels < 1 || h < 1 || w < 1 => {
+                Err(crate::invalid("model.backbone", format!("input {channels}x{h}x{w} (CxHxW) must be >= 1 per side")))
+            }
+            BackboneConfig::Resnet(_) => Ok(()),
+            BackboneConfig::Vit(c) => c.check_input(channels, h, w),
         }
     }
 

@@ -1,9 +1,10 @@
 //! Transformer pieces shared by the ViT encoder and the MAE decoder: the pre-norm block of timm's
 //! `VisionTransformer` (Dosovitskiy et al. 2020, https://arxiv.org/abs/2010.11929) with timm's parameter names,
-//! and the fixed 2-D sin-cos position table of MAE (He et al. 2021, https://arxiv.org/abs/2111.06377).
+//! and stochastic depth on its residual branches (Huang et al. 2016, https://arxiv.org/abs/1603.09382) as timm's
+//! `DropPath`. The position tables live in `pos_embed.rs`.
 
 use tch::nn;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// LayerNorm as timm's ViT and MAE (`partial(nn.LayerNorm, eps=1e-6)`): weight 1, bias 0.
 pub(crate) fn layer_norm(p: nn::Path, dim: i64) -> nn::LayerNorm {
@@ -47,7 +48,27 @@ impl Attention {
     }
 }
 
-/// One pre-norm transformer block, timm names: `norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`.
+/// Stochastic depth as timm's `drop_path(x, rate, training, scale_by_keep=True)`: in training, each sample
+/// (row of the first dimension) is kept with probability `1 - rate` and then scaled by `1 / (1 - rate)`, or
+/// zeroed, so the expectation is `x`. The keep mask comes from torch's global RNG (the trainer reseeds it), in
+/// `x`'s kind as timm's `x.new_empty(...).bernoulli_(keep)`. `train == false` or `rate == 0` → `x` itself.
+///
+/// # Shapes
+/// `x`: `[N, ...]` → same; `rate` in `[0, 1)`.
+pub fn drop_path(x: &Tensor, rate: f64, train: bool) -> Tensor {
+    assert!((0.0..1.0).contains(&rate), "drop_path rate must be in [0, 1), got {rate}");
+    if !train || rate == 0.0 {
+        return x.shallow_clone();
+    }
+    let keep = 1.0 - rate;
+    let mut shape = vec![1i64; x.dim()];
+    shape[0] = x.size()[0];
+    let mask = Tensor::empty(shape.as_slice(), (x.kind(), x.device())).bernoulli_float_(keep) / keep;
+    x * mask
+}
+
+/// One pre-norm transformer block, timm names: `norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`;
+/// `x + drop_path(attn(norm1(x)))`, then `x + drop_path(mlp(norm2(x)))`.
 #[derive(Debug)]
 pub struct Block {
     norm1: nn::LayerNorm,
@@ -55,10 +76,12 @@ pub struct Block {
     norm2: nn::LayerNorm,
     fc1: nn::Linear,
     fc2: nn::Linear,
+    drop_path: f64,
 }
 
 impl Block {
-    /// A block of width `dim` with `heads` heads (`dim % heads == 0`) and an MLP of `int(dim * mlp_ratio)` units.
+    /// A block of width `dim` with `heads` heads (`dim % heads == 0`) and an MLP of `int(dim * mlp_ratio)` units,
+    /// without stochastic depth (see [`Block::with_drop_path`]).
     pub fn new(p: nn::Path, dim: i64, heads: i64, mlp_ratio: f64) -> Block {
         assert!(heads >= 1 && dim % heads == 0, "block width {dim} is not divisible by {heads} heads");
         let hidden = (dim as f64 * mlp_ratio) as i64;
@@ -74,36 +97,43 @@ impl Block {
             norm2: layer_norm(&p / "norm2", dim),
             fc1: xavier_linear(&mlp / "fc1", dim, hidden),
             fc2: xavier_linear(&mlp / "fc2", hidden, dim),
+            drop_path: 0.0,
         }
     }
 
+    /// The same block with stochastic depth `rate` in `[0, 1)` on both residual branches (adds no parameters).
+    pub fn with_drop_path(self, rate: f64) -> Block {
+        assert!((0.0..1.0).contains(&rate), "drop_path rate must be in [0, 1), got {rate}");
+        Block { drop_path: rate, ..self }
+    }
+
+    /// The stochastic-depth rate of this block's residual branches.
+    pub fn drop_path_rate(&self) -> f64 {
+        self.drop_path
+    }
+
+    /// The attention residual branch, before drop-path: `attn(norm1(x))`.
+    ///
     /// # Shapes
-    /// `[N, L, D]` → `[N, L, D]`. No dropout or drop-path (MAE pretraining uses neither), so `train` is unused.
-    pub fn forward(&self, x: &Tensor, _train: bool) -> Tensor {
-        let x = x + self.attn.forward(&x.apply(&self.norm1));
-        let h = x.apply(&self.norm2).apply(&self.fc1).gelu("none").apply(&self.fc2);
-        x + h
+    /// `[N, L, D]` → `[N, L, D]`.
+    pub fn attn_branch(&self, x: &Tensor) -> Tensor {
+        self.attn.forward(&x.apply(&self.norm1))
     }
-}
 
-/// MAE's `get_2d_sincos_pos_embed(dim, grid)` without the cls row: for the patch in row i, column j (index
-/// i·grid + j), the first half of the vector encodes j and the second half i, each half as
-/// `[sin(pos·ω), cos(pos·ω)]` with ω_d = 10000^(-d / (dim/4)), d < dim/4.
-///
-/// # Shapes
-/// → `[grid * grid, dim]` float32 on the CPU; `dim % 4 == 0`.
-pub fn sincos_2d(dim: i64, grid: i64) -> Tensor {
-    assert!(dim % 4 == 0 && dim > 0, "sin-cos position embedding needs a width divisible by 4, got {dim}");
-    let quarter = (dim / 4) as usize;
-    let omega: Vec<f64> = (0..quarter).map(|d| 1.0 / 10000f64.powf(d as f64 / quarter as f64)).collect();
-    let mut table = Vec::with_capacity((grid * grid * dim) as usize);
-    for i in 0..grid {
-        for j in 0..grid {
-            for pos in [j as f64, i as f64] {
-                table.extend(omega.iter().map(|w| (pos * w).sin() as f32));
-                table.extend(omega.iter().map(|w| (pos * w).cos() as f32));
-            }
-        }
+    /// The MLP residual branch, before drop-path: `fc2(gelu(fc1(norm2(x))))`.
+    ///
+    /// # Shapes
+    /// `[N, L, D]` → `[N, L, D]`.
+    pub fn mlp_branch(&self, x: &Tensor) -> Tensor {
+        x.apply(&self.norm2).apply(&self.fc1).gelu("none").apply(&self.fc2)
     }
-    Tensor::from_slice(&table).view([grid * grid, dim]).to_kind(Kind::Float)
+
+    /// `train` only matters for drop-path; there is no dropout (MAE, DINO and iBOT pretrain without it).
+    ///
+    /// # Shapes
+    /// `[N, L, D]` → `[N, L, D]`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = x + drop_path(&self.attn_branch(x), self.drop_path, train);
+        &x + drop_path(&self.mlp_branch(&x), self.drop_path, train)
+    }
 }

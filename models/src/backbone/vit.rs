@@ -1,12 +1,16 @@
 //! Vision Transformer (Dosovitskiy et al. 2020, https://arxiv.org/abs/2010.11929) with timm's
 //! `VisionTransformer` parameter names and MAE's initialisation (facebookresearch/mae `models_mae.py`), exposing
-//! its token-level steps so masked-image objectives (MAE, SimMIM) can drop or replace patches.
+//! its token-level steps so masked-image objectives (MAE, SimMIM, iBOT) can drop or replace patches. Inputs of
+//! any size that is a multiple of the patch size are accepted (multi-crop, as DINO: Caron et al. 2021,
+//! https://arxiv.org/abs/2104.14294): the position table is resampled bicubically to the input's patch grid.
+//! Optional stochastic depth (`drop_path`) on every block, with rates rising linearly over the depth as timm.
 
 use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::{Kind, Tensor};
 
-use super::transformer::{layer_norm, sincos_2d, xavier_bound, Block};
+use super::pos_embed::{resample_pos_embed, sincos_2d};
+use super::transformer::{layer_norm, xavier_bound, Block};
 use super::Backbone;
 use crate::{invalid, ModelError};
 
@@ -56,13 +60,17 @@ pub struct VitConfig {
     /// Overrides the size's number of attention heads.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heads: Option<i64>,
-    /// Side of the square input images, in pixels.
+    /// Side of the square images the position table is made for, in pixels. Other inputs whose sides are
+    /// multiples of `patch_size` (multi-crop views) get the table resampled to their patch grid.
     pub image_size: i64,
     /// Side of the square patches; divides `image_size`.
     pub patch_size: i64,
     pub mlp_ratio: f64,
     pub pos_embed: PosEmbed,
     pub pool: VitPool,
+    /// Stochastic-depth rate of the last block, in `[0, 1)`; block i of depth n gets `drop_path * i / (n - 1)`
+    /// (timm's `linspace(0, drop_path_rate, depth)`). Training only; 0 (the default) turns it off.
+    pub drop_path: f64,
 }
 
 impl Default for VitConfig {
@@ -77,6 +85,7 @@ impl Default for VitConfig {
             mlp_ratio: 4.0,
             pos_embed: PosEmbed::Sincos,
             pool: VitPool::Mean,
+            drop_path: 0.0,
         }
     }
 }
@@ -100,6 +109,29 @@ impl VitConfig {
 
     pub fn heads(&self) -> i64 {
         self.heads.unwrap_or(self.size_dims().2)
+    }
+
+    /// The stochastic-depth rate of each block: linearly spaced from 0 to `drop_path` over the depth, as timm's
+    /// `[x.item() for x in torch.linspace(0, drop_path_rate, depth)]` (a single block gets 0).
+    pub fn drop_path_rates(&self) -> Vec<f64> {
+        let depth = self.depth().max(0);
+        let last = (depth - 1).max(1) as f64;
+        (0..depth).map(|i| self.drop_path * i as f64 / last).collect()
+    }
+
+    /// Whether the ViT takes `[N, channels, h, w]` inputs: every side a positive multiple of the patch size
+    /// (the position table is resampled to other grids than the native one). Config validation calls this for
+    /// every view size, so that a wrong crop size is an error naming the patch size, not a panic mid-training.
+    pub fn check_input(&self, channels: i64, h: i64, w: i64) -> Result<(), ModelError> {
+        if channels < 1 {
+            return Err(invalid("model.backbone", format!("input has {channels} channels, needs >= 1")));
+        }
+        let p = self.patch_size;
+        if h < p || w < p || h % p != 0 || w % p != 0 {
+            let msg = format!("input {h}x{w} is not a positive multiple of model.backbone.patch_size {p}");
+            return Err(invalid("model.backbone.patch_size", msg));
+        }
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {
@@ -130,6 +162,9 @@ impl VitConfig {
         if !(self.mlp_ratio.is_finite() && self.width() as f64 * self.mlp_ratio >= 1.0) {
             let msg = format!("must be > 0 and give >= 1 hidden unit, got {}", self.mlp_ratio);
             return Err(invalid("model.backbone.mlp_ratio", msg));
+        }
+        if !(0.0..1.0).contains(&self.drop_path) {
+            return Err(invalid("model.backbone.drop_path", format!("must be in [0, 1), got {}", self.drop_path)));
         }
         Ok(())
     }
@@ -177,7 +212,9 @@ impl Vit {
                 p.add("pos_embed", table.unsqueeze(0).to_device(p.device()), false)
             }
         };
-        let blocks = (0..cfg.depth()).map(|i| Block::new(&p / "blocks" / i, d, cfg.heads(), cfg.mlp_ratio)).collect();
+        let blocks = (cfg.drop_path_rates().into_iter().enumerate())
+            .map(|(i, rate)| Block::new(&p / "blocks" / i, d, cfg.heads(), cfg.mlp_ratio).with_drop_path(rate))
+            .collect();
         let norm = layer_norm(&p / "norm", d);
         Vit { patch_embed, cls_token, pos_embed, blocks, norm, patch, grid, width: d, in_channels, pool: cfg.pool }
     }
@@ -186,11 +223,12 @@ impl Vit {
         self.patch
     }
 
-    /// Patches per side.
+    /// Patches per side of the native (`image_size`) input, the grid `pos_embed` is stored for.
     pub fn grid(&self) -> i64 {
         self.grid
     }
 
+    /// Patches of the native input, `grid()²`.
     pub fn num_patches(&self) -> i64 {
         self.grid * self.grid
     }
@@ -203,36 +241,79 @@ impl Vit {
         self.in_channels
     }
 
-    /// The conv projection of each patch, without position embedding.
-    ///
-    /// # Shapes
-    /// `x`: `[N, C, H, W]` with `H = W = grid * patch` → `[N, L, D]`, patches in row-major order.
-    pub fn patch_tokens(&self, x: &Tensor) -> Tensor {
+    /// The stochastic-depth rate of each block, in order.
+    pub fn drop_path_rates(&self) -> Vec<f64> {
+        self.blocks.iter().map(Block::drop_path_rate).collect()
+    }
+
+    /// The patch grid `(H / patch, W / patch)` of an image batch. Panics (the backstop behind
+    /// [`VitConfig::check_input`]) unless `x` is `[N, in_channels, H, W]` with H, W positive multiples of the patch.
+    pub fn grid_of(&self, x: &Tensor) -> (i64, i64) {
         let size = x.size();
-        let side = self.grid * self.patch;
+        let p = self.patch;
         assert!(
-            size.len() == 4 && size[1] == self.in_channels && size[2] == side && size[3] == side,
-            "the ViT expects [N, {}, {side}, {side}] images, got {size:?}",
+            size.len() == 4 && size[1] == self.in_channels && size[2..].iter().all(|&s| s >= p && s % p == 0),
+            "the ViT expects [N, {}, H, W] images with H and W positive multiples of the patch size {p}, got {size:?}",
             self.in_channels
         );
+        (size[2] / p, size[3] / p)
+    }
+
+    /// The patch position embeddings for an `h`×`w` patch grid: the stored table itself at the native grid, else
+    /// its bicubic resampling ([`resample_pos_embed`]; computed per call, it is a tiny op and keeps the gradient
+    /// of a learned table). The cls position (row 0 of `pos_embed`) is never resampled.
+    ///
+    /// # Shapes
+    /// → `[1, h * w, D]`, row-major over the grid.
+    pub fn pos_for(&self, h: i64, w: i64) -> Tensor {
+        let native = self.pos_embed.narrow(1, 1, self.num_patches());
+        resample_pos_embed(&native, (self.grid, self.grid), (h, w))
+    }
+
+    /// The conv projection of each patch, without position embedding; [`Vit::grid_of`] gives the grid.
+    ///
+    /// # Shapes
+    /// `x`: `[N, C, H, W]`, H and W multiples of the patch → `[N, h * w, D]` with `(h, w) = grid_of(x)`,
+    /// patches in row-major order.
+    pub fn patch_tokens(&self, x: &Tensor) -> Tensor {
+        self.grid_of(x);
         x.apply(&self.patch_embed).flatten(2, -1).transpose(1, 2)
     }
 
-    /// Adds the patch position embeddings (positions 1..) to all patch tokens.
+    /// Adds the position embeddings of the native grid to all patch tokens (MAE, SimMIM); for other input sizes
+    /// use [`Vit::add_pos_grid`].
     ///
     /// # Shapes
-    /// `tokens`: `[N, L, D]` → `[N, L, D]`.
+    /// `tokens`: `[N, L, D]` with `L = num_patches()` → `[N, L, D]`.
     pub fn add_pos(&self, tokens: &Tensor) -> Tensor {
-        tokens + self.pos_embed.narrow(1, 1, self.num_patches())
+        self.add_pos_grid(tokens, self.grid, self.grid)
     }
 
-    /// Adds the position embeddings of the patches `ids` to a subset of patch tokens.
+    /// Adds the position embeddings of an `h`×`w` patch grid ([`Vit::pos_for`]) to all its patch tokens.
     ///
     /// # Shapes
-    /// `tokens`: `[N, K, D]`, `ids`: `[N, K]` int64 patch indices in `0..L` → `[N, K, D]`.
+    /// `tokens`: `[N, h * w, D]` → `[N, h * w, D]`.
+    pub fn add_pos_grid(&self, tokens: &Tensor, h: i64, w: i64) -> Tensor {
+        let l = tokens.size()[1];
+        assert!(l == h * w, "{l} patch tokens do not fill a {h}x{w} grid");
+        tokens + self.pos_for(h, w)
+    }
+
+    /// Adds the position embeddings of the patches `ids` of the native grid to a subset of patch tokens.
+    ///
+    /// # Shapes
+    /// `tokens`: `[N, K, D]`, `ids`: `[N, K]` int64 patch indices in `0..num_patches()` → `[N, K, D]`.
     pub fn add_pos_at(&self, tokens: &Tensor, ids: &Tensor) -> Tensor {
+        self.add_pos_at_grid(tokens, ids, self.grid, self.grid)
+    }
+
+    /// Adds the position embeddings of the patches `ids` of an `h`×`w` grid to a subset of its patch tokens.
+    ///
+    /// # Shapes
+    /// `tokens`: `[N, K, D]`, `ids`: `[N, K]` int64 patch indices in `0..h * w` → `[N, K, D]`.
+    pub fn add_pos_at_grid(&self, tokens: &Tensor, ids: &Tensor, h: i64, w: i64) -> Tensor {
         let (n, k) = ids.size2().expect("ids are [N, K]");
-        let table = self.pos_embed.get(0).narrow(0, 1, self.num_patches());
+        let table = self.pos_for(h, w).get(0);
         tokens + table.index_select(0, &ids.flatten(0, -1)).view([n, k, self.width])
     }
 
@@ -266,8 +347,10 @@ impl Vit {
 }
 
 impl Backbone for Vit {
+    /// Any input size that [`VitConfig::check_input`] accepts; the native size uses the stored table as is.
     fn features(&self, x: &Tensor, train: bool) -> Tensor {
-        self.pool(&self.encode(&self.add_pos(&self.patch_tokens(x)), train))
+        let (h, w) = self.grid_of(x);
+        self.pool(&self.encode(&self.add_pos_grid(&self.patch_tokens(x), h, w), train))
     }
 
     fn dim(&self) -> i64 {
