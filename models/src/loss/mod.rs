@@ -1,6 +1,43 @@
 //! Losses as free functions with their shapes documented.
+//!
+//! Contrastive (SimCLR's NT-Xent here; BYOL and MoCo v3 in [`contrastive`]), self-distillation (DINO, iBOT, KoLeo
+//! in [`distill`]) and redundancy reduction (Barlow Twins, VICReg in [`redundancy`]). Every loss computes in fp32
+//! (f64 when given f64, so that finite-difference checks are meaningful) whatever the input precision, and
+//! callers run it outside autocast (`autocast(false)`): logits divided by small temperatures, variances and
+//! cross-correlations do not survive bf16.
 
 use tch::{Kind, Reduction, Tensor};
+
+pub mod contrastive;
+pub mod distill;
+pub mod redundancy;
+
+pub use contrastive::{byol_loss, infonce, infonce_with_offset};
+pub use distill::{dino_loss, ibot_patch_loss, koleo};
+pub use redundancy::{barlow_twins, vicreg};
+
+/// A loss made of several weighted terms.
+pub struct LossTerms {
+    /// The weighted sum of the terms: the scalar that is backpropagated.
+    pub total: Tensor,
+    /// Each term as a scalar, UNWEIGHTED and detached (no graph is kept alive by logging them), to be logged as
+    /// `train/loss/<name>`.
+    pub terms: Vec<(&'static str, Tensor)>,
+}
+
+/// The kind the joint-embedding losses compute in: f64 stays f64, everything else (bf16, f16, f32) becomes f32.
+pub(crate) fn compute_kind(xs: &[&Tensor]) -> Kind {
+    if xs.iter().any(|x| x.kind() == Kind::Double) {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
+/// Rows divided by their l2 norm clamped at `eps`, as `F.normalize(x, dim=-1, eps=eps)`: a zero row stays zero.
+pub(crate) fn l2_normalize(x: &Tensor, eps: f64) -> Tensor {
+    x / x.norm_scalaropt_dim(2.0, [-1i64].as_slice(), true).clamp_min(eps)
+}
 
 /// NT-Xent, the normalized temperature-scaled cross entropy of SimCLR (Chen et al. 2020,
 /// https://arxiv.org/abs/2002.05709, eq. 1), averaged over all 2N anchors.
