@@ -10,7 +10,9 @@ pub mod loss;
 pub mod objective;
 pub mod optim;
 
-pub use backbone::{Backbone, BackboneConfig, PosEmbed, ResNet, ResNetConfig, Vit, VitConfig, VitPool, VitSize};
+pub use backbone::{
+    Backbone, BackboneConfig, PosEmbed, ResNet, ResNetBlock, ResNetConfig, Vit, VitConfig, VitPool, VitSize,
+};
 pub use head::{linear, ProjectionHead};
 pub use loss::{cross_entropy, nt_xent};
 pub use objective::{Batch, Mae, MaeConfig, Objective, ObjectiveConfig, SimMim, SimMimConfig, Step};

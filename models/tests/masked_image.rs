@@ -203,7 +203,7 @@ fn mae_has_models_mae_names_and_needs_a_vit() {
     // From the config, with a ResNet: a clear error naming the field.
     let obj: ObjectiveConfig = toml::from_str("kind = \"mae\"\nmask_ratio = 0.5").unwrap();
     assert_eq!(obj.num_views(), 1);
-    let resnet = BackboneConfig::Resnet(ResNetConfig { layers: [1, 1, 1, 1], width: 4, cifar_stem: true });
+    let resnet = BackboneConfig::Resnet(ResNetConfig { layers: [1, 1, 1, 1], width: 4, ..Default::default() });
     let vs = VarStore::new(Device::Cpu);
     let err = obj.build(&vs.root(), resnet.build(vs.root() / "backbone", 1).unwrap()).err().unwrap().to_string();
     assert!(err.contains("model.backbone.kind") && err.contains("vit"), "{err}");

@@ -13,7 +13,7 @@ static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn resnet18_has_torchvision_names_shapes_and_parameter_count() {
     let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let vs = VarStore::new(Device::Cpu);
-    let cfg = ResNetConfig { layers: [2, 2, 2, 2], width: 64, cifar_stem: false };
+    let cfg = ResNetConfig { layers: [2, 2, 2, 2], width: 64, cifar_stem: false, ..Default::default() };
     let net = BackboneConfig::Resnet(cfg).build(vs.root(), 3).unwrap();
     assert_eq!(net.dim(), 512);
     let vars = vs.variables();
@@ -41,7 +41,7 @@ fn simclr_three_steps_train_every_weight() {
     let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
-    let backbone = BackboneConfig::Resnet(ResNetConfig { layers: [1, 1, 1, 1], width: 4, cifar_stem: true })
+    let backbone = BackboneConfig::Resnet(ResNetConfig { layers: [1, 1, 1, 1], width: 4, ..Default::default() })
         .build(vs.root() / "backbone", 1)
         .unwrap();
     let obj_cfg: ObjectiveConfig = toml::from_str("kind = \"simclr\"\nproj_hidden = 16\nproj_dim = 8").unwrap();

@@ -269,7 +269,7 @@ fn layer_ids_follow_the_beit_convention() {
     assert!(!vit.no_weight_decay("blocks.0.attn.qkv.weight") && !vit.no_weight_decay("norm.weight"));
 
     let vs = VarStore::new(Device::Cpu);
-    let resnet = BackboneConfig::Resnet(ResNetConfig { layers: [1, 1, 1, 1], width: 4, cifar_stem: true })
+    let resnet = BackboneConfig::Resnet(ResNetConfig { layers: [1, 1, 1, 1], width: 4, ..Default::default() })
         .build(vs.root(), 1)
         .unwrap();
     assert_eq!(resnet.num_layers(), 5);

@@ -4,6 +4,10 @@ needed.
 
   python load_exported.py FILE.safetensors resnet18-cifar-gray   -> torchvision resnet18 with a 3x3 stride-1 stem
                                                                    for 1 channel and no max-pool
+  python load_exported.py FILE.safetensors resnet50 [X.safetensors]
+                                                               -> torchvision resnet50 (ImageNet stem, 3 channels);
+                                                                  with X (key "x", [N,3,H,W]) also its features
+                                                                  (fc = Identity) in eval mode, then in train mode
   python load_exported.py FILE.safetensors names                -> names and shapes only
 """
 import json
@@ -46,6 +50,20 @@ def main():
         model.eval()
         with torch.no_grad():
             result["feature_dim"] = list(model(torch.zeros(2, 1, 28, 28)).shape)
+    elif kind == "resnet50":
+        import torchvision
+
+        model = torchvision.models.resnet50()
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        result["missing"], result["unexpected"] = sorted(missing), sorted(unexpected)
+        result["conv1_equal"] = bool(torch.equal(model.conv1.weight, state["conv1.weight"]))
+        model.fc = torch.nn.Identity()
+        if len(sys.argv) > 3:
+            x = read_safetensors(sys.argv[3])["x"]
+            with torch.no_grad():
+                # Eval first: a train-mode forward updates the running statistics.
+                result["features_eval"] = model.eval()(x).flatten().tolist()
+                result["features_train"] = model.train()(x).flatten().tolist()
     print(json.dumps(result))
 
 

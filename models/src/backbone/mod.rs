@@ -12,7 +12,7 @@ use tch::Tensor;
 
 pub use pos_embed::{resample_pos_embed, sincos_2d};
 pub(crate) use resnet::bn_config;
-pub use resnet::{ResNet, ResNetConfig};
+pub use resnet::{ResNet, ResNetBlock, ResNetConfig};
 pub use transformer::{drop_path, Block};
 pub(crate) use transformer::{layer_norm, xavier_linear};
 pub use vit::{PosEmbed, Vit, VitConfig, VitPool, VitSize};
