@@ -14,9 +14,19 @@ use selfsup_pipeline::transfer::{self, EvalContext};
 use selfsup_pipeline::{checkpoint, Config};
 
 /// Presets compiled into the binary, usable by name wherever a config file is expected.
-pub const PRESETS: [(&str, &str); 6] = [
+pub const PRESETS: [(&str, &str); 16] = [
     ("simclr-fmnist", include_str!("../configs/simclr-fmnist.toml")),
     ("simclr-fmnist-tiny", include_str!("../configs/simclr-fmnist-tiny.toml")),
+    ("byol-fmnist", include_str!("../configs/byol-fmnist.toml")),
+    ("byol-fmnist-tiny", include_str!("../configs/byol-fmnist-tiny.toml")),
+    ("mocov3-fmnist", include_str!("../configs/mocov3-fmnist.toml")),
+    ("mocov3-fmnist-tiny", include_str!("../configs/mocov3-fmnist-tiny.toml")),
+    ("dino-fmnist", include_str!("../configs/dino-fmnist.toml")),
+    ("dino-fmnist-tiny", include_str!("../configs/dino-fmnist-tiny.toml")),
+    ("barlow-fmnist", include_str!("../configs/barlow-fmnist.toml")),
+    ("barlow-fmnist-tiny", include_str!("../configs/barlow-fmnist-tiny.toml")),
+    ("vicreg-fmnist", include_str!("../configs/vicreg-fmnist.toml")),
+    ("vicreg-fmnist-tiny", include_str!("../configs/vicreg-fmnist-tiny.toml")),
     ("mae-fmnist", include_str!("../configs/mae-fmnist.toml")),
     ("mae-fmnist-tiny", include_str!("../configs/mae-fmnist-tiny.toml")),
     ("mae-fmnist-mnist", include_str!("../configs/mae-fmnist-mnist.toml")),
@@ -62,6 +72,9 @@ enum Command {
         /// Where to write eval.json (default: the run folder of the checkpoint).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Evaluate the momentum teacher's backbone (BYOL, MoCo v3, DINO) instead of the student's.
+        #[arg(long)]
+        teacher: bool,
     },
     /// Fine-tune a pretrained backbone (or the same one from scratch) on labeled data and report top-1,
     /// per-class and worst-class accuracy. The recipe is the checkpoint's `[finetune]` section (plus --set).
@@ -74,6 +87,9 @@ enum Command {
         /// The safetensors file to write.
         #[arg(long)]
         out: PathBuf,
+        /// Export the momentum teacher's backbone (BYOL, MoCo v3, DINO: what their authors publish).
+        #[arg(long)]
+        teacher: bool,
     },
     /// Versions, devices, threads, and which datasets are installed where.
     Info,
@@ -201,6 +217,12 @@ fn pretrain(config: Option<String>, set: Vec<String>, out: Option<PathBuf>, resu
     if let Some(profile) = &summary.profile {
         println!("{profile}");
     }
+    if let (Some(std), Some(rank)) = (summary.embedding_std, summary.effective_rank) {
+        println!("collapse monitor: embedding_std {std:.3}, effective_rank {rank:.2}");
+    }
+    if let Some(w) = &summary.collapse_warning {
+        println!("WARNING: {w}");
+    }
     if summary.unreadable_samples > 0 {
         println!("{} unreadable sample(s) were skipped (listed above)", summary.unreadable_samples);
     }
@@ -219,9 +241,12 @@ fn pretrain(config: Option<String>, set: Vec<String>, out: Option<PathBuf>, resu
     Ok(())
 }
 
-fn eval(ckpt: PathBuf, set: Vec<String>, out: Option<PathBuf>) -> Result<()> {
+fn eval(ckpt: PathBuf, mut set: Vec<String>, out: Option<PathBuf>, teacher: bool) -> Result<()> {
     let ckpt = checkpoint::resolve(&ckpt)?;
     let base = checkpoint::load_config(&ckpt)?;
+    if teacher {
+        set.push("eval.teacher=true".into());
+    }
     let cfg = Config::from_toml(&base.to_toml(), &ckpt.join("config.toml").display().to_string(), &set)?;
     let (device, autocast) = selfsup_pipeline::prepare_device(cfg.train.device, cfg.train.bf16)?;
     let source = selfsup_pipeline::source::open(&cfg.data.train, cfg.data.channels)?;
@@ -233,7 +258,7 @@ fn eval(ckpt: PathBuf, set: Vec<String>, out: Option<PathBuf>) -> Result<()> {
         out.unwrap_or_else(|| ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf));
     std::fs::create_dir_all(&dir)?;
     let ctx = EvalContext { cfg: &cfg, device, threads: cfg.train.threads, autocast, projector_dir: Some(&dir) };
-    let report = transfer::evaluate(model.objective.backbone(), &ctx, &mut NullSink, 0)?;
+    let report = transfer::evaluate(model.eval_backbone(&cfg), &ctx, &mut NullSink, 0)?;
     println!("{report}");
     transfer::write_report(&report, &dir)?;
     println!("wrote {}", dir.join("eval.json").display());
@@ -284,6 +309,9 @@ struct FinetuneArgs {
     /// Run both, pretrained and from scratch, and print them side by side.
     #[arg(long)]
     compare: bool,
+    /// Start from the momentum teacher's backbone (BYOL, MoCo v3, DINO) instead of the student's.
+    #[arg(long)]
+    teacher: bool,
     /// Override keys of the checkpoint's config (e.g. `finetune.base_lr=5e-4`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -308,6 +336,7 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     if a.linear {
         f.mode = selfsup_pipeline::config::FinetuneMode::Linear;
     }
+    f.teacher |= a.teacher;
     cfg.validate(&file)?;
     let run_dir = ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf);
     let out = a.out.unwrap_or_else(|| run_dir.join(format!("finetune-{}", utc_stamp())));
@@ -324,18 +353,19 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     Ok(())
 }
 
-fn export(ckpt: &Path, out: &Path) -> Result<()> {
+fn export(ckpt: &Path, out: &Path, teacher: bool) -> Result<()> {
     if out.extension().is_none_or(|e| e != "safetensors") {
         bail!("--out {}: the file must end in .safetensors", out.display());
     }
     let ckpt = checkpoint::resolve(ckpt)?;
-    let n = checkpoint::export_backbone(&ckpt, out)?;
+    let n = checkpoint::export_backbone(&ckpt, out, checkpoint::Which::from_teacher(teacher))?;
     let cfg = checkpoint::load_config(&ckpt)?;
     let names = match cfg.model.backbone {
         selfsup_models::BackboneConfig::Resnet(_) => "torchvision ResNet",
         selfsup_models::BackboneConfig::Vit(_) => "timm VisionTransformer",
     };
-    println!("wrote {n} backbone tensors of {} to {} ({names} names)", ckpt.display(), out.display());
+    let whose = if teacher { "teacher " } else { "" };
+    println!("wrote {n} {whose}backbone tensors of {} to {} ({names} names)", ckpt.display(), out.display());
     Ok(())
 }
 
@@ -356,9 +386,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pretrain { config, set, out, resume, quiet } => pretrain(config, set, out, resume, quiet),
-        Command::Eval { checkpoint, set, out } => eval(checkpoint, set, out),
+        Command::Eval { checkpoint, set, out, teacher } => eval(checkpoint, set, out, teacher),
         Command::Finetune(args) => finetune(args),
-        Command::Export { checkpoint, out } => export(&checkpoint, &out),
+        Command::Export { checkpoint, out, teacher } => export(&checkpoint, &out, teacher),
         Command::Info => info::print(),
         Command::Inspect { data, channels, json } => inspect(&data, channels, json),
         Command::BenchLoader { config, set, seconds, threads, gpu_img_per_s } => {

@@ -1,45 +1,12 @@
 //! End-to-end tests of the `selfsup` binary on real Fashion-MNIST with a tiny model: pretrain → checkpoint →
 //! eval, the TensorBoard file read by TensorBoard's own reader, resume, bench-loader, and config errors.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn selfsup(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_selfsup")).args(args).output().expect("running selfsup")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = selfsup(args);
-    assert!(
-        out.status.success(),
-        "selfsup {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn read_events(dir: &Path) -> serde_json::Value {
-    selfsup_pipeline::tensorboard::read_back(dir).unwrap()
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
-}
-
-/// The tiny preset cut down to seconds: 12 steps of batch 64, evaluation on 2000 labeled train images.
-const QUICK: [&str; 10] = [
-    "--set",
-    "train.max_steps=12",
-    "--set",
-    "train.batch_size=64",
-    "--set",
-    "eval.train_limit=2000",
-    "--set",
-    "eval.probe_epochs=3",
-    "--set",
-    "train.log_every=4",
-];
+use common::{json, ok, read_events, selfsup, QUICK};
 
 #[test]
 fn pretrain_checkpoint_eval_and_tensorboard() {
@@ -446,48 +413,7 @@ fn every_preset_file_parses() {
 #[test]
 fn resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
-    // The same config throughout (2 epochs of 8 steps); the split run stops after epoch 1 by train.max_steps.
-    let run = |out: &Path, max_steps: &str, resume: bool| {
-        let mut args = vec!["pretrain", "--out", out.to_str().unwrap(), "--quiet"];
-        if resume {
-            args.push("--resume");
-        } else {
-            args.extend(["--config", "mae-fmnist-tiny"]);
-        }
-        let max_steps = format!("train.max_steps={max_steps}");
-        args.extend([
-            "--set",
-            "data.limit=512",
-            "--set",
-            "train.batch_size=64",
-            "--set",
-            "train.log_every=4",
-            "--set",
-            "train.epochs=2",
-            "--set",
-            "eval.at_end=false",
-            "--set",
-            "optimizer.warmup_epochs=0.5",
-            "--set",
-            &max_steps,
-        ]);
-        ok(&args);
-    };
-    let (whole, split) = (dir.path().join("whole"), dir.path().join("split"));
-    run(&whole, "0", false);
-    run(&split, "8", false);
-    run(&split, "0", true);
-    let losses = |d: &Path| -> Vec<(i64, f64)> {
-        read_events(d)["scalars"]["train/loss"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| (p[0].as_i64().unwrap(), p[1].as_f64().unwrap()))
-            .collect()
-    };
-    let (a, b) = (losses(&whole), losses(&split));
-    assert_eq!(a.len(), 4, "{a:?}");
-    assert_eq!(a, b, "resumed run diverged");
+    common::resume_at_epoch_boundary_reproduces("mae-fmnist-tiny", dir.path());
 }
 
 /// `selfsup export` writes the backbone under torchvision names: a SimCLR ResNet-18 (CIFAR stem, gray) loads into

@@ -9,14 +9,16 @@ pub mod head;
 pub mod loss;
 pub mod objective;
 pub mod optim;
+pub mod teacher;
 
 pub use backbone::{
     Backbone, BackboneConfig, PosEmbed, ResNet, ResNetBlock, ResNetConfig, Vit, VitConfig, VitPool, VitSize,
 };
-pub use head::{linear, ProjectionHead};
+pub use head::{linear, Mlp, MlpSpec};
 pub use loss::{cross_entropy, nt_xent};
-pub use objective::{Batch, Mae, MaeConfig, Objective, ObjectiveConfig, SimMim, SimMimConfig, Step};
+pub use objective::{Batch, Mae, MaeConfig, Objective, ObjectiveConfig, SimMim, SimMimConfig, Step, TrainProgress};
 pub use optim::{layer_decay_scale, Optimizer, OptimizerConfig, OptimizerKind, ParamSpec};
+pub use teacher::MomentumTeacher;
 
 /// Errors from building models from configuration.
 #[derive(Debug, thiserror::Error)]

@@ -205,17 +205,17 @@ fn mae_has_models_mae_names_and_needs_a_vit() {
     assert_eq!(obj.num_views(), 1);
     let resnet = BackboneConfig::Resnet(ResNetConfig { layers: [1, 1, 1, 1], width: 4, ..Default::default() });
     let vs = VarStore::new(Device::Cpu);
-    let err = obj.build(&vs.root(), resnet.build(vs.root() / "backbone", 1).unwrap()).err().unwrap().to_string();
+    let err = obj.build(&vs, &resnet, 1).err().unwrap().to_string();
     assert!(err.contains("model.backbone.kind") && err.contains("vit"), "{err}");
     let simmim: ObjectiveConfig = toml::from_str("kind = \"simmim\"").unwrap();
     assert_eq!(simmim, ObjectiveConfig::Simmim(SimMimConfig { mask_ratio: 0.6 }));
     assert_eq!(simmim.num_views(), 1);
-    let err = simmim.build(&vs.root(), resnet.build(vs.root() / "b2", 1).unwrap()).err().unwrap().to_string();
+    let err = simmim.build(&VarStore::new(Device::Cpu), &resnet, 1).err().unwrap().to_string();
     assert!(err.contains("model.backbone.kind"), "{err}");
     // A ratio that hides every one of the 16 patches, and invalid fields.
     let vs = VarStore::new(Device::Cpu);
     let hide_all: ObjectiveConfig = toml::from_str("kind = \"mae\"\nmask_ratio = 0.99").unwrap();
-    let err = hide_all.build(&vs.root(), tiny_vit().build(vs.root() / "backbone", 1).unwrap()).err().unwrap();
+    let err = hide_all.build(&vs, &tiny_vit(), 1).err().unwrap();
     assert!(err.to_string().contains("objective.mask_ratio"), "{err}");
     assert!(toml::from_str::<ObjectiveConfig>("kind = \"mae\"\nmask = 0.5").is_err());
     for (bad, field) in [
@@ -361,7 +361,7 @@ fn stripes(c: i64) -> Tensor {
 /// Trains `objective` on one fixed batch with Adam for `steps` steps; returns the losses.
 fn train(vs: &VarStore, objective: &mut dyn Objective, x: &Tensor, steps: usize) -> Vec<f64> {
     let mut opt = tch::nn::Adam::default().build(vs, 5e-3).unwrap();
-    let batch = Batch { views: vec![x.shallow_clone()] };
+    let batch = Batch::new(vec![x.shallow_clone()]);
     (0..steps)
         .map(|_| {
             let step = objective.loss(&batch, true);
@@ -427,7 +427,7 @@ fn bf16_autocast_keeps_the_loss_fp32_on_cuda() {
         SimMim::new(&(vs.root() / "simmim"), backbone, &SimMimConfig::default()).unwrap()
     };
     let x = Tensor::randn([4, 1, 28, 28], (Kind::Float, Device::Cuda(0)));
-    let batch = Batch { views: vec![x.shallow_clone()] };
+    let batch = Batch::new(vec![x.shallow_clone()]);
     for objective in [&mut mae as &mut dyn Objective, &mut simmim] {
         let step = selfsup_models::device::autocast(true, || objective.loss(&batch, true));
         assert_eq!(step.loss.kind(), Kind::Float);

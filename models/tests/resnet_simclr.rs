@@ -41,15 +41,13 @@ fn simclr_three_steps_train_every_weight() {
     let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
-    let backbone = BackboneConfig::Resnet(ResNetConfig { layers: [1, 1, 1, 1], width: 4, ..Default::default() })
-        .build(vs.root() / "backbone", 1)
-        .unwrap();
+    let backbone = BackboneConfig::Resnet(ResNetConfig { layers: [1, 1, 1, 1], width: 4, ..Default::default() });
     let obj_cfg: ObjectiveConfig = toml::from_str("kind = \"simclr\"\nproj_hidden = 16\nproj_dim = 8").unwrap();
-    let mut objective = obj_cfg.build(&vs.root(), backbone).unwrap();
+    let mut objective = obj_cfg.build(&vs, &backbone, 1).unwrap();
     let mut opt = Optimizer::new(&vs, &OptimizerConfig::default()).unwrap();
     let before: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (n, t.copy())).collect();
     let x = Tensor::randn([16, 1, 12, 12], tch::kind::FLOAT_CPU);
-    let batch = Batch { views: vec![&x + 0.1 * Tensor::randn_like(&x), &x + 0.1 * Tensor::randn_like(&x)] };
+    let batch = Batch::new(vec![&x + 0.1 * Tensor::randn_like(&x), &x + 0.1 * Tensor::randn_like(&x)]);
     let mut losses = Vec::new();
     for _ in 0..3 {
         let step = objective.loss(&batch, true);

@@ -131,10 +131,36 @@ pub fn load_optimizer(ckpt: &Path) -> Result<Vec<(String, Tensor)>, CheckpointEr
     Tensor::read_safetensors(&p).map_err(|e| invalid(&p, e))
 }
 
-/// Loads the backbone of checkpoint `ckpt` into the variables of `vs` named `backbone.*` (the rest of `vs`, e.g. a
-/// new classifier head, keeps its initialisation; the checkpoint's objective heads are ignored). Every backbone
-/// variable must be in the checkpoint with the same shape. Returns how many tensors were loaded.
-pub fn load_backbone(vs: &VarStore, ckpt: &Path) -> Result<usize, CheckpointError> {
+/// Which backbone of a checkpoint: the student's (`backbone.*`) or the momentum teacher's (`teacher.backbone.*`,
+/// what DINO and BYOL users publish).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    Student,
+    Teacher,
+}
+
+impl Which {
+    pub fn from_teacher(teacher: bool) -> Self {
+        if teacher {
+            Which::Teacher
+        } else {
+            Which::Student
+        }
+    }
+
+    /// The name prefix of this backbone's tensors in `model.safetensors`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Which::Student => "backbone.",
+            Which::Teacher => "teacher.backbone.",
+        }
+    }
+}
+
+/// Loads backbone `which` of checkpoint `ckpt` into the variables of `vs` named `backbone.*` (the rest of `vs`,
+/// e.g. a new classifier head, keeps its initialisation; the checkpoint's objective heads are ignored). Every
+/// backbone variable must be in the checkpoint with the same shape. Returns how many tensors were loaded.
+pub fn load_backbone(vs: &VarStore, ckpt: &Path, which: Which) -> Result<usize, CheckpointError> {
     let p = ckpt.join(WEIGHTS);
     let saved: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(&p).map_err(|e| invalid(&p, e))?.into_iter().collect();
@@ -143,7 +169,13 @@ pub fn load_backbone(vs: &VarStore, ckpt: &Path) -> Result<usize, CheckpointErro
         if !name.starts_with("backbone.") {
             continue;
         }
-        let src = saved.get(&name).ok_or_else(|| invalid(&p, format!("has no {name} (a different backbone?)")))?;
+        let key = format!("{}{}", which.prefix(), &name["backbone.".len()..]);
+        let src = saved.get(&key).ok_or_else(|| match which {
+            Which::Teacher if !saved.keys().any(|k| k.starts_with(Which::Teacher.prefix())) => {
+                invalid(&p, "has no teacher (the objective keeps none: byol, mocov3 and dino do)")
+            }
+            _ => invalid(&p, format!("has no {key} (a different backbone?)")),
+        })?;
         if src.size() != var.size() {
             return Err(invalid(
                 &p,
@@ -166,19 +198,22 @@ pub fn load_backbone(vs: &VarStore, ckpt: &Path) -> Result<usize, CheckpointErro
     Ok(loaded)
 }
 
-/// Writes the backbone of checkpoint `ckpt` to `out` (safetensors) under its own names, without the `backbone.`
-/// prefix: torchvision names for a ResNet (`layer1.0.conv1.weight`), timm names for a ViT
-/// (`blocks.0.attn.qkv.weight`), so `load_state_dict` takes it. Objective heads are left out. Returns the number
-/// of tensors written. Written to a temporary file, synced, then renamed.
-pub fn export_backbone(ckpt: &Path, out: &Path) -> Result<usize, CheckpointError> {
+/// Writes backbone `which` of checkpoint `ckpt` to `out` (safetensors) under its own names, without the prefix:
+/// torchvision names for a ResNet (`layer1.0.conv1.weight`), timm names for a ViT (`blocks.0.attn.qkv.weight`), so
+/// `load_state_dict` takes it. Objective heads are left out. Returns the number of tensors written. Written to a
+/// temporary file, synced, then renamed.
+pub fn export_backbone(ckpt: &Path, out: &Path, which: Which) -> Result<usize, CheckpointError> {
     let p = ckpt.join(WEIGHTS);
+    let prefix = which.prefix();
     let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(&p)
         .map_err(|e| invalid(&p, e))?
         .into_iter()
-        .filter_map(|(name, t)| name.strip_prefix("backbone.").map(|n| (n.to_string(), t)))
+        .filter_map(|(name, t)| name.strip_prefix(prefix).map(|n| (n.to_string(), t)))
         .collect();
     if tensors.is_empty() {
-        return Err(invalid(&p, "no backbone.* tensors"));
+        let why =
+            if which == Which::Teacher { " (the objective keeps no teacher: byol, mocov3 and dino do)" } else { "" };
+        return Err(invalid(&p, format!("no {prefix}* tensors{why}")));
     }
     let name = out.file_name().map_or("export".into(), |n| n.to_string_lossy().into_owned());
     // tch picks the format from the extension: keep `.safetensors` last.

@@ -94,6 +94,8 @@ pub struct FinetuneConfig {
     /// After pretraining, fine-tune the pretrained backbone and the same backbone from scratch with this recipe
     /// and report both side by side (transfer presets).
     pub at_end: bool,
+    /// Fine-tune the momentum teacher's backbone instead of the student's (objectives with a teacher).
+    pub teacher: bool,
 }
 
 impl Default for FinetuneConfig {
@@ -121,6 +123,7 @@ impl Default for FinetuneConfig {
             flip_p: 0.5,
             eval_every: 1,
             at_end: false,
+            teacher: false,
         }
     }
 }
@@ -236,6 +239,10 @@ pub struct TrainConfig {
     /// optimizer, online probe) for this many steps, and report per phase the host's time to issue the work and
     /// the device's time to finish it after that (summary.json `profile`). Slows those steps; 0 = off.
     pub profile_steps: usize,
+    /// The collapse monitor warns (progress line, end of run) when `train/embedding_std` falls below this...
+    pub collapse_warn_std: f64,
+    /// ... or `train/effective_rank` below this.
+    pub collapse_warn_rank: f64,
 }
 
 impl Default for TrainConfig {
@@ -253,6 +260,8 @@ impl Default for TrainConfig {
             preview_pairs: 16,
             recon_every: 1,
             profile_steps: 0,
+            collapse_warn_std: 0.1,
+            collapse_warn_rank: 2.0,
         }
     }
 }
@@ -282,6 +291,9 @@ pub struct EvalConfig {
     pub online_probe: bool,
     /// The online probe's SGD learning rate (momentum 0.9, no decay).
     pub online_probe_lr: f64,
+    /// Evaluate the momentum teacher's backbone instead of the student's (objectives with a teacher; DINO's
+    /// teacher is usually the better one).
+    pub teacher: bool,
 }
 
 impl Default for EvalConfig {
@@ -300,6 +312,7 @@ impl Default for EvalConfig {
             projector_samples: 1000,
             online_probe: true,
             online_probe_lr: 0.1,
+            teacher: false,
         }
     }
 }
@@ -380,7 +393,11 @@ impl Config {
         self.model.backbone.validate().map_err(model_err)?;
         self.objective.validate().map_err(model_err)?;
         self.optimizer.validate().map_err(model_err)?;
+        let teacher_ok =
+            || format!("objective {:?} keeps no momentum teacher (byol, mocov3 and dino do)", self.objective_kind());
+        check(file, "eval.teacher", !e.teacher || self.objective.has_teacher(), teacher_ok)?;
         let f = &self.finetune;
+        check(file, "finetune.teacher", !f.teacher || self.objective.has_teacher(), teacher_ok)?;
         check(file, "finetune.epochs", f.epochs >= 1, || format!("must be >= 1, got {}", f.epochs))?;
         check(file, "finetune.test", !(f.train.is_some() && f.test.is_none()), || {
             "must be set when finetune.train is (test data with the same labels as the training data)".into()
@@ -419,7 +436,23 @@ impl Config {
                 message: e.to_string(),
             })?;
         }
+        // Every view must fit the backbone (a ViT takes sides that are multiples of its patch).
+        for (i, v) in self.view_recipes().iter().enumerate() {
+            let side = i64::from(v.size);
+            self.model.backbone.check_input(i64::from(self.channels_hint()), side, side).map_err(|e| {
+                let key = if self.views.is_empty() { "augment.size".to_string() } else { format!("views[{i}].size") };
+                ConfigError::Key { file: file.into(), key, message: e.to_string() }
+            })?;
+        }
         Ok(())
+    }
+
+    /// The objective's `kind` as written in the TOML.
+    pub fn objective_kind(&self) -> String {
+        toml::Value::try_from(&self.objective)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string))
+            .unwrap_or_default()
     }
 
     /// The recipe of each of the objective's views.

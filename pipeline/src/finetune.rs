@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{Config, FinetuneConfig, FinetuneMode, ShuffleMode};
 use crate::eval::{eval_recipe, extract, ClassReport, ExtractOptions};
 use crate::loader::{Loader, LoaderConfig};
-use crate::progress::Progress;
+use crate::progress::{Line, Progress};
 use crate::source::{self, Source, Subset};
 use crate::tensorboard::{confusion_image, Sink};
 use crate::trainer::{labels_to_device, optimizer_step, param_spec, report_bad, to_device};
@@ -196,8 +196,10 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
 
     let model = build_classifier(cfg, channels, classes, device)?;
     if let Some(ckpt) = &opts.checkpoint {
-        let n = checkpoint::load_backbone(&model.vs, ckpt)?;
-        eprintln!("loaded {n} backbone tensors from {}", ckpt.display());
+        let which = checkpoint::Which::from_teacher(f.teacher);
+        let n = checkpoint::load_backbone(&model.vs, ckpt, which)?;
+        let whose = if f.teacher { "teacher " } else { "" };
+        eprintln!("loaded {n} {whose}backbone tensors from {}", ckpt.display());
     }
     let frozen = f.mode == FinetuneMode::Linear;
     if frozen {
@@ -286,7 +288,8 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         }
         let ips = (seen - bad.len()) as f64 / win_start.elapsed().as_secs_f64().max(1e-9);
         sink.scalar("finetune/train_loss", step as i64, train_loss);
-        progress.update(epoch, f.epochs, step, train_loss, ips, 0.0, epoch + 1 == f.epochs);
+        let line = Line { epoch, epochs: f.epochs, done: step, loss: train_loss, img_per_s: ips, ..Default::default() };
+        progress.update(&line, epoch + 1 == f.epochs);
         let last = epoch + 1 == f.epochs;
         let test_top1 = if last || (f.eval_every > 0 && (epoch + 1) % f.eval_every == 0) {
             let report = evaluate(&model, test_src.clone(), &eval_opts, classes, &names, frozen)?;

@@ -4,6 +4,21 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
+/// What the progress line shows.
+#[derive(Clone, Debug, Default)]
+pub struct Line<'a> {
+    /// The current epoch (0-based) of `epochs`.
+    pub epoch: usize,
+    pub epochs: usize,
+    /// Steps finished so far (of the whole run, resumed ones excluded from the rate).
+    pub done: u64,
+    pub loss: f64,
+    pub img_per_s: f64,
+    pub wait: f64,
+    /// Appended as is (e.g. a collapse warning); empty for none.
+    pub note: &'a str,
+}
+
 pub struct Progress {
     total_steps: u64,
     start: Instant,
@@ -20,43 +35,37 @@ impl Progress {
         Progress { total_steps, start: Instant::now(), last_print: None, tty, interval, quiet }
     }
 
-    /// `done`: steps finished so far (of the whole run, resumed ones excluded from the rate).
-    pub fn update(
-        &mut self,
-        epoch: usize,
-        epochs: usize,
-        done: u64,
-        loss: f64,
-        img_per_s: f64,
-        wait: f64,
-        force: bool,
-    ) {
+    /// Shows `line` (at most every `interval` unless `force`).
+    pub fn update(&mut self, line: &Line, force: bool) {
         if self.quiet || (!force && self.last_print.is_some_and(|t| t.elapsed() < self.interval)) {
             return;
         }
         self.last_print = Some(Instant::now());
-        let frac = done as f64 / self.total_steps.max(1) as f64;
+        let frac = line.done as f64 / self.total_steps.max(1) as f64;
         let width = 24;
         let filled = ((frac * width as f64) as usize).min(width);
         let elapsed = self.start.elapsed().as_secs_f64();
         let eta = if frac > 0.0 { elapsed * (1.0 - frac) / frac } else { 0.0 };
-        let line = format!(
+        let mut text = format!(
             "epoch {}/{} [{}{}] {:>3.0}% loss {:.4} {:.0} img/s wait {:.1}% eta {}",
-            epoch + 1,
-            epochs,
+            line.epoch + 1,
+            line.epochs,
             "#".repeat(filled),
             ".".repeat(width - filled),
             frac * 100.0,
-            loss,
-            img_per_s,
-            wait * 100.0,
+            line.loss,
+            line.img_per_s,
+            line.wait * 100.0,
             fmt_secs(eta)
         );
+        if !line.note.is_empty() {
+            text = format!("{text} {}", line.note);
+        }
         let mut err = std::io::stderr().lock();
         if self.tty {
-            let _ = write!(err, "\r\x1b[2K{line}");
+            let _ = write!(err, "\r\x1b[2K{text}");
         } else {
-            let _ = writeln!(err, "{line}");
+            let _ = writeln!(err, "{text}");
         }
         let _ = err.flush();
     }

@@ -110,7 +110,8 @@ pub fn upscale(image: &Image, factor: u32) -> Image {
     Image { width: image.width * factor, height: image.height * factor, channels: image.channels, data }
 }
 
-/// Lays images of equal size out in a grid with `cols` columns and a 2-pixel gray border.
+/// Lays images out in a grid with `cols` columns and a 2-pixel gray border; every cell is as large as the largest
+/// image, smaller ones (multi-crop's local views) are centered in theirs.
 pub fn grid(images: &[Image], cols: usize) -> Image {
     layout(images, cols, 2, 128)
 }
@@ -121,17 +122,22 @@ pub fn grid_tight(images: &[Image], cols: usize) -> Image {
 }
 
 fn layout(images: &[Image], cols: usize, pad: usize, background: u8) -> Image {
-    let (w, h, c) = images.first().map_or((1, 1, 1), |i| (i.width as usize, i.height as usize, i.channels as usize));
+    let w = images.iter().map(|i| i.width as usize).max().unwrap_or(1);
+    let h = images.iter().map(|i| i.height as usize).max().unwrap_or(1);
+    let c = images.first().map_or(1, |i| i.channels as usize);
     let cols = cols.max(1).min(images.len().max(1));
     let rows = images.len().div_ceil(cols).max(1);
     let (gw, gh) = (cols * (w + pad) + pad, rows * (h + pad) + pad);
     let mut out = Image { width: gw as u32, height: gh as u32, channels: c as u8, data: vec![background; gw * gh * c] };
     for (k, img) in images.iter().enumerate() {
-        let (x0, y0) = (pad + (k % cols) * (w + pad), pad + (k / cols) * (h + pad));
-        for y in 0..h.min(img.height as usize) {
-            let src = &img.data[y * w * c..(y + 1) * w * c];
+        assert_eq!(img.channels as usize, c, "grid images must have the same channels");
+        let (iw, ih) = (img.width as usize, img.height as usize);
+        let x0 = pad + (k % cols) * (w + pad) + (w - iw) / 2;
+        let y0 = pad + (k / cols) * (h + pad) + (h - ih) / 2;
+        for y in 0..ih {
+            let src = &img.data[y * iw * c..(y + 1) * iw * c];
             let at = ((y0 + y) * gw + x0) * c;
-            out.data[at..at + w * c].copy_from_slice(src);
+            out.data[at..at + iw * c].copy_from_slice(src);
         }
     }
     out
@@ -197,4 +203,23 @@ pub fn confusion_image(confusion: &[Vec<usize>], cell: u32) -> Image {
         }
     }
     Image { width: side, height: side, channels: 1, data }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_centers_smaller_tiles_in_cells_of_the_largest() {
+        let tile =
+            |side: u32, v: u8| Image { width: side, height: side, channels: 1, data: vec![v; (side * side) as usize] };
+        // Multi-crop: a 4 px global view and a 2 px local one.
+        let g = grid(&[tile(4, 200), tile(2, 50)], 2);
+        assert_eq!((g.width, g.height), (2 + 2 * (4 + 2), 2 + 4 + 2));
+        let at = |x: usize, y: usize| g.data[y * g.width as usize + x];
+        assert_eq!(at(2, 2), 200, "the large tile fills its cell");
+        // Second cell starts at x = 8; the 2 px tile sits at its center (offset 1, 1).
+        assert_eq!((at(9, 3), at(10, 4)), (50, 50));
+        assert_eq!((at(8, 2), at(11, 5)), (128, 128), "around the small tile: background");
+    }
 }

@@ -98,7 +98,7 @@ fn load_backbone_copies_the_backbone_only_and_refuses_other_shapes() {
     let head = selfsup_models::linear(vs.root() / "head", 32, 10);
     let head_before = head.ws.copy();
     let before = vs.variables()["backbone.conv1.weight"].copy();
-    let n = checkpoint::load_backbone(&vs, &ckpt).unwrap();
+    let n = checkpoint::load_backbone(&vs, &ckpt, checkpoint::Which::Student).unwrap();
     let saved: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(ckpt.join("model.safetensors")).unwrap().into_iter().collect();
     let vars = vs.variables();
@@ -115,6 +115,6 @@ fn load_backbone_copies_the_backbone_only_and_refuses_other_shapes() {
     let wide = Config::from_toml(&cfg.to_toml(), "wide.toml", &["model.backbone.width=8".into()]).unwrap();
     let vs2 = tch::nn::VarStore::new(Device::Cpu);
     let _ = wide.model.backbone.build(vs2.root() / "backbone", 1).unwrap();
-    let e = checkpoint::load_backbone(&vs2, &ckpt).unwrap_err().to_string();
+    let e = checkpoint::load_backbone(&vs2, &ckpt, checkpoint::Which::Student).unwrap_err().to_string();
     assert!(e.contains("backbone.") && e.contains("shape"), "{e}");
 }

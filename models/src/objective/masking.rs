@@ -169,7 +169,8 @@ impl<T: MaskedImageModel> Objective for T {
     /// `batch.views`: one `[N, C, H, W]` → loss scalar, features `[N, D]`.
     fn loss(&mut self, batch: &Batch, train: bool) -> Step {
         let out = self.forward(&batch.views[0], train);
-        Step { loss: out.loss, features: out.features.detach() }
+        let features = out.features.detach();
+        Step { loss: out.loss, embedding: features.shallow_clone(), features, terms: Vec::new() }
     }
 
     fn backbone(&self) -> &dyn Backbone {

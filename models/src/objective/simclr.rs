@@ -7,7 +7,7 @@ use tch::Tensor;
 
 use super::{Batch, Objective, Step};
 use crate::backbone::Backbone;
-use crate::head::ProjectionHead;
+use crate::head::{Mlp, MlpSpec};
 use crate::loss::nt_xent;
 use crate::{invalid, ModelError};
 
@@ -39,13 +39,13 @@ impl SimClrConfig {
 
 pub struct SimClr {
     backbone: Box<dyn Backbone>,
-    projector: ProjectionHead,
+    projector: Mlp,
     temperature: f64,
 }
 
 impl SimClr {
     pub fn new(root: &nn::Path, backbone: Box<dyn Backbone>, cfg: &SimClrConfig) -> Self {
-        let projector = ProjectionHead::new(root / "projector", backbone.dim(), cfg.proj_hidden, cfg.proj_dim);
+        let projector = Mlp::new(root / "projector", MlpSpec::simclr(backbone.dim(), cfg.proj_hidden, cfg.proj_dim));
         SimClr { backbone, projector, temperature: cfg.temperature }
     }
 }
@@ -61,7 +61,7 @@ impl Objective for SimClr {
         let z = self.projector.forward_t(&h, train);
         // Outside autocast: under it the similarity matmul would run in bf16 despite the fp32 inputs.
         let loss = crate::device::autocast(false, || nt_xent(&z.narrow(0, 0, n), &z.narrow(0, n, n), self.temperature));
-        Step { loss, features: h.narrow(0, 0, n).detach() }
+        Step { loss, features: h.narrow(0, 0, n).detach(), embedding: z.narrow(0, 0, n).detach(), terms: Vec::new() }
     }
 
     fn backbone(&self) -> &dyn Backbone {

@@ -1,29 +1,38 @@
-//! The one training loop for every objective: it owns the loader, optimizer, schedule, checkpoints and logging.
-//! GPU sync points are deliberate: the loss is accumulated on the device and read back every `log_every` steps.
+//! The one training loop for every objective. [`Trainer`] owns the loader, model, optimizer, schedule, checkpoints
+//! and logging, in named phases: [`Trainer::build`], [`Trainer::resume`], [`Trainer::step`],
+//! [`Trainer::end_epoch`], [`Trainer::checkpoint`], [`Trainer::finish`] (evaluation). Nothing in it knows which
+//! objective it trains: method-specific state (momentum teachers, centers, temperature schedules) lives in the
+//! objective, which the trainer tells where training stands ([`TrainProgress`]).
+//!
+//! GPU sync points are deliberate: losses, loss terms and the collapse monitor are accumulated on the device and
+//! read back together every `log_every` steps.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use selfsup_augment::Views;
-use selfsup_models::{layer_decay_scale, Backbone, Batch, Objective, Optimizer, ParamSpec};
+use selfsup_models::{layer_decay_scale, Backbone, Batch, Objective, Optimizer, ParamSpec, TrainProgress};
 use serde::Serialize;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::{Config, ShuffleMode};
 use crate::loader::{BadSample, HostBatch, Loader, LoaderConfig};
-use crate::progress::Progress;
+use crate::progress::{Line, Progress};
 use crate::source::{self, Source};
 use crate::tensorboard::Sink;
 use crate::transfer::{self, EvalContext, EvalReport};
 use crate::{prepare_device, Error, Result};
 
+mod monitor;
 mod probe;
 mod profile;
 mod visuals;
 
+pub use monitor::collapse_metrics;
+use monitor::{Clock, Readout, Window};
 use probe::OnlineProbe;
 pub use profile::StepProfile;
 use profile::{Phases, PROFILE_WARMUP};
@@ -52,24 +61,41 @@ pub struct RunSummary {
     pub data_wait_seconds: f64,
     pub data_wait_fraction: f64,
     pub final_loss: f64,
+    /// The last logged loss terms (`train/loss/<name>`).
+    pub final_terms: Vec<(String, f64)>,
+    /// The collapse monitor at the last log point: `train/embedding_std` and `train/effective_rank`.
+    pub embedding_std: Option<f64>,
+    pub effective_rank: Option<f64>,
+    /// Set when the monitor fell below `train.collapse_warn_std` / `train.collapse_warn_rank` at the end.
+    pub collapse_warning: Option<String>,
     pub unreadable_samples: usize,
     pub eval: Option<EvalReport>,
     /// Where a step's time goes (`train.profile_steps`).
     pub profile: Option<StepProfile>,
 }
 
-/// The model of a run: variables, objective (with its backbone) and the number of input channels.
+/// The model of a run: variables and the objective (with its backbone, heads and teacher).
 pub struct Model {
     pub vs: VarStore,
     pub objective: Box<dyn Objective>,
+}
+
+impl Model {
+    /// The backbone that evaluation judges: the student's, or the momentum teacher's with `eval.teacher` (which
+    /// config validation allows only for objectives that keep one).
+    pub fn eval_backbone(&self, cfg: &Config) -> &dyn Backbone {
+        match self.objective.teacher_backbone() {
+            Some(teacher) if cfg.eval.teacher => teacher,
+            _ => self.objective.backbone(),
+        }
+    }
 }
 
 /// Builds the variables of `cfg`'s model on `device` (seeded, so weights are reproducible).
 pub fn build_model(cfg: &Config, channels: u8, device: Device) -> Result<Model> {
     tch::manual_seed(cfg.seed as i64);
     let vs = VarStore::new(device);
-    let backbone = cfg.model.backbone.build(vs.root() / "backbone", i64::from(channels))?;
-    let objective = cfg.objective.build(&vs.root(), backbone)?;
+    let objective = cfg.objective.build(&vs, &cfg.model.backbone, i64::from(channels))?;
     Ok(Model { vs, objective })
 }
 
@@ -152,204 +178,400 @@ pub(crate) fn report_bad(epoch: usize, bad: &[BadSample], seen: usize, max_fract
 
 /// Pretrains `cfg` into `opts.out`, then evaluates if configured. The loop is the same for every objective.
 pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<RunSummary> {
-    let (device, autocast) = prepare_device(cfg.train.device, cfg.train.bf16)?;
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |e: std::io::Error| Error::Other(format!("{}: {e}", p.display()))
-    };
-    std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
-    let resolved = opts.out.join("config.toml");
-    std::fs::write(&resolved, cfg.to_toml()).map_err(io(&resolved))?;
-
-    let mut source: Arc<dyn Source> = source::open_with(&cfg.data.train, cfg.data.open_options())?.into();
-    if cfg.data.limit > 0 && cfg.data.limit < source.len() {
-        source = Arc::new(source::Prefix::new(source, cfg.data.limit));
-    }
-    let channels = source.channels();
-    let mut model = build_model(cfg, channels, device)?;
-    let recipes = cfg.view_recipes().iter().map(|r| r.build(channels)).collect::<Result<Vec<_>, _>>()?;
-    let views = Arc::new(Views::new(recipes));
-    let t = &cfg.train;
-    let loader_cfg = LoaderConfig {
-        batch_size: t.batch_size,
-        threads: t.threads,
-        prefetch: t.prefetch,
-        seed: cfg.seed,
-        shuffle: true,
-        full_shuffle: cfg.data.shuffle == ShuffleMode::Full,
-        drop_last: true,
-    };
-    let loader = Loader::new(source.clone(), views.clone(), loader_cfg).map_err(|e| Error::Other(e.to_string()))?;
-    let steps_per_epoch = loader.batches_per_epoch() as u64;
-    if steps_per_epoch == 0 {
-        return Err(Error::Other(format!("{} samples < train.batch_size {}", source.len(), t.batch_size)));
-    }
-    let mut opt = Optimizer::new_with(
-        &model.vs,
-        &cfg.optimizer,
-        param_spec(model.objective.backbone(), cfg.optimizer.layer_decay),
-    )?;
-    let recon_batch = recon_batch(cfg, source.as_ref(), device, 8);
-    let ckpt_dir = opts.out.join("checkpoints");
-    let (mut start_epoch, mut step) = (0usize, 0u64);
+    let mut trainer = Trainer::build(cfg, opts)?;
     if opts.resume {
-        let ckpt = checkpoint::resolve(&opts.out)?;
-        checkpoint::load_weights(&mut model.vs, &ckpt)?;
-        opt.load_state(&checkpoint::load_optimizer(&ckpt)?)?;
-        let st = checkpoint::load_state(&ckpt)?;
-        (start_epoch, step) = (st.epoch, st.step);
-        eprintln!("resuming from {} (epoch {}, step {})", ckpt.display(), st.epoch, st.step);
-    } else if let Some(img) = preview(source.as_ref(), &views, &loader.order(0), cfg.seed, t.preview_pairs) {
-        sink.image("views/pairs", 0, &img);
+        trainer.resume()?;
+    } else {
+        trainer.preview(sink);
     }
-
-    let total_steps = steps_per_epoch * t.epochs as u64;
-    let max_steps = if t.max_steps > 0 { (t.max_steps as u64).min(total_steps) } else { total_steps };
-    let peak_lr = cfg.optimizer.base_lr * t.batch_size as f64 / 256.0;
-    let mut progress = Progress::new(max_steps, opts.quiet);
-    let run_start = Instant::now();
-    let (mut total_wait, mut total_train, mut images_seen) = (0f64, 0f64, 0u64);
-    let mut unreadable = 0usize;
-    let mut final_loss = f64::NAN;
-    let eval_ctx = EvalContext { cfg, device, threads: t.threads, autocast, projector_dir: Some(&opts.out) };
-    let mut last_saved = None;
-    let mut epoch = start_epoch;
-    // The logging window runs across epoch boundaries and counts only time inside the training loop (not
-    // checkpoints or k-NN between epochs), so images/s and the wait fraction cover every step exactly once.
-    let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
-    let (mut acc_steps, mut win_images, mut win_wait, mut win_time) = (0u64, 0u64, 0f64, 0f64);
-    let mut probe = match source.num_classes() {
-        Some(classes) if cfg.eval.online_probe && classes > 1 => {
-            Some(OnlineProbe::new(model.objective.backbone().dim(), classes as i64, cfg.eval.online_probe_lr, device)?)
-        }
-        _ => None,
-    };
-    let mut cut_short = false;
-    let mut profile: Option<StepProfile> = None;
-    let first_step = step;
-    while epoch < t.epochs && step < max_steps {
-        // Torch's global RNG (masks of MAE/SimMIM, dropout) restarts from (seed, epoch) every epoch: a run resumed
-        // at an epoch boundary continues exactly, and reconstruction grids between epochs change nothing.
-        tch::manual_seed(epoch_seed(cfg.seed, epoch));
-        let mut bad = Vec::new();
-        let (mut seen, mut consumed) = (0usize, 0u64);
-        let mut batches = loader.epoch(epoch as u64);
-        while step < max_steps {
+    trainer.start()?;
+    while trainer.epoch < cfg.train.epochs && trainer.step < trainer.max_steps {
+        let mut batches = trainer.loader.epoch(trainer.epoch as u64);
+        let mut tally = EpochTally::default();
+        tch::manual_seed(epoch_seed(cfg.seed, trainer.epoch));
+        while trainer.step < trainer.max_steps {
             let wait_start = Instant::now();
             let Some(batch) = batches.next() else { break };
-            let waited = wait_start.elapsed().as_secs_f64();
-            win_wait += waited;
-            consumed += 1;
-            seen += batch.len() + batch.bad.len();
-            bad.extend(batch.bad.iter().cloned());
-            if batch.len() < 2 {
-                win_time += wait_start.elapsed().as_secs_f64();
-                continue; // nothing to contrast in a batch emptied by unreadable samples
-            }
-            let progress_epochs = step as f64 / steps_per_epoch as f64;
-            let lr = cfg.optimizer.lr_at(peak_lr, progress_epochs, t.epochs as f64);
-            // Issued before the forward pass (also when profiling, so that its phases cover the model only, as
-            // the PyTorch reference's do).
-            let views = to_device(&batch, device);
-            let forward =
-                || selfsup_models::device::autocast(autocast, || model.objective.loss(&Batch { views }, true));
-            // Counted from this run's first step, so a resumed run profiles too.
-            let run_step = step - first_step;
-            let profiling =
-                t.profile_steps > 0 && (PROFILE_WARMUP..PROFILE_WARMUP + t.profile_steps as u64).contains(&run_step);
-            let mut phases = Phases::new(profiling.then(|| profile.get_or_insert_with(StepProfile::new)), device);
-            let out = phases.run(0, forward);
-            phases.run(1, || backward(&mut opt, &out.loss, cfg.optimizer.clip_grad));
-            phases.run(2, || opt.step(lr));
-            if let (Some(p), Some(labels)) = (probe.as_mut(), batch.labels.as_ref()) {
-                phases.run(3, || p.step(&out.features, labels));
-            }
-            step += 1;
-            model.objective.after_step(step as f64 / total_steps as f64);
-            loss_acc += out.loss.detach().to_kind(Kind::Float);
-            acc_steps += 1;
-            win_images += batch.len() as u64;
-            images_seen += batch.len() as u64;
-            if step % t.log_every as u64 == 0 || step >= max_steps {
-                // The one deliberate sync point: read the mean loss of the window back from the device.
-                let loss = loss_acc.double_value(&[]) / acc_steps as f64;
-                win_time += wait_start.elapsed().as_secs_f64();
-                total_train += win_time;
-                total_wait += win_wait;
-                let (ips, wait) = (win_images as f64 / win_time, win_wait / win_time);
-                sink.scalar("train/loss", step as i64, loss);
-                sink.scalar("train/lr", step as i64, lr);
-                sink.scalar("train/images_per_s", step as i64, ips);
-                sink.scalar("train/data_wait_fraction", step as i64, wait);
-                if let Some(acc) = probe.as_mut().and_then(OnlineProbe::take_accuracy) {
-                    sink.scalar("train/online_probe_top1", step as i64, acc);
-                }
-                progress.update(epoch, t.epochs, step, loss, ips, wait, step >= max_steps);
-                if !loss.is_finite() {
-                    return Err(Error::Other(format!("loss is {loss} at step {step}; lower optimizer.base_lr?")));
-                }
-                final_loss = loss;
-                loss_acc = Tensor::zeros([], (Kind::Float, device));
-                (acc_steps, win_images, win_wait, win_time) = (0, 0, 0.0, 0.0);
-            } else {
-                win_time += wait_start.elapsed().as_secs_f64();
+            trainer.clock.wait += wait_start.elapsed().as_secs_f64();
+            tally.add(&batch);
+            // A batch emptied by unreadable samples below 2 has nothing to contrast: skipped.
+            let readout = (batch.len() >= 2).then(|| trainer.step(&batch)).flatten();
+            trainer.clock.time += wait_start.elapsed().as_secs_f64();
+            if let Some(readout) = readout {
+                trainer.log(&readout, sink)?;
             }
         }
         drop(batches);
-        report_bad(epoch, &bad, seen, cfg.data.max_bad_fraction)?;
-        unreadable += bad.len();
-        if consumed < steps_per_epoch {
-            cut_short = true;
-            break; // stopped by train.max_steps in the middle of the epoch
+        trainer.end_epoch(tally, sink)?;
+        if trainer.cut_short {
+            break;
         }
-        epoch += 1;
+    }
+    trainer.finish(sink)
+}
+
+/// What one epoch consumed: batches, samples, and the unreadable ones.
+#[derive(Default)]
+struct EpochTally {
+    batches: u64,
+    seen: usize,
+    bad: Vec<BadSample>,
+}
+
+impl EpochTally {
+    fn add(&mut self, batch: &HostBatch) {
+        self.batches += 1;
+        self.seen += batch.len() + batch.bad.len();
+        self.bad.extend(batch.bad.iter().cloned());
+    }
+}
+
+/// A pretraining run in progress.
+struct Trainer<'a> {
+    cfg: &'a Config,
+    out: &'a Path,
+    quiet: bool,
+    device: Device,
+    autocast: bool,
+    source: Arc<dyn Source>,
+    views: Arc<Views>,
+    loader: Loader,
+    model: Model,
+    opt: Optimizer,
+    probe: Option<OnlineProbe>,
+    /// Fixed images for reconstruction grids (masked-image objectives).
+    recon: Option<Tensor>,
+    steps_per_epoch: u64,
+    /// The schedule's length (epochs x steps per epoch), and where this run stops (`train.max_steps`).
+    total_steps: u64,
+    max_steps: u64,
+    peak_lr: f64,
+    /// Epochs completed and optimizer steps taken; `first_step` is where this process started.
+    epoch: usize,
+    step: u64,
+    first_step: u64,
+    window: Window,
+    clock: Clock,
+    /// The learning rate of the last step, and the last readout.
+    lr: f64,
+    last: Readout,
+    progress: Progress,
+    profile: Option<StepProfile>,
+    run_start: Instant,
+    train_seconds: f64,
+    wait_seconds: f64,
+    images_seen: u64,
+    unreadable: usize,
+    last_saved: Option<u64>,
+    /// Stopped by `train.max_steps` in the middle of an epoch.
+    cut_short: bool,
+}
+
+impl<'a> Trainer<'a> {
+    /// Writes the resolved config, opens the data, builds the model, loader and optimizer.
+    fn build(cfg: &'a Config, opts: &'a RunOptions) -> Result<Self> {
+        let (device, autocast) = prepare_device(cfg.train.device, cfg.train.bf16)?;
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |e: std::io::Error| Error::Other(format!("{}: {e}", p.display()))
+        };
+        std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
+        let resolved = opts.out.join("config.toml");
+        std::fs::write(&resolved, cfg.to_toml()).map_err(io(&resolved))?;
+
+        let mut source: Arc<dyn Source> = source::open_with(&cfg.data.train, cfg.data.open_options())?.into();
+        if cfg.data.limit > 0 && cfg.data.limit < source.len() {
+            source = Arc::new(source::Prefix::new(source, cfg.data.limit));
+        }
+        let channels = source.channels();
+        let model = build_model(cfg, channels, device)?;
+        let recipes = cfg.view_recipes().iter().map(|r| r.build(channels)).collect::<Result<Vec<_>, _>>()?;
+        let views = Arc::new(Views::new(recipes));
+        let t = &cfg.train;
+        let loader_cfg = LoaderConfig {
+            batch_size: t.batch_size,
+            threads: t.threads,
+            prefetch: t.prefetch,
+            seed: cfg.seed,
+            shuffle: true,
+            full_shuffle: cfg.data.shuffle == ShuffleMode::Full,
+            drop_last: true,
+        };
+        let loader = Loader::new(source.clone(), views.clone(), loader_cfg).map_err(|e| Error::Other(e.to_string()))?;
+        let steps_per_epoch = loader.batches_per_epoch() as u64;
+        if steps_per_epoch == 0 {
+            return Err(Error::Other(format!("{} samples < train.batch_size {}", source.len(), t.batch_size)));
+        }
+        let opt = Optimizer::new_with(
+            &model.vs,
+            &cfg.optimizer,
+            param_spec(model.objective.backbone(), cfg.optimizer.layer_decay),
+        )?;
+        let recon = recon_batch(cfg, source.as_ref(), device, 8);
+        let total_steps = steps_per_epoch * t.epochs as u64;
+        let max_steps = if t.max_steps > 0 { (t.max_steps as u64).min(total_steps) } else { total_steps };
+        Ok(Trainer {
+            cfg,
+            out: &opts.out,
+            quiet: opts.quiet,
+            device,
+            autocast,
+            source,
+            views,
+            loader,
+            model,
+            opt,
+            probe: None,
+            recon,
+            steps_per_epoch,
+            total_steps,
+            max_steps,
+            peak_lr: cfg.optimizer.base_lr * t.batch_size as f64 / 256.0,
+            epoch: 0,
+            step: 0,
+            first_step: 0,
+            window: Window::new(device),
+            clock: Clock::default(),
+            lr: 0.0,
+            last: Readout::default(),
+            progress: Progress::new(max_steps, true),
+            profile: None,
+            run_start: Instant::now(),
+            train_seconds: 0.0,
+            wait_seconds: 0.0,
+            images_seen: 0,
+            unreadable: 0,
+            last_saved: None,
+            cut_short: false,
+        })
+    }
+
+    /// Continues from the run folder's latest checkpoint: weights (teacher and objective buffers included),
+    /// optimizer state, epoch and step (from which the objective's schedules are positioned).
+    fn resume(&mut self) -> Result<()> {
+        let ckpt = checkpoint::resolve(self.out)?;
+        checkpoint::load_weights(&mut self.model.vs, &ckpt)?;
+        self.opt.load_state(&checkpoint::load_optimizer(&ckpt)?)?;
+        let st = checkpoint::load_state(&ckpt)?;
+        (self.epoch, self.step) = (st.epoch, st.step);
+        eprintln!("resuming from {} (epoch {}, step {})", ckpt.display(), st.epoch, st.step);
+        Ok(())
+    }
+
+    /// The grid of augmented views at step 0.
+    fn preview(&self, sink: &mut dyn Sink) {
+        let (source, cfg) = (self.source.as_ref(), self.cfg);
+        if let Some(img) = preview(source, &self.views, &self.loader.order(0), cfg.seed, cfg.train.preview_pairs) {
+            sink.image("views/pairs", 0, &img);
+        }
+    }
+
+    /// Starts the clock and the online probe (drawn from torch's RNG after the model, so its weights do not
+    /// depend on resuming).
+    fn start(&mut self) -> Result<()> {
+        self.progress = Progress::new(self.max_steps, self.quiet);
+        self.run_start = Instant::now();
+        self.first_step = self.step;
+        let e = &self.cfg.eval;
+        if let Some(classes) = self.source.num_classes().filter(|&c| e.online_probe && c > 1) {
+            let dim = self.model.objective.backbone().dim();
+            self.probe = Some(OnlineProbe::new(dim, classes as i64, e.online_probe_lr, self.device)?);
+        }
+        Ok(())
+    }
+
+    fn train_progress(&self) -> TrainProgress {
+        TrainProgress { step: self.step, steps_per_epoch: self.steps_per_epoch, total_steps: self.total_steps }
+    }
+
+    /// One optimizer step on `batch`: forward, backward, update, the objective's after-step (EMA teachers), the
+    /// online probe. Returns the window's readout when this step is a log point.
+    fn step(&mut self, batch: &HostBatch) -> Option<Readout> {
+        let (cfg, t) = (self.cfg, &self.cfg.train);
+        let progress = self.train_progress();
+        let lr = cfg.optimizer.lr_at(self.peak_lr, progress.epoch(), t.epochs as f64);
+        self.lr = lr;
+        // Issued before the forward pass (also when profiling, so that its phases cover the model only, as the
+        // PyTorch reference's do).
+        let views = to_device(batch, self.device);
+        let (objective, autocast) = (&mut self.model.objective, self.autocast);
+        let forward =
+            || selfsup_models::device::autocast(autocast, || objective.loss(&Batch { views, progress }, true));
+        // Counted from this run's first step, so a resumed run profiles too.
+        let run_step = self.step - self.first_step;
+        let profiling =
+            t.profile_steps > 0 && (PROFILE_WARMUP..PROFILE_WARMUP + t.profile_steps as u64).contains(&run_step);
+        let profile = profiling.then(|| self.profile.get_or_insert_with(StepProfile::new));
+        let mut phases = Phases::new(profile, self.device);
+        let out = phases.run(0, forward);
+        let opt = &mut self.opt;
+        phases.run(1, || backward(opt, &out.loss, cfg.optimizer.clip_grad));
+        phases.run(2, || {
+            opt.step(lr);
+            self.model.objective.after_step(&progress);
+        });
+        if let (Some(p), Some(labels)) = (self.probe.as_mut(), batch.labels.as_ref()) {
+            phases.run(3, || p.step(&out.features, labels));
+        }
+        self.step += 1;
+        self.window.add(&out);
+        self.clock.images += batch.len() as u64;
+        self.images_seen += batch.len() as u64;
+        (self.step % t.log_every as u64 == 0 || self.step >= self.max_steps).then(|| self.window.read())
+    }
+
+    /// Writes a log point: loss, terms, schedule values, speed, data wait, collapse monitor, online probe.
+    fn log(&mut self, r: &Readout, sink: &mut dyn Sink) -> Result<()> {
+        let (cfg, step) = (self.cfg, self.step as i64);
+        let w = std::mem::take(&mut self.clock);
+        let (ips, wait) = (w.images as f64 / w.time, w.wait / w.time);
+        self.train_seconds += w.time;
+        self.wait_seconds += w.wait;
+        sink.scalar("train/loss", step, r.loss);
+        for (name, v) in &r.terms {
+            sink.scalar(&format!("train/loss/{name}"), step, *v);
+        }
+        for (name, v) in self.model.objective.schedule_values() {
+            sink.scalar(&format!("train/{name}"), step, v);
+        }
+        sink.scalar("train/lr", step, self.lr);
+        sink.scalar("train/images_per_s", step, ips);
+        sink.scalar("train/data_wait_fraction", step, wait);
+        if let Some((std, rank)) = r.collapse {
+            sink.scalar("train/embedding_std", step, std);
+            sink.scalar("train/effective_rank", step, rank);
+        }
+        if let Some(acc) = self.probe.as_mut().and_then(OnlineProbe::take_accuracy) {
+            sink.scalar("train/online_probe_top1", step, acc);
+        }
+        let note = collapse_warning(cfg, r).map(|w| format!("WARNING {w}")).unwrap_or_default();
+        let line = Line {
+            epoch: self.epoch,
+            epochs: cfg.train.epochs,
+            done: self.step,
+            loss: r.loss,
+            img_per_s: ips,
+            wait,
+            note: &note,
+        };
+        self.progress.update(&line, self.step >= self.max_steps);
+        if !r.loss.is_finite() {
+            return Err(Error::Other(format!("loss is {} at step {}; lower optimizer.base_lr?", r.loss, self.step)));
+        }
+        self.last = r.clone();
+        Ok(())
+    }
+
+    /// After an epoch's batches: unreadable samples reported (and the run stopped if too many), then the epoch's
+    /// checkpoint, reconstruction grid and k-NN as configured.
+    fn end_epoch(&mut self, tally: EpochTally, sink: &mut dyn Sink) -> Result<()> {
+        let cfg = self.cfg;
+        report_bad(self.epoch, &tally.bad, tally.seen, cfg.data.max_bad_fraction)?;
+        self.unreadable += tally.bad.len();
+        if tally.batches < self.steps_per_epoch {
+            self.cut_short = true; // stopped by train.max_steps in the middle of the epoch
+            return Ok(());
+        }
+        self.epoch += 1;
+        let (t, epoch) = (&cfg.train, self.epoch);
         if t.checkpoint_every > 0 && epoch % t.checkpoint_every == 0 {
-            let state = TrainerState { epoch, step, selfsup_version: env!("CARGO_PKG_VERSION").into() };
-            checkpoint::save(&ckpt_dir, &format!("epoch-{epoch:04}"), &model.vs, &opt.state(), &state, cfg)?;
-            last_saved = Some(step);
+            self.checkpoint(&format!("epoch-{epoch:04}"))?;
         }
         if t.recon_every > 0 && (epoch % t.recon_every == 0 || epoch == t.epochs) {
-            log_reconstruction(model.objective.as_mut(), recon_batch.as_ref(), cfg, sink, step as i64);
+            log_reconstruction(self.model.objective.as_mut(), self.recon.as_ref(), cfg, sink, self.step as i64);
         }
         if cfg.eval.knn_every > 0 && epoch % cfg.eval.knn_every == 0 && epoch < t.epochs && cfg.data.test.is_some() {
-            let top1 = transfer::knn_only(model.objective.backbone(), &eval_ctx)?;
-            sink.scalar("eval/knn_top1", step as i64, top1);
+            let top1 = transfer::knn_only(self.model.eval_backbone(cfg), &self.eval_context())?;
+            sink.scalar("eval/knn_top1", self.step as i64, top1);
         }
         sink.flush();
+        Ok(())
     }
-    progress.finish();
-    if t.recon_every > 0 && cut_short {
-        // Cut short by train.max_steps: still show what the model reconstructs.
-        log_reconstruction(model.objective.as_mut(), recon_batch.as_ref(), cfg, sink, step as i64);
+
+    /// Saves checkpoint `name`: weights (with any teacher), optimizer state, epoch and step, config.
+    fn checkpoint(&mut self, name: &str) -> Result<()> {
+        let state =
+            TrainerState { epoch: self.epoch, step: self.step, selfsup_version: env!("CARGO_PKG_VERSION").into() };
+        let dir = self.out.join("checkpoints");
+        checkpoint::save(&dir, name, &self.model.vs, &self.opt.state(), &state, self.cfg)?;
+        self.last_saved = Some(self.step);
+        Ok(())
     }
-    if last_saved != Some(step) {
-        // The final checkpoint; a run cut short by train.max_steps is named by its step too.
-        let state = TrainerState { epoch, step, selfsup_version: env!("CARGO_PKG_VERSION").into() };
-        let name = if !cut_short { format!("epoch-{epoch:04}") } else { format!("epoch-{epoch:04}-step-{step}") };
-        checkpoint::save(&ckpt_dir, &name, &model.vs, &opt.state(), &state, cfg)?;
+
+    fn eval_context(&self) -> EvalContext<'_> {
+        let cfg = self.cfg;
+        EvalContext {
+            cfg,
+            device: self.device,
+            threads: cfg.train.threads,
+            autocast: self.autocast,
+            projector_dir: Some(self.out),
+        }
     }
-    let seconds = run_start.elapsed().as_secs_f64();
-    let eval = if cfg.eval.at_end && cfg.data.test.is_some() {
-        let report = transfer::evaluate(model.objective.backbone(), &eval_ctx, sink, step as i64)?;
-        transfer::write_report(&report, &opts.out)?;
-        Some(report)
-    } else {
-        None
-    };
-    sink.flush();
-    Ok(RunSummary {
-        out: opts.out.clone(),
-        device: format!("{device:?}"),
-        steps: step,
-        epochs: epoch,
-        seconds,
-        images_per_s: images_seen as f64 / total_train.max(1e-9),
-        train_seconds: total_train,
-        data_wait_seconds: total_wait,
-        data_wait_fraction: total_wait / total_train.max(1e-9),
-        final_loss,
-        unreadable_samples: unreadable,
-        eval,
-        profile: profile.map(StepProfile::finish),
+
+    /// The end of the run: the last reconstruction grid and checkpoint, the evaluation, the summary.
+    fn finish(mut self, sink: &mut dyn Sink) -> Result<RunSummary> {
+        let cfg = self.cfg;
+        self.progress.finish();
+        if cfg.train.recon_every > 0 && self.cut_short {
+            // Cut short by train.max_steps: still show what the model reconstructs.
+            log_reconstruction(self.model.objective.as_mut(), self.recon.as_ref(), cfg, sink, self.step as i64);
+        }
+        if self.last_saved != Some(self.step) {
+            // The final checkpoint; a run cut short by train.max_steps is named by its step too.
+            let (epoch, step) = (self.epoch, self.step);
+            let name =
+                if self.cut_short { format!("epoch-{epoch:04}-step-{step}") } else { format!("epoch-{epoch:04}") };
+            self.checkpoint(&name)?;
+        }
+        let seconds = self.run_start.elapsed().as_secs_f64();
+        let eval = if cfg.eval.at_end && cfg.data.test.is_some() {
+            let report =
+                transfer::evaluate(self.model.eval_backbone(cfg), &self.eval_context(), sink, self.step as i64)?;
+            transfer::write_report(&report, self.out)?;
+            Some(report)
+        } else {
+            None
+        };
+        sink.flush();
+        let collapse_warning = collapse_warning(cfg, &self.last);
+        if let Some(w) = &collapse_warning {
+            eprintln!("WARNING: {w}");
+        }
+        let train = self.train_seconds.max(1e-9);
+        Ok(RunSummary {
+            out: self.out.to_path_buf(),
+            device: format!("{:?}", self.device),
+            steps: self.step,
+            epochs: self.epoch,
+            seconds,
+            images_per_s: self.images_seen as f64 / train,
+            train_seconds: self.train_seconds,
+            data_wait_seconds: self.wait_seconds,
+            data_wait_fraction: self.wait_seconds / train,
+            final_loss: if self.step > self.first_step { self.last.loss } else { f64::NAN },
+            final_terms: self.last.terms.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+            embedding_std: self.last.collapse.map(|c| c.0),
+            effective_rank: self.last.collapse.map(|c| c.1),
+            collapse_warning,
+            unreadable_samples: self.unreadable,
+            eval,
+            profile: self.profile.take().map(StepProfile::finish),
+        })
+    }
+}
+
+/// The collapse monitor's verdict on a readout: `Some(message)` when the embeddings' spread or effective rank is
+/// below the configured thresholds.
+fn collapse_warning(cfg: &Config, r: &Readout) -> Option<String> {
+    let (std, rank) = r.collapse?;
+    let t = &cfg.train;
+    let low_std = std < t.collapse_warn_std;
+    let low_rank = rank < t.collapse_warn_rank;
+    (low_std || low_rank).then(|| {
+        format!(
+            "embeddings may be collapsing: embedding_std {std:.3} (warn below {}), effective_rank {rank:.2} (warn below {})",
+            t.collapse_warn_std, t.collapse_warn_rank
+        )
     })
 }

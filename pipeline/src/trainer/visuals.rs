@@ -30,7 +30,7 @@ pub(super) fn preview(source: &dyn Source, views: &Views, order: &[usize], seed:
 /// A fixed batch of `n` whole images (the first of the test data when there is one, else of the training data)
 /// for reconstruction grids, normalized as the first view. `None` when the objective reconstructs nothing.
 pub(super) fn recon_batch(cfg: &Config, train: &dyn Source, device: Device, n: usize) -> Option<Tensor> {
-    if !matches!(cfg.objective, selfsup_models::ObjectiveConfig::Mae(_) | selfsup_models::ObjectiveConfig::Simmim(_)) {
+    if !cfg.objective.reconstructs() {
         return None;
     }
     let test = cfg.data.test.as_ref().and_then(|p| source::open_with(p, cfg.data.open_options()).ok());

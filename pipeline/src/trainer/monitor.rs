@@ -1,0 +1,146 @@
+//! What the trainer accumulates between two log points, on the device, and reads back in one sync: the mean loss
+//! and loss terms of the window, and the collapse monitor on the window's last embeddings.
+
+use selfsup_models::Step;
+use tch::{Device, Kind, Tensor};
+
+/// The spread of embeddings: the per-dimension std of the l2-normalized rows, averaged over dimensions, times
+/// sqrt(D) (about 1 for embeddings spread over the sphere, 0 for collapsed ones; lightly's
+/// `std_of_l2_normalized` without its 1/sqrt(D) scale), and the effective rank of the batch (RankMe, Garrido
+/// et al. 2023, https://arxiv.org/abs/2210.02885: exp of the entropy of the normalized singular values, from 1 for
+/// a rank-1 batch to min(N, D)). Computed in fp32 on the embeddings' device; nothing is read back.
+///
+/// # Shapes
+/// `embedding`: `[N, D]` with N >= 2 → `[2]` fp32 (std, effective rank).
+pub fn collapse_metrics(embedding: &Tensor) -> Tensor {
+    tch::no_grad(|| {
+        let e = embedding.detach().to_kind(Kind::Float);
+        let d = e.size()[1] as f64;
+        let z = &e / e.norm_scalaropt_dim(2.0, [1i64].as_slice(), true).clamp_min(1e-12);
+        let std = z.std_dim([0i64].as_slice(), true, false).mean(Kind::Float) * d.sqrt();
+        // Singular values from the eigenvalues of the smaller Gram matrix (tch's svdvals always passes a driver,
+        // which the CPU refuses).
+        let (n, dims) = (e.size()[0], e.size()[1]);
+        let gram = if n < dims { e.matmul(&e.tr()) } else { e.tr().matmul(&e) };
+        let s = Tensor::linalg_eigvalsh(&gram, "L").clamp_min(0.0).sqrt();
+        let p = &s / s.sum(Kind::Float).clamp_min(1e-12) + 1e-7;
+        let rank = (-(&p * p.log()).sum(Kind::Float)).exp();
+        Tensor::stack(&[std, rank], 0)
+    })
+}
+
+/// Values read back at a log point.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Readout {
+    pub loss: f64,
+    pub terms: Vec<(&'static str, f64)>,
+    /// `train/embedding_std`, `train/effective_rank` of the window's last step.
+    pub collapse: Option<(f64, f64)>,
+}
+
+/// Sums since the last log point, on the device.
+pub(super) struct Window {
+    device: Device,
+    loss: Tensor,
+    terms: Vec<(&'static str, Tensor)>,
+    embedding: Option<Tensor>,
+    pub steps: u64,
+}
+
+/// The host-side counters of a log window: images trained on, seconds blocked on the loader, and seconds in the
+/// loop in all (steps only: checkpoints and k-NN between epochs are not counted).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Clock {
+    pub images: u64,
+    pub wait: f64,
+    pub time: f64,
+}
+
+impl Window {
+    pub fn new(device: Device) -> Self {
+        Window { device, loss: Tensor::zeros([], (Kind::Float, device)), terms: Vec::new(), embedding: None, steps: 0 }
+    }
+
+    /// Adds one step's loss and terms (device additions only) and keeps its embedding for the monitor.
+    pub fn add(&mut self, step: &Step) {
+        self.loss += step.loss.detach().to_kind(Kind::Float);
+        for (name, t) in &step.terms {
+            let t = t.detach().to_kind(Kind::Float);
+            match self.terms.iter_mut().find(|(n, _)| n == name) {
+                Some((_, sum)) => *sum += t,
+                None => self.terms.push((name, t)),
+            }
+        }
+        self.embedding = Some(step.embedding.shallow_clone());
+        self.steps += 1;
+    }
+
+    /// Means over the window, and the collapse metrics of its last embedding, in one read from the device; then
+    /// starts a new window.
+    pub fn read(&mut self) -> Readout {
+        let mut values = vec![self.loss.shallow_clone()];
+        values.extend(self.terms.iter().map(|(_, t)| t.shallow_clone()));
+        let monitored = self.embedding.as_ref().filter(|e| e.dim() == 2 && e.size()[0] >= 2);
+        if let Some(e) = monitored {
+            values.push(collapse_metrics(e).to_device(self.device));
+        }
+        let flat = Tensor::cat(&values.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0);
+        // The one deliberate sync point of the loop.
+        let host: Vec<f64> = Vec::try_from(flat.to_kind(Kind::Double)).expect("a flat tensor of numbers");
+        let n = self.steps.max(1) as f64;
+        let readout = Readout {
+            loss: host[0] / n,
+            terms: self.terms.iter().zip(&host[1..]).map(|((name, _), v)| (*name, v / n)).collect(),
+            collapse: monitored.map(|_| (host[host.len() - 2], host[host.len() - 1])),
+        };
+        let device = self.device;
+        *self = Window::new(device);
+        readout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collapse_metrics_tell_spread_from_collapse() {
+        tch::manual_seed(3);
+        let spread = Tensor::randn([512, 32], (Kind::Float, Device::Cpu));
+        let v: Vec<f64> = Vec::try_from(collapse_metrics(&spread).to_kind(Kind::Double)).unwrap();
+        assert!((v[0] - 1.0).abs() < 0.05, "isotropic gaussian rows: std x sqrt(D) ~ 1, got {}", v[0]);
+        assert!(v[1] > 25.0 && v[1] <= 32.0, "effective rank near D = 32, got {}", v[1]);
+        // Every row the same direction (up to scale): collapsed.
+        let dir = Tensor::randn([1, 32], (Kind::Float, Device::Cpu));
+        let collapsed = Tensor::rand([512, 1], (Kind::Float, Device::Cpu)) * dir + 1e-4;
+        let v: Vec<f64> = Vec::try_from(collapse_metrics(&collapsed).to_kind(Kind::Double)).unwrap();
+        assert!(v[0] < 0.01, "collapsed std {}", v[0]);
+        assert!(v[1] < 1.1, "collapsed rank {}", v[1]);
+        // Rank 4 of 32: dimensional collapse shows in the rank.
+        let low = Tensor::randn([512, 4], (Kind::Float, Device::Cpu))
+            .matmul(&Tensor::randn([4, 32], (Kind::Float, Device::Cpu)));
+        let v: Vec<f64> = Vec::try_from(collapse_metrics(&low).to_kind(Kind::Double)).unwrap();
+        assert!(v[1] > 2.5 && v[1] < 4.01, "rank-4 batch: effective rank {}", v[1]);
+    }
+
+    #[test]
+    fn window_means_terms_and_reads_once() {
+        let mut w = Window::new(Device::Cpu);
+        for (l, a) in [(1.0, 10.0), (3.0, 20.0)] {
+            let step = Step {
+                loss: Tensor::from(l as f32),
+                features: Tensor::zeros([2, 2], tch::kind::FLOAT_CPU),
+                embedding: Tensor::from_slice(&[1f32, 0., 0., 1.]).view([2, 2]),
+                terms: vec![("a", Tensor::from(a as f32)), ("b", Tensor::from(1f32))],
+            };
+            w.add(&step);
+        }
+        assert_eq!(w.steps, 2);
+        let r = w.read();
+        assert_eq!(r.loss, 2.0);
+        assert_eq!(r.terms, vec![("a", 15.0), ("b", 1.0)]);
+        let (std, rank) = r.collapse.unwrap();
+        assert!((std - 1.0).abs() < 1e-5 && (rank - 2.0).abs() < 1e-4, "{std} {rank}");
+        assert_eq!(w.steps, 0, "a new window starts");
+    }
+}
