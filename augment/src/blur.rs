@@ -56,8 +56,9 @@ struct Scratch {
 #[derive(Default)]
 struct Buffers {
     padded: Vec<u8>,
-    acc: Vec<i32>,
     tmp: Vec<u16>,
+    /// Start of the source row of each tap, for the row being computed.
+    offsets: Vec<usize>,
 }
 
 thread_local! {
@@ -109,49 +110,69 @@ fn blur_body(img: &mut Image, taps: &[i32], s: &mut Buffers) {
     let (w, h) = (img.width as usize, img.height as usize);
     let row_len = w * c;
     let r = taps.len() / 2;
-    let last = taps.len() - 1;
     s.tmp.resize(h * row_len, 0);
-    s.acc.resize(row_len, 0);
     s.padded.resize((w + 2 * r) * c, 0);
 
     // Horizontal: pad each row by reflection, then out[i] = Σ_k w[k] * padded[i + k*c].
+    s.offsets.clear();
+    s.offsets.extend((0..taps.len()).map(|k| k * c));
     for (row, tmp_row) in img.data.chunks_exact(row_len).zip(s.tmp.chunks_exact_mut(row_len)) {
-        for (px, dst) in s.padded.chunks_exact_mut(c).enumerate() {
+        // Only the 2r edge pixels need reflecting (a division each); the row itself is one copy.
+        let (left, rest) = s.padded.split_at_mut(r * c);
+        let (middle, right) = rest.split_at_mut(row_len);
+        middle.copy_from_slice(row);
+        for (px, dst) in left.chunks_exact_mut(c).enumerate() {
             let sx = reflect(px as isize - r as isize, w);
             dst.copy_from_slice(&row[sx * c..sx * c + c]);
         }
-        let center = &s.padded[r * c..r * c + row_len];
-        for (a, &p) in s.acc.iter_mut().zip(center) {
-            *a = (1 << 5) + taps[r] * p as i32;
+        for (px, dst) in right.chunks_exact_mut(c).enumerate() {
+            let sx = reflect((w + px) as isize, w);
+            dst.copy_from_slice(&row[sx * c..sx * c + c]);
         }
-        for (k, &wk) in taps[..r].iter().enumerate() {
-            let left = &s.padded[k * c..k * c + row_len];
-            let right = &s.padded[(last - k) * c..(last - k) * c + row_len];
-            for ((a, &p), &q) in s.acc.iter_mut().zip(left).zip(right) {
-                *a += wk * (p as i32 + q as i32);
-            }
-        }
-        for (t, &a) in tmp_row.iter_mut().zip(s.acc.iter()) {
-            *t = (a >> 6) as u16; // Q8: 8 fractional bits kept for the second pass
-        }
+        // Q8: 8 fractional bits kept for the second pass.
+        convolve(&s.padded, &s.offsets, taps, 1 << 5, tmp_row, |a| (a >> 6) as u16);
     }
 
     // Vertical: out row y = Σ_k w[k] * tmp row reflect(y + k - r).
-    let tmp_row = |y: usize, k: usize| {
-        let sy = reflect(y as isize + k as isize - r as isize, h);
-        &s.tmp[sy * row_len..(sy + 1) * row_len]
-    };
     for (y, out) in img.data.chunks_exact_mut(row_len).enumerate() {
-        for (a, &p) in s.acc.iter_mut().zip(tmp_row(y, r)) {
-            *a = (1 << (WEIGHT_BITS + 8 - 1)) + taps[r] * p as i32;
+        s.offsets.clear();
+        s.offsets.extend((0..taps.len()).map(|k| reflect(y as isize + k as isize - r as isize, h) * row_len));
+        let round = 1 << (WEIGHT_BITS + 8 - 1);
+        convolve(&s.tmp, &s.offsets, taps, round, out, |a| (a >> (WEIGHT_BITS + 8)).min(255) as u8);
+    }
+}
+
+/// Accumulator elements per block: a stack array, so LLVM knows no other buffer overlaps it and
+/// vectorizes the tap loops (over the scratch buffers' heap memory it kept them scalar, half the blur's time).
+const BLOCK: usize = 128;
+
+/// `out[i] = finish(bias + Σ_k taps[k] * src[offsets[k] + i])` for a symmetric kernel (mirrored taps added
+/// before multiplying), a block of outputs at a time.
+#[inline(always)]
+fn convolve<T: Copy + Into<i32>, O>(
+    src: &[T],
+    offsets: &[usize],
+    taps: &[i32],
+    bias: i32,
+    out: &mut [O],
+    finish: impl Fn(i32) -> O,
+) {
+    let (r, last) = (taps.len() / 2, taps.len() - 1);
+    for (b, out) in out.chunks_mut(BLOCK).enumerate() {
+        let (start, len) = (b * BLOCK, out.len());
+        let at = |k: usize| &src[offsets[k] + start..offsets[k] + start + len];
+        let mut acc = [0i32; BLOCK];
+        let acc = &mut acc[..len];
+        for (a, &p) in acc.iter_mut().zip(at(r)) {
+            *a = bias + taps[r] * p.into();
         }
         for (k, &wk) in taps[..r].iter().enumerate() {
-            for ((a, &p), &q) in s.acc.iter_mut().zip(tmp_row(y, k)).zip(tmp_row(y, last - k)) {
-                *a += wk * (p as i32 + q as i32);
+            for ((a, &p), &q) in acc.iter_mut().zip(at(k)).zip(at(last - k)) {
+                *a += wk * (p.into() + q.into());
             }
         }
-        for (o, &a) in out.iter_mut().zip(s.acc.iter()) {
-            *o = (a >> (WEIGHT_BITS + 8)).min(255) as u8;
+        for (o, &a) in out.iter_mut().zip(acc.iter()) {
+            *o = finish(a);
         }
     }
 }

@@ -31,6 +31,10 @@ pub struct DinoConfig {
     pub head_layers: usize,
     pub head_hidden: i64,
     pub bottleneck: i64,
+    /// Batch norm in the head's hidden layers (DINO's `use_bn_in_head`, solo-learn's default: ResNet features,
+    /// all positive after the final ReLU and pooling, are too alike across images at the start, and the centered
+    /// teacher is then uniform; batch norm spreads them).
+    pub head_batch_norm: bool,
     /// Keep the last layer's weight norm fixed at 1 (DINO's ViT default; false trains the norm too).
     pub norm_last_layer: bool,
     /// Local crops after the 2 global ones: the objective takes 2 + local_crops views.
@@ -61,6 +65,7 @@ impl Default for DinoConfig {
             head_layers: 3,
             head_hidden: 2048,
             bottleneck: 256,
+            head_batch_norm: false,
             norm_last_layer: true,
             local_crops: 6,
             student_temp: 0.1,
@@ -139,7 +144,7 @@ impl DinoConfig {
     }
 }
 
-/// DINO's projection head: an MLP (GELU, no batch norm, weights normal(0, 0.02)) to a bottleneck, l2
+/// DINO's projection head: an MLP (GELU, batch norm optional, weights normal(0, 0.02)) to a bottleneck, l2
 /// normalization, and a weight-normalized linear layer without bias to the K prototypes. Names as DINO's
 /// `DINOHead`: `mlp.0`, `mlp.2`, `mlp.4`, `last_layer.weight_v`, `last_layer.weight_g`.
 pub struct DinoHead {
@@ -155,7 +160,7 @@ impl DinoHead {
             hidden: cfg.head_hidden,
             output: cfg.bottleneck,
             layers: cfg.head_layers,
-            batch_norm: false,
+            batch_norm: cfg.head_batch_norm,
             bias_before_bn: false,
             last_bn: false,
             gelu: true,

@@ -39,6 +39,8 @@ pub struct OptimizerConfig {
     pub weight_decay: f64,
     /// LARS trust coefficient.
     pub eta: f64,
+    /// LARS: cap each layer's adapted rate at the scheduled one (LARC's clip mode, solo-learn's `clip_lr`).
+    pub lars_clip: bool,
     pub warmup_epochs: f64,
     /// Final learning rate as a fraction of the peak.
     pub final_lr_fraction: f64,
@@ -63,6 +65,7 @@ impl Default for OptimizerConfig {
             momentum: 0.9,
             weight_decay: 1e-6,
             eta: 0.02,
+            lars_clip: false,
             warmup_epochs: 2.0,
             final_lr_fraction: 0.0,
             beta1: 0.9,

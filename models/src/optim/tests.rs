@@ -34,6 +34,35 @@ fn sgd_matches_hand_computation_and_skips_decay_on_biases() {
 }
 
 #[test]
+fn lars_clip_caps_the_adapted_rate_at_the_scheduled_one() {
+    // Tiny gradients: the trust ratio eta*|w|/|g| = 0.1 * 5 / 0.0141 = 35.4 would make the step 35x the lr.
+    for (clip, lr, want) in
+        [(false, 0.5, 0.5 * 35.355_34 * 0.01), (true, 0.5, 0.5 * 0.01), (true, 100.0, 35.355_34 * 0.01)]
+    {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let w = vs.root().var_copy("w", &Tensor::from_slice(&[3f32, 4.]).view([1, 2]));
+        let cfg = OptimizerConfig {
+            kind: OptimizerKind::Lars,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            eta: 0.1,
+            lars_clip: clip,
+            ..Default::default()
+        };
+        let mut opt = Optimizer::new(&vs, &cfg).unwrap();
+        opt.zero_grad();
+        (&w * 0.01).sum(Kind::Float).backward(); // g = [0.01, 0.01]
+        opt.step(lr);
+        let wv: Vec<f32> = Vec::try_from(&w.flatten(0, -1)).unwrap();
+        // update per coordinate = lr * min(ratio / lr, 1) * g (clip) or lr * ratio * g.
+        assert!(
+            (f64::from(3.0 - wv[0]) - want).abs() < 1e-4 * want.max(1e-3),
+            "clip={clip} lr={lr}: {wv:?}, want {want}"
+        );
+    }
+}
+
+#[test]
 fn lars_scales_update_by_trust_ratio() {
     let vs = nn::VarStore::new(tch::Device::Cpu);
     let w = vs.root().var_copy("w", &Tensor::from_slice(&[3f32, 4.]).view([1, 2]));
