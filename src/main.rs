@@ -13,25 +13,7 @@ use selfsup_pipeline::trainer::{self, RunOptions};
 use selfsup_pipeline::transfer::{self, EvalContext};
 use selfsup_pipeline::{checkpoint, Config};
 
-/// Presets compiled into the binary, usable by name wherever a config file is expected.
-pub const PRESETS: [(&str, &str); 16] = [
-    ("simclr-fmnist", include_str!("../configs/simclr-fmnist.toml")),
-    ("simclr-fmnist-tiny", include_str!("../configs/simclr-fmnist-tiny.toml")),
-    ("byol-fmnist", include_str!("../configs/byol-fmnist.toml")),
-    ("byol-fmnist-tiny", include_str!("../configs/byol-fmnist-tiny.toml")),
-    ("mocov3-fmnist", include_str!("../configs/mocov3-fmnist.toml")),
-    ("mocov3-fmnist-tiny", include_str!("../configs/mocov3-fmnist-tiny.toml")),
-    ("dino-fmnist", include_str!("../configs/dino-fmnist.toml")),
-    ("dino-fmnist-tiny", include_str!("../configs/dino-fmnist-tiny.toml")),
-    ("barlow-fmnist", include_str!("../configs/barlow-fmnist.toml")),
-    ("barlow-fmnist-tiny", include_str!("../configs/barlow-fmnist-tiny.toml")),
-    ("vicreg-fmnist", include_str!("../configs/vicreg-fmnist.toml")),
-    ("vicreg-fmnist-tiny", include_str!("../configs/vicreg-fmnist-tiny.toml")),
-    ("mae-fmnist", include_str!("../configs/mae-fmnist.toml")),
-    ("mae-fmnist-tiny", include_str!("../configs/mae-fmnist-tiny.toml")),
-    ("mae-fmnist-mnist", include_str!("../configs/mae-fmnist-mnist.toml")),
-    ("simmim-fmnist-tiny", include_str!("../configs/simmim-fmnist-tiny.toml")),
-];
+include!(concat!(env!("OUT_DIR"), "/presets.rs"));
 
 #[derive(Parser)]
 #[command(name = "selfsup", version, about = "Self-supervised pretraining for images (LibTorch inside)")]
