@@ -258,6 +258,31 @@ fn teacher_moves_exactly_by_ema_and_momentum_one_freezes_it() {
     assert!(x.0.equal(&y.0) && x.1.equal(&y.1), "per-tensor and flat EMA differ");
 }
 
+/// The CUDA layout (teacher parameters as views into one flat buffer) saves and loads through safetensors like any
+/// variable, and updates after a load move the loaded values.
+#[test]
+fn a_flat_teacher_saves_loads_and_keeps_updating() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m.safetensors");
+    let (mut vs, a, _b) = student_and_teacher(Device::Cpu);
+    let mut teacher = MomentumTeacher::new(&vs, &["backbone", "head"], 0.5, 1.0).unwrap().with_flat_buffer();
+    tch::no_grad(|| {
+        let mut a = a.shallow_clone();
+        a.copy_(&(&a + 2.0))
+    });
+    teacher.update_with(0.5);
+    let saved = vs.variables()["teacher.backbone.w"].copy();
+    vs.save(&file).unwrap();
+    teacher.update_with(0.0); // teacher = student now
+    assert!(!vs.variables()["teacher.backbone.w"].equal(&saved));
+    vs.load(&file).unwrap();
+    assert!(vs.variables()["teacher.backbone.w"].equal(&saved), "load restores the flat teacher");
+    teacher.update_with(0.5);
+    let want = &saved * 0.5 + a.detach() * 0.5;
+    assert!(max_diff(&vs.variables()["teacher.backbone.w"], &want) < 1e-6, "updates after the load start from it");
+}
+
 #[test]
 fn a_teacher_without_twins_is_an_error_naming_the_variable() {
     let vs = VarStore::new(Device::Cpu);

@@ -60,8 +60,16 @@ def merge(base, over):
             base[k] = v
 
 
-def load_config(path, overrides):
-    cfg = json.loads(json.dumps(DEFAULTS))  # deep copy
+def check_simclr(cfg):
+    a = cfg["augment"]
+    if a["grayscale_p"] or a["blur"]["p"] or a["solarize_p"] or a["equalize_p"] or cfg["objective"]["kind"] != "simclr":
+        sys.exit("this reference implements SimCLR with the gray recipe (no grayscale, blur, solarize, equalize) only")
+
+
+def load_config(path, overrides, defaults=DEFAULTS, check=check_simclr):
+    """`defaults` with the TOML file and then `--set key=value` merged in; `check(cfg)` validates (and may
+    complete) the merged dict before it becomes a namespace (cfg.train.epochs)."""
+    cfg = json.loads(json.dumps(defaults))  # deep copy
     with open(path, "rb") as f:
         merge(cfg, tomllib.load(f))
     for arg in overrides:
@@ -81,9 +89,7 @@ def load_config(path, overrides):
         if last not in node:
             sys.exit(f"--set {arg}: unknown key `{key}`")
         node[last] = value
-    a = cfg["augment"]
-    if a["grayscale_p"] or a["blur"]["p"] or a["solarize_p"] or a["equalize_p"] or cfg["objective"]["kind"] != "simclr":
-        sys.exit("this reference implements SimCLR with the gray recipe (no grayscale, blur, solarize, equalize) only")
+    check(cfg)
     return json.loads(json.dumps(cfg), object_hook=lambda d: SimpleNamespace(**d))  # cfg.train.epochs
 
 
@@ -110,6 +116,8 @@ def transform(a, train, side):
             ops.append(v2.RandomHorizontalFlip(a.flip_p))
         if j.p > 0 and (j.brightness > 0 or j.contrast > 0):
             ops.append(v2.RandomApply([v2.ColorJitter(j.brightness, j.contrast, j.saturation, j.hue)], p=j.p))
+        if a.solarize_p > 0:  # BYOL's second view; selfsup's threshold (inverts values >= 128)
+            ops.append(v2.RandomSolarize(128, p=a.solarize_p))
     elif side != a.size:
         ops.append(v2.Resize((a.size, a.size), antialias=True))
     return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(a.mean or [0.5], a.std or [0.5])])
@@ -176,10 +184,13 @@ def nt_xent(z1, z2, temperature):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum; weight decay and (lars) the trust ratio eta*|p|/|g| only on tensors of ndim > 1."""
+    """SGD with momentum; weight decay and (lars) the trust ratio eta*|p|/|g| only on tensors of ndim > 1. With
+    `clip` (LARC's clip mode, solo-learn's `clip_lr`, selfsup's `optimizer.lars_clip`) the ratio becomes
+    min(ratio / lr, 1): no tensor's adapted rate exceeds the scheduled one."""
 
-    def __init__(self, params, lr, momentum, weight_decay, eta, lars=True):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=lars))
+    def __init__(self, params, lr, momentum, weight_decay, eta, lars=True, clip=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=lars,
+                                      clip=clip))
 
     @torch.no_grad()
     def step(self):
@@ -193,7 +204,11 @@ class LARS(torch.optim.Optimizer):
                         g = g.add(p, alpha=group["weight_decay"])
                     if group["lars"]:
                         pn, gn = p.norm(), g.norm()
-                        g = g * torch.where((pn > 0) & (gn > 0), group["eta"] * pn / gn, torch.ones_like(pn))
+                        ratio = group["eta"] * pn / gn
+                        if group["clip"]:
+                            lr = group["lr"]
+                            ratio = (ratio / lr).clamp(max=1.0) if lr > 0 else torch.ones_like(pn)
+                        g = g * torch.where((pn > 0) & (gn > 0), ratio, torch.ones_like(pn))
                 buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                 buf.mul_(group["momentum"]).add_(g)
                 p.add_(buf, alpha=-group["lr"])
