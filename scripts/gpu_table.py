@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """The tables of scripts/gpu-check from what its runs left in a folder (python >= 3.11, no torch needed):
-SimCLR (ours/summary.json, torch.json) and MAE (mae/summary.json, mae-ft/*/finetune.json, mae-torch.json), each
-printed when its files are there, with the targets.
+SimCLR (ours/summary.json, torch.json), MAE (mae/summary.json, mae-ft/*/finetune.json, mae-torch.json) and the
+joint-embedding family (methods/<preset>/summary.json, byol-torch.json, dino-torch.json), each printed when its
+files are there, with the targets. Results of several device commands can be put into one folder first (their
+files do not overlap).
     python3 scripts/gpu_table.py OUT [SMOKE]
 """
 import json
@@ -14,6 +16,9 @@ if len(sys.argv) < 2:
 out, smoke = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "")
 KNN, LINEAR, WAIT = 0.855, 0.915, 0.02          # SimCLR targets
 MAE_TOP1, MAE_GAIN, MAE_EPOCHS, FT_EPOCHS = 0.895, 0.05, 30, 8  # MAE targets, for the full recipe
+METHODS = ("byol", "mocov3", "dino", "barlow", "vicreg")  # scripts/gpu-check's `methods`, in its order
+REFERENCES = ("byol", "dino")                              # those with a PyTorch reference
+SIMCLR_LINEAR = 0.9119  # ours, simclr-fmnist, H200, 2026-11-27 (README): the linear probe to beat
 
 
 def read(name, parse=json.loads):
@@ -184,9 +189,99 @@ def mae_table(after_another):
     return True
 
 
+def methods_table(after_another):
+    """One row per preset and implementation: ours, then (BYOL, DINO) the PyTorch reference with the ratio."""
+    rows = []
+    for m in METHODS:
+        preset = f"{m}-fmnist"
+        s, status = read(f"methods/{preset}/summary.json"), read(f"methods/{preset}.status", int)
+        wall = read(f"methods/{preset}.wall_seconds", float)
+        if s or status is not None or os.path.exists(os.path.join(out, f"methods/{preset}.log")):  # killed?
+            s = s or {}
+            ev = s.get("eval") or {}
+            rows.append(dict(preset=preset, impl="ours", wall=wall, pretrain=s.get("seconds"), epochs=s.get("epochs"),
+                             steps=s.get("steps"), ips=s.get("images_per_s"), wait=s.get("data_wait_fraction"),
+                             loss=s.get("final_loss"), knn=(ev.get("knn") or {}).get("top1"),
+                             linear=(ev.get("linear") or {}).get("top1"), status=status, device=s.get("device")))
+        t = read(f"{m}-torch.json") if m in REFERENCES else None
+        t_wall = read(f"{m}-torch.wall_seconds", float) if m in REFERENCES else None
+        if t or t_wall is not None or (m in REFERENCES and os.path.exists(os.path.join(out, f"{m}-torch.log"))):
+            t = t or {}
+            rows.append(dict(preset=preset, impl=f"pytorch {t.get('torch', '')}".strip(), wall=t_wall,
+                             pretrain=t.get("pretrain_seconds"), epochs=t.get("epochs"), steps=t.get("steps"),
+                             ips=t.get("images_per_s"), wait=t.get("data_wait_fraction"), loss=t.get("final_loss"),
+                             knn=t.get("knn_top1"), linear=t.get("linear_top1"), status=0 if t else None,
+                             device=t.get("device")))
+    if not rows:
+        return False
+    if after_another:
+        print()
+    ours = {r["preset"]: r for r in rows if r["impl"] == "ours"}
+
+    def ratio(r):
+        o = ours.get(r["preset"])
+        if r["impl"] == "ours" or not (o and o["pretrain"] and r["pretrain"]):
+            return "-"
+        same = "" if o["steps"] == r["steps"] else f" (steps {r['steps']} vs {o['steps']})"
+        return f"{r['pretrain'] / o['pretrain']:.2f}x{same}"
+
+    def state(r):
+        if r["pretrain"] is not None and r["linear"] is not None:
+            return "ok"
+        if r["status"] == 124:
+            return "cut (METHOD_CAP)"
+        return "failed" if r["status"] not in (None, 0) else "no result"
+
+    cols = [("preset", lambda r: r["preset"]), ("impl", lambda r: r["impl"]),
+            ("epochs/steps", lambda r: "-" if r["steps"] is None else f"{r['epochs']}/{r['steps']}"),
+            ("wall s", lambda r: num(r["wall"])),
+            ("pretrain s", lambda r: num(r["pretrain"])), ("img/s", lambda r: num(r["ips"], ".0f")),
+            ("data wait", lambda r: pct(r["wait"])), ("loss", lambda r: num(r["loss"], ".4f")),
+            ("k-NN", lambda r: pct(r["knn"])), ("linear", lambda r: pct(r["linear"])),
+            ("pytorch/ours time", ratio), ("run", state)]
+    cells = []
+    for r in rows:
+        line = []
+        for _, fn in cols:
+            try:
+                line.append(fn(r))
+            except (KeyError, TypeError, ValueError):
+                line.append("-")
+        cells.append(line)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(cols)]
+    device = next((r["device"] for r in rows if r["device"]), "?")
+    print(f"== joint-embedding methods (configs/<preset>.toml: ResNet-18, batch 512, LARS, bf16; {device}); "
+          "pretraining includes mid-run k-NN and checkpoints; img/s = samples/s in the training loop")
+    print("  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, ((h, _), w) in enumerate(zip(cols, widths))))
+    for line in cells:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+
+    simclr = read("ours/summary.json") or {}
+    bar = ((simclr.get("eval") or {}).get("linear") or {}).get("top1")
+    source = "ours/summary.json in this folder" if bar is not None else "README, H200 2026-11-27"
+    bar = SIMCLR_LINEAR if bar is None else bar
+    done = [r for r in ours.values() if r["linear"] is not None]
+    above = [f"{r['preset']} {pct(r['linear'])}" for r in done if r["linear"] > bar]
+    print(f"target: a linear probe above SimCLR's {pct(bar)} ({source}): "
+          + (("PASS: " + ", ".join(above)) if above else ("FAIL" if done else "-")) + f" ({len(done)} presets ran)")
+    refs = {r["preset"]: r for r in rows if r["impl"] != "ours"}
+    for m in REFERENCES:
+        o, r = ours.get(f"{m}-fmnist"), refs.get(f"{m}-fmnist")
+        if o and r and o["pretrain"] and r["pretrain"]:
+            verdict = "PASS" if r["pretrain"] >= o["pretrain"] else "FAIL"
+            print(f"target: ours at least as fast as PyTorch, {m}: {verdict} ({o['pretrain']:.1f}s vs "
+                  f"{r['pretrain']:.1f}s, {r['pretrain'] / o['pretrain']:.2f}x; linear {pct(o['linear'])} vs "
+                  f"{pct(r['linear'])})")
+    epochs = {r["epochs"] for r in rows if r["epochs"] is not None}
+    if epochs and epochs != {20}:
+        print(f"(epochs {sorted(epochs)}: the presets' recipe is 20)")
+    return True
+
+
 simclr = simclr_table()
 mae = mae_table(after_another=simclr)
-if not (simclr or mae):
+methods = methods_table(after_another=simclr or mae)
+if not (simclr or mae or methods):
     print(f"no results in {out} (every run failed or was skipped; see the logs)")
 if smoke:
     print("(SMOKE=1: tiny models and a few steps; the targets are not expected to pass)")
