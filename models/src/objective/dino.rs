@@ -345,11 +345,19 @@ impl Objective for Dino {
         });
         Self::update_center(&mut self.center, &t_all, self.cfg.center_momentum);
         if let Some((_, t_patch, mask)) = &ibot {
-            // The patch center follows the teacher's masked patch tokens (DINOv2's iBOT loss).
-            let rows = t_patch.index(&[Some(mask.gt(0.5))]);
-            if rows.size()[0] > 0 {
-                Self::update_center(&mut self.patch_center, &rows, self.cfg.center_momentum);
-            }
+            // The patch center follows the mean of the teacher's masked patch tokens (DINOv2's iBOT loss), as a
+            // weighted mean on the device: boolean indexing would read the mask's count back to the host every step.
+            let m = self.cfg.center_momentum;
+            tch::no_grad(|| {
+                let w = mask.to_kind(Kind::Float).unsqueeze(-1);
+                let count = w.sum(Kind::Float);
+                let mean = (t_patch.to_kind(Kind::Float) * &w).sum_dim_intlist([0i64, 1].as_slice(), true, Kind::Float)
+                    / count.clamp_min(1.0);
+                let updated = &self.patch_center * m + mean * (1.0 - m);
+                // No masked token (cannot happen with ibot_mask_ratio in (0, 1), but cheap to keep exact): unchanged.
+                let new = updated.where_self(&count.gt(0.0), &self.patch_center);
+                self.patch_center.copy_(&new);
+            });
         }
         let first = global_features(&features, views, 0).detach();
         Step { loss, features: first.shallow_clone(), embedding: first, terms }
