@@ -1,6 +1,7 @@
 //! `selfsup bench-loader`: the data stage alone, as fast as it goes. The last line is `pairs_per_s=<number>`
 //! (a pair = one sample with all the views its objective needs).
 
+use crate::out;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -82,17 +83,17 @@ pub fn run(spec: &str, set: &[String], opts: Options) -> Result<()> {
         let per_thread = rate / loader.threads() as f64;
         let needed = (gpu / per_thread).ceil() as usize;
         if rate >= gpu {
-            println!(
+            out!(
                 "a GPU at {gpu:.0} samples/s would not wait: this loader makes {rate:.0}/s ({:.1}x headroom)",
                 rate / gpu
             );
         } else {
-            println!(
+            out!(
                 "a GPU at {gpu:.0} samples/s WOULD wait ({:.0}% of the time): it needs ~{needed} threads at {per_thread:.0}/s each",
                 100.0 * (1.0 - rate / gpu)
             );
         }
     }
-    println!("pairs_per_s={rate:.1}");
+    out!("pairs_per_s={rate:.1}");
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `selfsup info`: versions, devices, threads and installed datasets.
 
+use crate::out;
 use std::path::Path;
 
 use anyhow::Result;
@@ -12,32 +13,32 @@ const DATASETS: [(&str, &str, &str); 2] = [
 ];
 
 pub fn print() -> Result<()> {
-    println!("selfsup   {}", env!("CARGO_PKG_VERSION"));
-    println!("tch       0.24.0");
-    println!("libtorch  {}", device::libtorch_version());
+    out!("selfsup   {}", env!("CARGO_PKG_VERSION"));
+    out!("tch       0.24.0");
+    out!("libtorch  {}", device::libtorch_version());
     let cuda = tch::Cuda::is_available();
-    println!("CUDA      {}", if cuda { "available" } else { "not available" });
+    out!("CUDA      {}", if cuda { "available" } else { "not available" });
     if cuda {
         let fmt = |v: Option<i64>, div: i64| {
             v.map_or("?".into(), |v| format!("{}.{}", v / div, (v % div) / (div / 100).max(1) / 10))
         };
-        println!("  runtime {}", fmt(device::cuda_runtime_version(), 1000));
-        println!(
+        out!("  runtime {}", fmt(device::cuda_runtime_version(), 1000));
+        out!(
             "  cuDNN   {} ({})",
             device::cudnn_version().map_or("?".into(), |v| v.to_string()),
             if tch::Cuda::cudnn_is_available() { "enabled" } else { "disabled" }
         );
-        println!("  devices {}", tch::Cuda::device_count());
+        out!("  devices {}", tch::Cuda::device_count());
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("threads   {cores} cores; libtorch intra-op {}; loader default {cores}", tch::get_num_threads());
-    println!("datasets:");
+    out!("threads   {cores} cores; libtorch intra-op {}; loader default {cores}", tch::get_num_threads());
+    out!("datasets:");
     for (name, dir, probe) in DATASETS {
         let found = Path::new(dir).join(probe).exists() || Path::new(dir).join(format!("{probe}.gz")).exists();
         if found {
-            println!("  {name:<14} {dir}");
+            out!("  {name:<14} {dir}");
         } else {
-            println!("  {name:<14} not installed (scripts/setup installs it)");
+            out!("  {name:<14} not installed (scripts/setup installs it)");
         }
     }
     Ok(())

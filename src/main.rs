@@ -8,12 +8,23 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use selfsup_pipeline::finetune::{self, FinetuneOptions};
+use selfsup_pipeline::runlock::RunLock;
 use selfsup_pipeline::tensorboard::{NullSink, TensorBoard};
 use selfsup_pipeline::trainer::{self, RunOptions};
 use selfsup_pipeline::transfer::{self, EvalContext};
 use selfsup_pipeline::{checkpoint, Config};
 
 include!(concat!(env!("OUT_DIR"), "/presets.rs"));
+
+/// `println!` that never panics: with stdout closed (`selfsup inspect ... | head`) the output is dropped and the
+/// command still finishes its work (files, checkpoints).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+pub(crate) use out;
 
 #[derive(Parser)]
 #[command(name = "selfsup", version, about = "Self-supervised pretraining for images (LibTorch inside)")]
@@ -36,9 +47,13 @@ enum Command {
         /// Run folder (default: runs/<name>-<UTC time>).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Continue the run in --out from its latest checkpoint.
+        /// Continue the run in --out from its latest checkpoint (from the next batch, exactly as if never stopped).
         #[arg(long, requires = "out")]
         resume: bool,
+        /// Replace the run already in --out (its checkpoints, event files, summaries); without it, pretraining
+        /// into a folder that holds a run is refused.
+        #[arg(long, requires = "out", conflicts_with = "resume")]
+        overwrite: bool,
         /// No progress line.
         #[arg(long)]
         quiet: bool,
@@ -162,7 +177,45 @@ fn utc_stamp() -> String {
     format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
-fn pretrain(config: Option<String>, set: Vec<String>, out: Option<PathBuf>, resume: bool, quiet: bool) -> Result<()> {
+/// What a run folder holds that `pretrain --overwrite` replaces (and whose presence means "a run is here").
+const RUN_FILES: [&str; 8] = [
+    "config.toml",
+    "checkpoints",
+    "summary.json",
+    "eval.json",
+    "projector",
+    "projector_config.pbtxt",
+    "finetune",
+    "finetune.json",
+];
+
+/// The run artifacts in `dir`: the fixed names above and the event files.
+fn run_artifacts(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = RUN_FILES.iter().map(|f| dir.join(f)).filter(|p| p.exists()).collect();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("events.out.tfevents.") {
+            found.push(entry.path());
+        }
+    }
+    found
+}
+
+/// Exits with 128 + the signal (130 for SIGINT, 143 for SIGTERM), as a shell reports a process the signal
+/// killed, when a signal stopped the run.
+fn exit_if_interrupted() {
+    if let Some(sig) = selfsup_pipeline::signals::stop_requested() {
+        std::process::exit(128 + sig);
+    }
+}
+
+fn pretrain(
+    config: Option<String>,
+    set: Vec<String>,
+    out: Option<PathBuf>,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> Result<()> {
     let spec = config.unwrap_or_else(|| {
         let preset = if tch::Cuda::is_available() { "simclr-fmnist" } else { "simclr-fmnist-tiny" };
         eprintln!(
@@ -178,15 +231,44 @@ fn pretrain(config: Option<String>, set: Vec<String>, out: Option<PathBuf>, resu
         load_config(&spec, &set)?
     };
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", cfg.name, utc_stamp())));
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let mut tb = TensorBoard::create(&out).with_context(|| format!("creating the event file in {}", out.display()))?;
-    eprintln!("run folder: {}", out.display());
+    let what = if resume { "selfsup pretrain --resume" } else { "selfsup pretrain" };
+    let _lock = RunLock::acquire(&out, what)?;
+    let existing = run_artifacts(&out);
+    if !resume && !existing.is_empty() {
+        if !overwrite {
+            bail!(
+                "{} already holds a run ({}): --resume continues it, --overwrite replaces it, or choose another --out",
+                out.display(),
+                existing.iter().map(|p| p.file_name().unwrap().to_string_lossy()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        for p in &existing {
+            let removed = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+            removed.with_context(|| format!("--overwrite: removing {}", p.display()))?;
+        }
+        eprintln!("--overwrite: removed the previous run in {}", out.display());
+    }
     if cfg.finetune.at_end {
         // Open the fine-tuning data now: a missing or mismatched set should fail before hours of pretraining.
         finetune::open_data(&cfg).context("checking the finetune data (finetune.at_end = true)")?;
     }
-    let summary = trainer::pretrain(&cfg, &RunOptions { out: out.clone(), resume, quiet }, &mut tb)?;
-    println!(
+    selfsup_pipeline::signals::install().context("installing the signal handlers")?;
+    let mut tb = TensorBoard::create(&out).with_context(|| format!("creating the event file in {}", out.display()))?;
+    eprintln!("run folder: {}", out.display());
+    let Some(summary) = trainer::pretrain(&cfg, &RunOptions { out: out.clone(), resume, quiet }, &mut tb)? else {
+        return Ok(()); // --resume of a finished run: nothing to do (said on stderr)
+    };
+    selfsup_pipeline::write_json_atomic(&out.join("summary.json"), &summary)?;
+    if let Some(sig) = &summary.interrupted {
+        let at = summary.checkpoint.as_ref().map_or("?".into(), |p| p.display().to_string());
+        out!(
+            "stopped by {sig} after {} steps; checkpoint {at}; continue with --resume --out {}",
+            summary.steps,
+            out.display()
+        );
+        exit_if_interrupted();
+    }
+    out!(
         "pretrained {} steps ({} epochs) on {} in {:.1}s: {:.0} img/s, waited for data {:.1}% of the time, final loss {:.4}",
         summary.steps,
         summary.epochs,
@@ -197,29 +279,29 @@ fn pretrain(config: Option<String>, set: Vec<String>, out: Option<PathBuf>, resu
         summary.final_loss
     );
     if let Some(profile) = &summary.profile {
-        println!("{profile}");
+        out!("{profile}");
     }
     if let (Some(std), Some(rank)) = (summary.embedding_std, summary.effective_rank) {
-        println!("collapse monitor: embedding_std {std:.3}, effective_rank {rank:.2}");
+        out!("collapse monitor: embedding_std {std:.3}, effective_rank {rank:.2}");
     }
     if let Some(w) = &summary.collapse_warning {
-        println!("WARNING: {w}");
+        out!("WARNING: {w}");
     }
     if summary.unreadable_samples > 0 {
-        println!("{} unreadable sample(s) were skipped (listed above)", summary.unreadable_samples);
+        out!("{} unreadable sample(s) were skipped (listed above)", summary.unreadable_samples);
     }
     if let Some(report) = &summary.eval {
-        println!("{report}");
+        out!("{report}");
         if let Some(raw) = &report.raw_pixels_linear {
             let verdict = if report.linear.top1 > raw.top1 { "beats" } else { "does NOT beat" };
-            println!("linear probe {:.2}% {verdict} raw pixels {:.2}%", 100.0 * report.linear.top1, 100.0 * raw.top1);
+            out!("linear probe {:.2}% {verdict} raw pixels {:.2}%", 100.0 * report.linear.top1, 100.0 * raw.top1);
         }
     }
-    selfsup_pipeline::write_json_atomic(&out.join("summary.json"), &summary)?;
     if cfg.finetune.at_end {
         run_compare(&cfg, &checkpoint::resolve(&out)?, &out.join("finetune"), quiet, false)?;
     }
-    println!("run folder: {}  (tensorboard --logdir {})", out.display(), out.display());
+    exit_if_interrupted();
+    out!("run folder: {}  (tensorboard --logdir {})", out.display(), out.display());
     Ok(())
 }
 
@@ -238,12 +320,12 @@ fn eval(ckpt: PathBuf, mut set: Vec<String>, out: Option<PathBuf>, teacher: bool
     // checkpoints live in <run>/checkpoints/<name>: the report goes to the run folder by default.
     let dir =
         out.unwrap_or_else(|| ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf));
-    std::fs::create_dir_all(&dir)?;
+    let _lock = RunLock::acquire(&dir, "selfsup eval")?;
     let ctx = EvalContext { cfg: &cfg, device, threads: cfg.train.threads, autocast, projector_dir: Some(&dir) };
     let report = transfer::evaluate(model.eval_backbone(&cfg), &ctx, &mut NullSink, 0)?;
-    println!("{report}");
+    out!("{report}");
     transfer::write_report(&report, &dir)?;
-    println!("wrote {}", dir.join("eval.json").display());
+    out!("wrote {}", dir.join("eval.json").display());
     Ok(())
 }
 
@@ -253,10 +335,10 @@ fn run_compare(cfg: &Config, ckpt: &Path, out: &Path, quiet: bool, details: bool
     let (mut tp, mut ts) = (tensorboard_in(&out.join("pretrained"))?, tensorboard_in(&out.join("scratch"))?);
     let c = finetune::compare(cfg, ckpt, out, quiet, [&mut tp, &mut ts])?;
     if details {
-        println!("{}\n{}", c.pretrained, c.scratch);
+        out!("{}\n{}", c.pretrained, c.scratch);
     }
-    println!("{c}");
-    println!("wrote {}", out.join("comparison.json").display());
+    out!("{c}");
+    out!("wrote {}", out.join("comparison.json").display());
     Ok(())
 }
 
@@ -322,7 +404,7 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     cfg.validate(&file)?;
     let run_dir = ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf);
     let out = a.out.unwrap_or_else(|| run_dir.join(format!("finetune-{}", utc_stamp())));
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let _lock = RunLock::acquire(&out, "selfsup finetune")?;
     if a.compare {
         return run_compare(&cfg, &ckpt, &out, a.quiet, true);
     }
@@ -330,8 +412,8 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     let checkpoint = (!a.from_scratch).then_some(ckpt);
     let report =
         finetune::finetune(&cfg, &FinetuneOptions { out: out.clone(), checkpoint, quiet: a.quiet }, &mut sink)?;
-    println!("{report}");
-    println!("wrote {}  (tensorboard --logdir {})", out.join("finetune.json").display(), out.display());
+    out!("{report}");
+    out!("wrote {}  (tensorboard --logdir {})", out.join("finetune.json").display(), out.display());
     Ok(())
 }
 
@@ -347,27 +429,29 @@ fn export(ckpt: &Path, out: &Path, teacher: bool) -> Result<()> {
         selfsup_models::BackboneConfig::Vit(_) => "timm VisionTransformer",
     };
     let whose = if teacher { "teacher " } else { "" };
-    println!("wrote {n} {whose}backbone tensors of {} to {} ({names} names)", ckpt.display(), out.display());
+    out!("wrote {n} {whose}backbone tensors of {} to {} ({names} names)", ckpt.display(), out.display());
     Ok(())
 }
 
 fn inspect(data: &Path, channels: u8, json: Option<PathBuf>) -> Result<()> {
     let source = selfsup_pipeline::source::open(data, channels)?;
     let report = selfsup_pipeline::inspect::inspect(source.as_ref(), &data.display().to_string());
-    println!("{report}");
+    out!("{report}");
     let json = json.unwrap_or_else(|| {
         let name = data.file_name().map_or("data".into(), |n| n.to_string_lossy().into_owned());
         PathBuf::from(format!("{name}.inspect.json"))
     });
     std::fs::write(&json, serde_json::to_vec_pretty(&report)?).with_context(|| json.display().to_string())?;
-    println!("wrote {}", json.display());
+    out!("wrote {}", json.display());
     Ok(())
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Pretrain { config, set, out, resume, quiet } => pretrain(config, set, out, resume, quiet),
+        Command::Pretrain { config, set, out, resume, overwrite, quiet } => {
+            pretrain(config, set, out, resume, overwrite, quiet)
+        }
         Command::Eval { checkpoint, set, out, teacher } => eval(checkpoint, set, out, teacher),
         Command::Finetune(args) => finetune(args),
         Command::Export { checkpoint, out, teacher } => export(&checkpoint, &out, teacher),
@@ -415,7 +499,7 @@ fn pack(
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     selfsup_pipeline::pack::pack(src, out, &opts)
-        .map(|summary| println!("{summary}"))
+        .map(|summary| out!("{summary}"))
         .with_context(|| format!("packing {} into {}", src.display(), out.display()))
 }
 

@@ -1,16 +1,28 @@
 //! Checkpoints: one folder per checkpoint holding the weights (`model.safetensors`, torchvision names under
-//! `backbone.`), the optimizer state (`optimizer.safetensors`), the trainer state (`state.json`) and the resolved
-//! config (`config.toml`). A checkpoint is written into a temporary folder, synced, then renamed into place, and
-//! `LATEST` (naming the newest) is replaced by rename too: a crash at any moment leaves the previous checkpoint
-//! intact and never a half-written one under a real name.
+//! `backbone.`), the optimizer state (`optimizer.safetensors`), the online probe (`probe.safetensors`, when the
+//! run has one), the trainer state (`state.json`), the resolved config (`config.toml`) and a manifest of them all
+//! (`SHA256SUMS`, in `sha256sum -c`'s format).
+//!
+//! Nothing is ever lost to a crash:
+//! - a checkpoint is written into a temporary folder, every file synced, then renamed into place; `LATEST`
+//!   (naming the newest) is replaced by rename too, and only then are older ones pruned (`train.keep_last`). A
+//!   crash at any moment leaves the previous checkpoint intact, `LATEST` naming a complete one, and at worst a
+//!   temporary folder that the next run in the folder removes ([`clean_leftovers`]);
+//! - the live checkpoint (the one `LATEST` names) is never removed or rewritten, not even when a checkpoint of the
+//!   same name is saved again;
+//! - no tensor with a NaN or infinity is ever written ([`save`] refuses, naming it);
+//! - loading ([`resolve`]) verifies every file against the manifest and `state.json` against the config, with an
+//!   error naming the file; [`load_weights`], [`load_backbone`] and [`export_backbone`] refuse non-finite tensors,
+//!   naming them.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 use crate::config::Config;
 
@@ -20,6 +32,8 @@ pub enum CheckpointError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("{path}: not saved: tensor {tensor} holds NaN or infinite values")]
+    NonFinite { path: PathBuf, tensor: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -30,20 +44,51 @@ fn invalid(path: &Path, message: impl ToString) -> CheckpointError {
     CheckpointError::Invalid { path: path.to_path_buf(), message: message.to_string() }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// Where training stands, as saved in `state.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default)]
 pub struct TrainerState {
     /// Epochs completed.
     pub epoch: usize,
-    /// Optimizer steps taken.
+    /// Optimizer steps taken (skipped non-finite ones included: the schedule position).
     pub step: u64,
+    /// Batches of epoch `epoch` already consumed (0 at an epoch boundary): a resume continues with the next one.
+    pub batch: u64,
+    /// Steps whose update was skipped for a non-finite loss or gradient (`train.on_nonfinite = "skip"`).
+    pub skipped_steps: u64,
+    /// The log window in progress (steps since the last log point and their sums), so that the first log
+    /// point after a resume averages the same steps as without the interruption.
+    pub window: WindowState,
+    /// Samples seen and unreadable so far in epoch `epoch` (for `data.max_bad_fraction`).
+    pub epoch_seen: usize,
+    pub epoch_bad: usize,
     pub selfsup_version: String,
+}
+
+/// The sums of a log window, as saved.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default)]
+pub struct WindowState {
+    pub steps: u64,
+    pub images: u64,
+    /// The fp32 sums, exactly (f32 round-trips through JSON).
+    pub loss: f32,
+    pub terms: Vec<(String, f32)>,
+    /// Online probe: correct predictions and images since the last log point.
+    pub probe_hits: i64,
+    pub probe_seen: u64,
 }
 
 pub const WEIGHTS: &str = "model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
+const PROBE: &str = "probe.safetensors";
 const STATE: &str = "state.json";
 const CONFIG: &str = "config.toml";
+/// The manifest: `<sha256 hex>  <file>` per line, as `sha256sum` writes and checks it.
+pub const MANIFEST: &str = "SHA256SUMS";
 const LATEST: &str = "LATEST";
+/// Files every checkpoint has (and its manifest lists).
+const REQUIRED: [&str; 4] = [WEIGHTS, OPTIMIZER, STATE, CONFIG];
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let mut f = File::create(path).map_err(io(path))?;
@@ -55,44 +100,292 @@ fn sync_file(path: &Path) -> Result<(), CheckpointError> {
     File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
 }
 
-/// Writes checkpoint `name` (e.g. `epoch-0005`) under `dir` and points `LATEST` at it.
-pub fn save(
-    dir: &Path,
-    name: &str,
-    vs: &VarStore,
-    optimizer_state: &[(String, Tensor)],
-    state: &TrainerState,
-    config: &Config,
-) -> Result<PathBuf, CheckpointError> {
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// The SHA-256 of a file, as lowercase hex.
+fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
+    let mut f = File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The first tensor of `tensors` holding a NaN or an infinity, by name. One reduction per tensor and one read
+/// back per device.
+pub fn first_nonfinite<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>) -> Option<String> {
+    let tensors: Vec<(&str, &Tensor)> =
+        tensors.into_iter().filter(|(_, t)| t.defined() && t.numel() > 0 && t.is_floating_point()).collect();
+    let mut devices: Vec<Device> = tensors.iter().map(|(_, t)| t.device()).collect();
+    devices.dedup();
+    devices.sort_by_key(|d| format!("{d:?}"));
+    devices.dedup();
+    for device in devices {
+        let (names, flags): (Vec<&str>, Vec<Tensor>) = tch::no_grad(|| {
+            tensors
+                .iter()
+                .filter(|(_, t)| t.device() == device)
+                .map(|(n, t)| (*n, t.isfinite().all().to_kind(Kind::Int8)))
+                .unzip()
+        });
+        let ok: Vec<i8> = Vec::try_from(Tensor::stack(&flags, 0).to_device(Device::Cpu)).expect("int8 flags");
+        if let Some(i) = ok.iter().position(|&f| f == 0) {
+            return Some(names[i].to_string());
+        }
+    }
+    None
+}
+
+/// Test-only fault injection: `SELFSUP_FAULT_SLOW_CHECKPOINT_MS=N` pauses N ms between the stages of a checkpoint
+/// write, so that a test (scripts/soak) can kill the process in the middle of one.
+fn fault_pause() {
+    static PAUSE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ms = *PAUSE.get_or_init(|| {
+        std::env::var("SELFSUP_FAULT_SLOW_CHECKPOINT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    });
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+/// What a checkpoint holds, borrowed from the trainer.
+pub struct Contents<'a> {
+    pub vs: &'a VarStore,
+    pub optimizer: &'a [(String, Tensor)],
+    /// The online probe's weights and optimizer state, when the run has one.
+    pub probe: Option<&'a [(String, Tensor)]>,
+    pub state: &'a TrainerState,
+    pub config: &'a Config,
+}
+
+/// The name `LATEST` in `dir` gives, if any.
+fn latest_name(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join(LATEST)).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+/// Writes checkpoint `name` (e.g. `epoch-0005`) under `dir`, points `LATEST` at it, then prunes all but the
+/// newest `keep_last` checkpoints (0 = keep all; the one `LATEST` names is always kept). Refuses to write a
+/// tensor with a non-finite value. Saving again the checkpoint `LATEST` already names leaves it as it is.
+pub fn save(dir: &Path, name: &str, c: &Contents, keep_last: usize) -> Result<PathBuf, CheckpointError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let dst = dir.join(name);
+    if latest_name(dir).as_deref() == Some(name) && dst.is_dir() {
+        return Ok(dst); // the live checkpoint: same name, same step; never rewritten
+    }
+    let vars = c.vs.variables();
+    let named = vars.iter().map(|(n, t)| (n.as_str(), t));
+    let others = c.optimizer.iter().chain(c.probe.unwrap_or_default()).map(|(n, t)| (n.as_str(), t));
+    if let Some(tensor) = first_nonfinite(named.chain(others)) {
+        return Err(CheckpointError::NonFinite { path: dst, tensor });
+    }
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(io(&tmp))?;
     let weights = tmp.join(WEIGHTS);
-    vs.save(&weights).map_err(|e| invalid(&weights, e))?;
+    c.vs.save(&weights).map_err(|e| invalid(&weights, e))?;
     sync_file(&weights)?;
-    let opt = tmp.join(OPTIMIZER);
-    Tensor::write_safetensors(optimizer_state, &opt).map_err(|e| invalid(&opt, e))?;
-    sync_file(&opt)?;
-    let json = serde_json::to_vec_pretty(state).expect("state serializes");
+    fault_pause();
+    let mut files = vec![WEIGHTS];
+    for (file, tensors) in [(OPTIMIZER, Some(c.optimizer)), (PROBE, c.probe)] {
+        if let Some(tensors) = tensors {
+            let p = tmp.join(file);
+            Tensor::write_safetensors(tensors, &p).map_err(|e| invalid(&p, e))?;
+            sync_file(&p)?;
+            files.push(file);
+            fault_pause();
+        }
+    }
+    let json = serde_json::to_vec_pretty(c.state).expect("state serializes");
     write_synced(&tmp.join(STATE), &json)?;
-    write_synced(&tmp.join(CONFIG), config.to_toml().as_bytes())?;
-    let dst = dir.join(name);
+    write_synced(&tmp.join(CONFIG), c.config.to_toml().as_bytes())?;
+    files.extend([STATE, CONFIG]);
+    let mut manifest = String::new();
+    for file in files {
+        manifest += &format!("{}  {file}\n", sha256_file(&tmp.join(file))?);
+    }
+    write_synced(&tmp.join(MANIFEST), manifest.as_bytes())?;
+    sync_dir(&tmp)?;
+    fault_pause();
     if dst.exists() {
-        std::fs::remove_dir_all(&dst).map_err(io(&dst))?;
+        // Not the live checkpoint (checked above): e.g. one renamed into place by a writer killed before it
+        // moved LATEST. Hidden by a rename first, so a kill mid-removal leaves no half folder under a real name.
+        let doomed = dir.join(format!(".{name}.del-{}", std::process::id()));
+        std::fs::rename(&dst, &doomed).map_err(io(&dst))?;
+        std::fs::remove_dir_all(&doomed).map_err(io(&doomed))?;
     }
     std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
-    let latest_tmp = dir.join(format!(".{LATEST}.tmp"));
+    fault_pause();
+    let latest_tmp = dir.join(format!(".{LATEST}.tmp-{}", std::process::id()));
     write_synced(&latest_tmp, name.as_bytes())?;
     std::fs::rename(&latest_tmp, dir.join(LATEST)).map_err(io(dir))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    sync_dir(dir)?;
+    if keep_last > 0 {
+        fault_pause();
+        prune(dir, keep_last)?;
+    }
     Ok(dst)
 }
 
-/// Finds the checkpoint folder meant by `path`: a checkpoint folder itself, a `checkpoints` folder (its `LATEST`),
-/// or a run folder (its `checkpoints/LATEST`).
+/// The checkpoints in `dir` (folders with a `state.json`, temporary ones excluded), oldest first by step.
+pub fn list(dir: &Path) -> Vec<(PathBuf, TrainerState)> {
+    let mut found: Vec<(PathBuf, TrainerState)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| {
+            let path = e.path();
+            let state = load_state(&path).ok()?;
+            Some((path, state))
+        })
+        .collect();
+    found.sort_by(|a, b| (a.1.step, a.1.epoch, &a.0).cmp(&(b.1.step, b.1.epoch, &b.0)));
+    found
+}
+
+/// Removes all but the newest `keep` checkpoints of `dir`, never the one `LATEST` names. Each is hidden by a
+/// rename before it is removed.
+fn prune(dir: &Path, keep: usize) -> Result<(), CheckpointError> {
+    let latest = latest_name(dir);
+    let all = list(dir);
+    let doomed = all.len().saturating_sub(keep);
+    for (path, _) in all.into_iter().take(doomed) {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if latest.as_deref() == Some(name.as_str()) {
+            continue;
+        }
+        let hidden = dir.join(format!(".{name}.del-{}", std::process::id()));
+        std::fs::rename(&path, &hidden).map_err(io(&path))?;
+        std::fs::remove_dir_all(&hidden).map_err(io(&hidden))?;
+    }
+    Ok(())
+}
+
+/// Removes what dead writers left in checkpoint folder `dir`: temporary checkpoint folders (`.<name>.tmp-<pid>`),
+/// half-removed ones (`.<name>.del-<pid>`) and temporary `LATEST` files. Call it only while holding the run
+/// folder's lock (no live writer then). Returns how many entries were removed.
+pub fn clean_leftovers(dir: &Path) -> Result<usize, CheckpointError> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with('.') && (name.contains(".tmp-") || name.contains(".del-"))) {
+            continue;
+        }
+        let path = entry.path();
+        let result = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        result.map_err(io(&path))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// Checks every file `ckpt`'s manifest lists against its SHA-256, and that the manifest lists the files every
+/// checkpoint has. The error names the file.
+pub fn verify(ckpt: &Path) -> Result<(), CheckpointError> {
+    let mpath = ckpt.join(MANIFEST);
+    let text = std::fs::read_to_string(&mpath).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => invalid(
+            &mpath,
+            format!(
+                "missing: the checkpoint cannot be verified (an incomplete copy, or written by a selfsup before \
+                 checksums: to vouch for such a one, `cd {} && sha256sum {} > {MANIFEST}`)",
+                ckpt.display(),
+                REQUIRED.join(" ")
+            ),
+        ),
+        _ => CheckpointError::Io { path: mpath.clone(), source: e },
+    })?;
+    let mut listed = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let parsed = line.split_once("  ").filter(|(hash, file)| {
+            hash.len() == 64
+                && hash.bytes().all(|b| b.is_ascii_hexdigit())
+                && !file.is_empty()
+                && !file.contains('/')
+                && !file.starts_with('.')
+        });
+        let Some((want, file)) = parsed else {
+            return Err(invalid(&mpath, format!("line {}: not `<sha256>  <file>`: the manifest is corrupt", i + 1)));
+        };
+        let fpath = ckpt.join(file);
+        let got = sha256_file(&fpath)?;
+        if got != want {
+            return Err(invalid(
+                &fpath,
+                format!("checksum mismatch: {MANIFEST} says {want}, the file hashes to {got}: the file is corrupt"),
+            ));
+        }
+        listed.push(file);
+    }
+    if let Some(missing) = REQUIRED.iter().find(|f| !listed.contains(f)) {
+        return Err(invalid(&mpath, format!("does not list {missing}: the manifest is corrupt")));
+    }
+    Ok(())
+}
+
+/// Checks `state` (of checkpoint `ckpt`) against `cfg`: epoch and step within the run's schedule, and with
+/// `steps_per_epoch` known (the trainer's), the step and batch consistent with it.
+pub fn check_state(
+    ckpt: &Path,
+    state: &TrainerState,
+    cfg: &Config,
+    steps_per_epoch: Option<u64>,
+) -> Result<(), CheckpointError> {
+    let p = ckpt.join(STATE);
+    let epochs = cfg.train.epochs;
+    if state.epoch > epochs {
+        return Err(invalid(&p, format!("epoch {} is beyond train.epochs = {epochs}", state.epoch)));
+    }
+    if state.epoch == epochs && state.batch > 0 {
+        return Err(invalid(&p, format!("batch {} of an epoch past the last one", state.batch)));
+    }
+    if state.skipped_steps > state.step {
+        return Err(invalid(&p, format!("{} skipped steps of {} taken", state.skipped_steps, state.step)));
+    }
+    if let Some(spe) = steps_per_epoch {
+        let total = spe * epochs as u64;
+        // Steps never exceed batches (a batch emptied by unreadable samples is consumed without a step).
+        let batches = state.epoch as u64 * spe + state.batch;
+        if state.batch >= spe {
+            return Err(invalid(&p, format!("batch {} of an epoch of {spe} batches", state.batch)));
+        }
+        if state.step > batches || state.step > total {
+            return Err(invalid(
+                &p,
+                format!(
+                    "step {} after {} batches ({} epochs of {spe}, {total} in all): not a state of this run",
+                    state.step, batches, state.epoch
+                ),
+            ));
+        }
+    } else if state.step > (1 << 48) {
+        return Err(invalid(&p, format!("step {} is absurd", state.step)));
+    }
+    Ok(())
+}
+
+/// Finds the checkpoint folder meant by `path` (a checkpoint folder itself, a `checkpoints` folder (its
+/// `LATEST`), or a run folder (its `checkpoints/LATEST`)) and verifies it: every file against the manifest,
+/// `state.json` against the checkpoint's config. Every command that reads a checkpoint goes through here.
 pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
-    if path.join(WEIGHTS).is_file() {
+    let ckpt = find(path)?;
+    verify(&ckpt)?;
+    let cfg = load_config(&ckpt)?;
+    check_state(&ckpt, &load_state(&ckpt)?, &cfg, None)?;
+    Ok(ckpt)
+}
+
+/// The checkpoint folder `path` means, unverified.
+fn find(path: &Path) -> Result<PathBuf, CheckpointError> {
+    if path.join(STATE).is_file() || path.join(MANIFEST).is_file() || path.join(WEIGHTS).is_file() {
         return Ok(path.to_path_buf());
     }
     for dir in [path.to_path_buf(), path.join("checkpoints")] {
@@ -100,10 +393,15 @@ pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
         if latest.is_file() {
             let name = std::fs::read_to_string(&latest).map_err(io(&latest))?;
             let ckpt = dir.join(name.trim());
-            if ckpt.join(WEIGHTS).is_file() {
+            if !name.trim().is_empty() && !name.trim().contains('/') && ckpt.is_dir() {
                 return Ok(ckpt);
             }
-            return Err(invalid(&latest, format!("names {} which has no {WEIGHTS}", ckpt.display())));
+            let others: Vec<String> =
+                list(&dir).iter().map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+            return Err(invalid(
+                &latest,
+                format!("names {:?}, which is not a checkpoint here (checkpoints: {others:?})", name.trim()),
+            ));
         }
     }
     Err(invalid(path, format!("no checkpoint here (expected {WEIGHTS}, LATEST or checkpoints/LATEST)")))
@@ -120,15 +418,48 @@ pub fn load_state(ckpt: &Path) -> Result<TrainerState, CheckpointError> {
     serde_json::from_slice(&bytes).map_err(|e| invalid(&p, e))
 }
 
-/// Loads weights into `vs`; every variable of `vs` must be in the file.
+/// The tensors of safetensors file `file` of `ckpt`, refused (naming the tensor) if any holds a NaN or an
+/// infinity.
+fn read_finite(ckpt: &Path, file: &str) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    let p = ckpt.join(file);
+    let tensors = Tensor::read_safetensors(&p).map_err(|e| invalid(&p, e))?;
+    if let Some(name) = first_nonfinite(tensors.iter().map(|(n, t)| (n.as_str(), t))) {
+        return Err(invalid(&p, format!("tensor {name} holds NaN or infinite values: refusing these weights")));
+    }
+    Ok(tensors)
+}
+
+/// Loads weights into `vs`; every variable of `vs` must be in the file with its shape. Non-finite weights are
+/// refused, naming the tensor.
 pub fn load_weights(vs: &mut VarStore, ckpt: &Path) -> Result<(), CheckpointError> {
     let p = ckpt.join(WEIGHTS);
-    vs.load(&p).map_err(|e| invalid(&p, e))
+    let saved: std::collections::HashMap<String, Tensor> = read_finite(ckpt, WEIGHTS)?.into_iter().collect();
+    let mut copies = Vec::new();
+    for (name, var) in vs.variables() {
+        let src = saved.get(&name).ok_or_else(|| invalid(&p, format!("has no {name} (a different model?)")))?;
+        if src.size() != var.size() {
+            return Err(invalid(&p, format!("{name}: shape {:?} in the file, {:?} here", src.size(), var.size())));
+        }
+        copies.push((var, src));
+    }
+    tch::no_grad(|| {
+        for (mut var, src) in copies {
+            var.copy_(src);
+        }
+    });
+    Ok(())
 }
 
 pub fn load_optimizer(ckpt: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
-    let p = ckpt.join(OPTIMIZER);
-    Tensor::read_safetensors(&p).map_err(|e| invalid(&p, e))
+    read_finite(ckpt, OPTIMIZER)
+}
+
+/// The online probe's tensors, if the checkpoint has them.
+pub fn load_probe(ckpt: &Path) -> Result<Option<Vec<(String, Tensor)>>, CheckpointError> {
+    if !ckpt.join(PROBE).is_file() {
+        return Ok(None);
+    }
+    read_finite(ckpt, PROBE).map(Some)
 }
 
 /// Which backbone of a checkpoint: the student's (`backbone.*`) or the momentum teacher's (`teacher.backbone.*`,
@@ -162,8 +493,7 @@ impl Which {
 /// backbone variable must be in the checkpoint with the same shape. Returns how many tensors were loaded.
 pub fn load_backbone(vs: &VarStore, ckpt: &Path, which: Which) -> Result<usize, CheckpointError> {
     let p = ckpt.join(WEIGHTS);
-    let saved: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(&p).map_err(|e| invalid(&p, e))?.into_iter().collect();
+    let saved: std::collections::HashMap<String, Tensor> = read_finite(ckpt, WEIGHTS)?.into_iter().collect();
     let mut loaded = 0;
     for (name, var) in vs.variables() {
         if !name.starts_with("backbone.") {
@@ -205,8 +535,7 @@ pub fn load_backbone(vs: &VarStore, ckpt: &Path, which: Which) -> Result<usize, 
 pub fn export_backbone(ckpt: &Path, out: &Path, which: Which) -> Result<usize, CheckpointError> {
     let p = ckpt.join(WEIGHTS);
     let prefix = which.prefix();
-    let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(&p)
-        .map_err(|e| invalid(&p, e))?
+    let tensors: Vec<(String, Tensor)> = read_finite(ckpt, WEIGHTS)?
         .into_iter()
         .filter_map(|(name, t)| name.strip_prefix(prefix).map(|n| (n.to_string(), t)))
         .collect();

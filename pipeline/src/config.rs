@@ -243,6 +243,31 @@ pub struct TrainConfig {
     pub collapse_warn_std: f64,
     /// ... or `train/effective_rank` below this.
     pub collapse_warn_rank: f64,
+    /// Also checkpoint every this many optimizer steps (0 = off), in the middle of an epoch too: `--resume`
+    /// continues from the next batch, exactly as if never stopped.
+    pub checkpoint_every_steps: usize,
+    /// Also checkpoint when this many minutes have passed since the last checkpoint (0 = off). With the
+    /// default, a crash or SIGKILL loses at most half an hour.
+    pub checkpoint_every_minutes: f64,
+    /// Keep only the newest this many checkpoints (0 = keep all). The one `LATEST` names is never removed.
+    pub keep_last: usize,
+    /// A step whose loss or gradient norm is NaN or infinite: "stop" (the run stops at the next log point or
+    /// checkpoint, naming the step and the last good checkpoint; no sync per step) or "skip" (that update is not
+    /// applied, `train/skipped_steps` counts it; costs one device sync per step).
+    pub on_nonfinite: OnNonFinite,
+    /// With `on_nonfinite = "skip"`: stop once more than this many steps were skipped.
+    pub max_skipped: usize,
+    /// When stderr is not a terminal (CI logs, files), print the progress line at most every this many seconds
+    /// (0 = at every log point).
+    pub progress_every_s: f64,
+}
+
+/// What to do about a step with a non-finite loss or gradient norm (`train.on_nonfinite`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    Stop,
+    Skip,
 }
 
 impl Default for TrainConfig {
@@ -262,6 +287,12 @@ impl Default for TrainConfig {
             profile_steps: 0,
             collapse_warn_std: 0.1,
             collapse_warn_rank: 2.0,
+            checkpoint_every_steps: 0,
+            checkpoint_every_minutes: 30.0,
+            keep_last: 0,
+            on_nonfinite: OnNonFinite::Stop,
+            max_skipped: 20,
+            progress_every_s: 15.0,
         }
     }
 }
@@ -374,6 +405,13 @@ impl Config {
         check(file, "train.epochs", t.epochs >= 1, || "must be >= 1".into())?;
         check(file, "train.batch_size", t.batch_size >= 2, || format!("must be >= 2, got {}", t.batch_size))?;
         check(file, "train.log_every", t.log_every >= 1, || "must be >= 1".into())?;
+        check(file, "train.progress_every_s", t.progress_every_s.is_finite() && t.progress_every_s >= 0.0, || {
+            "must be >= 0".into()
+        })?;
+        let minutes = t.checkpoint_every_minutes;
+        check(file, "train.checkpoint_every_minutes", minutes.is_finite() && minutes >= 0.0, || {
+            format!("must be >= 0 (0 = off), got {minutes}")
+        })?;
         check(file, "data.channels", matches!(self.data.channels, 1 | 3), || "must be 1 or 3".into())?;
         check(file, "data.max_pixels", self.data.max_pixels >= 1, || "must be >= 1".into())?;
         check(file, "data.max_bad_fraction", (0.0..=1.0).contains(&self.data.max_bad_fraction), || {

@@ -250,7 +250,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         limit: f.test_limit,
         autocast,
     };
-    let mut progress = Progress::new(total_steps, opts.quiet);
+    let mut progress = Progress::new(total_steps, 0, opts.quiet);
     let mut curve = Vec::new();
     let mut step = 0u64;
     let mut unreadable = 0usize;
@@ -279,7 +279,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
                 sink.scalar("finetune/lr", step as i64, lr);
             }
         }
-        report_bad(epoch, &bad, seen, cfg.data.max_bad_fraction)?;
+        report_bad(epoch, &bad, 0, seen, cfg.data.max_bad_fraction)?;
         unreadable += bad.len();
         let train_loss = if n_steps > 0 { loss_acc.double_value(&[]) / n_steps as f64 } else { f64::NAN };
         if !train_loss.is_finite() {

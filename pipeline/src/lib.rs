@@ -10,6 +10,8 @@ pub mod loader;
 pub mod pack;
 pub mod progress;
 pub mod projector;
+pub mod runlock;
+pub mod signals;
 pub mod source;
 pub mod tensorboard;
 pub mod trainer;

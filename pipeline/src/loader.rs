@@ -166,6 +166,13 @@ impl Loader {
 
     /// Starts producing the batches of `epoch` in the background.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `first` on (a resume in the middle of an epoch): the same batches, pixel
+    /// for pixel, as [`Loader::epoch`] gives from there, since the order and each sample's augmentation are pure
+    /// functions of (seed, epoch, index). The skipped batches cost nothing.
+    pub fn epoch_from(&self, epoch: u64, first: usize) -> EpochIter {
         let (tx, rx) = bounded(self.cfg.prefetch.max(1));
         let order = self.order(epoch);
         let nb = self.batches_per_epoch();
@@ -176,7 +183,7 @@ impl Loader {
         let handle = std::thread::Builder::new()
             .name("selfsup-loader".into())
             .spawn(move || {
-                for b in 0..nb {
+                for b in first..nb {
                     let idx = &order[b * bs..((b + 1) * bs).min(order.len())];
                     let job = BatchJob { indices: idx, seed, epoch, reuse: recycle_rx.try_recv().ok() };
                     let mut batch = pool.install(|| build_batch(source.as_ref(), &views, job, &times));

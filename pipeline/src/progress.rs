@@ -21,6 +21,8 @@ pub struct Line<'a> {
 
 pub struct Progress {
     total_steps: u64,
+    /// Steps done before this process started (a resumed run): not counted in the rate or the ETA.
+    first_step: u64,
     start: Instant,
     last_print: Option<Instant>,
     tty: bool,
@@ -29,10 +31,19 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(total_steps: u64, quiet: bool) -> Self {
+    /// A display for a run of `total_steps` of which `first_step` were done before this process started.
+    pub fn new(total_steps: u64, first_step: u64, quiet: bool) -> Self {
         let tty = std::io::stderr().is_terminal();
         let interval = Duration::from_secs(if tty { 0 } else { 15 });
-        Progress { total_steps, start: Instant::now(), last_print: None, tty, interval, quiet }
+        Progress { total_steps, first_step, start: Instant::now(), last_print: None, tty, interval, quiet }
+    }
+
+    /// Off a terminal, print a line at most every `seconds` (default 15; 0 = at every update).
+    pub fn every(mut self, seconds: f64) -> Self {
+        if !self.tty {
+            self.interval = Duration::from_secs_f64(seconds.max(0.0));
+        }
+        self
     }
 
     /// Shows `line` (at most every `interval` unless `force`).
@@ -45,11 +56,16 @@ impl Progress {
         let width = 24;
         let filled = ((frac * width as f64) as usize).min(width);
         let elapsed = self.start.elapsed().as_secs_f64();
-        let eta = if frac > 0.0 { elapsed * (1.0 - frac) / frac } else { 0.0 };
+        // From this process's own steps only: a resumed run's earlier steps took no time here.
+        let mine = line.done.saturating_sub(self.first_step);
+        let left = self.total_steps.saturating_sub(line.done);
+        let eta = if mine > 0 { elapsed * left as f64 / mine as f64 } else { 0.0 };
         let mut text = format!(
-            "epoch {}/{} [{}{}] {:>3.0}% loss {:.4} {:.0} img/s wait {:.1}% eta {}",
+            "epoch {}/{} step {}/{} [{}{}] {:>3.0}% loss {:.4} {:.0} img/s wait {:.1}% eta {}",
             line.epoch + 1,
             line.epochs,
+            line.done,
+            self.total_steps,
             "#".repeat(filled),
             ".".repeat(width - filled),
             frac * 100.0,

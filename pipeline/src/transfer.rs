@@ -69,6 +69,17 @@ fn labeled(path: &Path, options: source::OpenOptions) -> Result<Arc<dyn Source>>
     Ok(s)
 }
 
+/// Opens `data.test` now, as evaluation will, so that a wrong path or an unlabeled set fails before hours of
+/// training rather than after; the error names the key.
+pub fn check_test_data(cfg: &Config) -> Result<()> {
+    match &cfg.data.test {
+        Some(test) => {
+            labeled(test, cfg.data.open_options()).map(drop).map_err(|e| Error::Other(format!("data.test: {e}")))
+        }
+        None => Ok(()),
+    }
+}
+
 fn class_names(cfg: &Config, src: &dyn Source) -> Vec<String> {
     if cfg.data.class_names.is_empty() {
         src.class_names()

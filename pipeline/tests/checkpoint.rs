@@ -1,5 +1,6 @@
 //! Checkpoints: round trip of weights, optimizer state, trainer state and config; a crash mid-write (simulated
-//! by a leftover temporary folder) never replaces the previous checkpoint.
+//! by a leftover temporary folder) never replaces the previous checkpoint; the manifest catches any flipped byte;
+//! non-finite tensors are never written and never loaded; the live checkpoint is never removed.
 
 use selfsup_models::{Optimizer, OptimizerConfig};
 use selfsup_pipeline::checkpoint::{self, TrainerState};
@@ -16,6 +17,18 @@ fn tiny_config() -> Config {
     .unwrap()
 }
 
+fn save(
+    dir: &std::path::Path,
+    name: &str,
+    vs: &tch::nn::VarStore,
+    opt: &Optimizer,
+    state: &TrainerState,
+    cfg: &Config,
+) -> Result<std::path::PathBuf, checkpoint::CheckpointError> {
+    let contents = checkpoint::Contents { vs, optimizer: &opt.state(), probe: None, state, config: cfg };
+    checkpoint::save(dir, name, &contents, 0)
+}
+
 #[test]
 fn round_trip_and_crash_safety() {
     let dir = tempfile::tempdir().unwrap();
@@ -27,8 +40,8 @@ fn round_trip_and_crash_safety() {
     let x = Tensor::randn([4, 1, 8, 8], tch::kind::FLOAT_CPU);
     model.objective.backbone().features(&x, true).sum(Kind::Float).backward();
     opt.step(0.1);
-    let state = TrainerState { epoch: 3, step: 42, selfsup_version: "test".into() };
-    checkpoint::save(&ckdir, "epoch-0003", &model.vs, &opt.state(), &state, &cfg).unwrap();
+    let state = TrainerState { epoch: 3, step: 42, selfsup_version: "test".into(), ..Default::default() };
+    save(&ckdir, "epoch-0003", &model.vs, &opt, &state, &cfg).unwrap();
 
     // torchvision names, under the backbone prefix.
     let names: Vec<String> = Tensor::read_safetensors(ckdir.join("epoch-0003/model.safetensors"))
@@ -85,9 +98,9 @@ fn load_backbone_copies_the_backbone_only_and_refuses_other_shapes() {
     let cfg = tiny_config();
     tch::manual_seed(1);
     let model = build_model(&cfg, 1, Device::Cpu).unwrap();
-    let state = TrainerState { epoch: 1, step: 1, selfsup_version: "test".into() };
+    let state = TrainerState { epoch: 1, step: 1, selfsup_version: "test".into(), ..Default::default() };
     let opt = Optimizer::new(&model.vs, &OptimizerConfig::default()).unwrap();
-    let ckpt = checkpoint::save(dir.path(), "epoch-0001", &model.vs, &opt.state(), &state, &cfg).unwrap();
+    let ckpt = save(dir.path(), "epoch-0001", &model.vs, &opt, &state, &cfg).unwrap();
 
     // A classifier: another seed, the same backbone config, plus a head.
     let mut other = cfg.clone();
@@ -117,4 +130,139 @@ fn load_backbone_copies_the_backbone_only_and_refuses_other_shapes() {
     let _ = wide.model.backbone.build(vs2.root() / "backbone", 1).unwrap();
     let e = checkpoint::load_backbone(&vs2, &ckpt, checkpoint::Which::Student).unwrap_err().to_string();
     assert!(e.contains("backbone.") && e.contains("shape"), "{e}");
+}
+
+fn flip_byte(path: &std::path::Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let i = at % bytes.len();
+    bytes[i] ^= 0x20;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Every file of a checkpoint is in its manifest (`sha256sum -c` checks it too), and a flipped byte anywhere, in
+/// any file, makes `resolve` fail naming that file.
+#[test]
+fn manifest_catches_a_flipped_byte_in_every_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    let model = build_model(&cfg, 1, Device::Cpu).unwrap();
+    let opt = Optimizer::new(&model.vs, &OptimizerConfig::default()).unwrap();
+    let state = TrainerState { epoch: 1, step: 5, selfsup_version: "test".into(), ..Default::default() };
+    let ckpt = save(dir.path(), "epoch-0001", &model.vs, &opt, &state, &cfg).unwrap();
+    let out = std::process::Command::new("sha256sum")
+        .args(["-c", "--quiet", "SHA256SUMS"])
+        .current_dir(&ckpt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sha256sum -c: {}", String::from_utf8_lossy(&out.stdout));
+    let files = ["model.safetensors", "optimizer.safetensors", "state.json", "config.toml", "SHA256SUMS"];
+    for (k, file) in files.iter().enumerate() {
+        for at in [0usize, 17, 4099 + k * 31] {
+            let copy = tempfile::tempdir().unwrap();
+            let c = copy.path().join("epoch-0001");
+            std::fs::create_dir(&c).unwrap();
+            for f in std::fs::read_dir(&ckpt).unwrap().flatten() {
+                std::fs::copy(f.path(), c.join(f.file_name())).unwrap();
+            }
+            flip_byte(&c.join(file), at);
+            let e = checkpoint::resolve(&c).unwrap_err().to_string();
+            assert!(e.contains(file), "flipped byte {at} of {file}: the error must name it: {e}");
+        }
+    }
+    // A state beyond the config's schedule, with a valid manifest: refused naming state.json.
+    let bad = TrainerState { epoch: 99_999, ..state.clone() };
+    let e = save(dir.path(), "epoch-99999", &model.vs, &opt, &bad, &cfg).map(|p| checkpoint::resolve(&p));
+    let e = e.unwrap().unwrap_err().to_string();
+    assert!(e.contains("state.json") && e.contains("99999"), "{e}");
+    // With steps per epoch known (the trainer's check), a step beyond the batches is refused too.
+    let st = TrainerState { epoch: 1, step: 500, batch: 3, ..state };
+    let e = checkpoint::check_state(&ckpt, &st, &cfg, Some(10)).unwrap_err().to_string();
+    assert!(e.contains("state.json") && e.contains("step 500"), "{e}");
+    checkpoint::check_state(&ckpt, &TrainerState { step: 13, ..st }, &cfg, Some(10)).unwrap();
+}
+
+/// A NaN in any weight or optimizer buffer: nothing is written (the previous LATEST stays), the error names the
+/// tensor. A checkpoint holding one anyway (written by hand, with a valid manifest) is refused by every loader.
+#[test]
+fn non_finite_tensors_are_never_saved_nor_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    let model = build_model(&cfg, 1, Device::Cpu).unwrap();
+    let opt = Optimizer::new(&model.vs, &OptimizerConfig::default()).unwrap();
+    let state = TrainerState { epoch: 1, step: 5, selfsup_version: "test".into(), ..Default::default() };
+    let good = save(dir.path(), "epoch-0001", &model.vs, &opt, &state, &cfg).unwrap();
+    let name = "backbone.layer1.0.conv1.weight";
+    tch::no_grad(|| {
+        let w = model.vs.variables()[name].shallow_clone();
+        let _ = w.get(0).get(0).fill_(f64::NAN);
+    });
+    let st2 = TrainerState { epoch: 2, step: 10, ..state.clone() };
+    let e = save(dir.path(), "epoch-0002", &model.vs, &opt, &st2, &cfg).unwrap_err().to_string();
+    assert!(e.contains(name), "{e}");
+    assert!(!dir.path().join("epoch-0002").exists());
+    assert_eq!(checkpoint::resolve(dir.path()).unwrap(), good, "LATEST still names the good one");
+    assert!(checkpoint::list(dir.path()).len() == 1);
+
+    // By hand: NaN weights with a manifest that matches them.
+    let ckpt = dir.path().join("by-hand");
+    std::fs::create_dir(&ckpt).unwrap();
+    for f in std::fs::read_dir(&good).unwrap().flatten() {
+        std::fs::copy(f.path(), ckpt.join(f.file_name())).unwrap();
+    }
+    model.vs.save(ckpt.join("model.safetensors")).unwrap();
+    let sums = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("sha256sum model.safetensors optimizer.safetensors state.json config.toml > SHA256SUMS")
+        .current_dir(&ckpt)
+        .status()
+        .unwrap();
+    assert!(sums.success());
+    checkpoint::resolve(&ckpt).unwrap();
+    let mut other = build_model(&cfg, 1, Device::Cpu).unwrap();
+    let e = checkpoint::load_weights(&mut other.vs, &ckpt).unwrap_err().to_string();
+    assert!(e.contains(name) && e.contains("NaN"), "{e}");
+    let e = checkpoint::load_backbone(&other.vs, &ckpt, checkpoint::Which::Student).unwrap_err().to_string();
+    assert!(e.contains(name), "{e}");
+    let out = dir.path().join("x.safetensors");
+    let e = checkpoint::export_backbone(&ckpt, &out, checkpoint::Which::Student).unwrap_err().to_string();
+    assert!(e.contains(name), "{e}");
+    assert!(!out.exists());
+}
+
+/// Saving again the checkpoint LATEST names leaves it untouched; a stale folder of the same name that LATEST
+/// does not name is replaced; keep_last prunes the oldest but never LATEST's; leftovers of dead writers go.
+#[test]
+fn the_live_checkpoint_is_never_removed_and_pruning_keeps_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    let model = build_model(&cfg, 1, Device::Cpu).unwrap();
+    let opt = Optimizer::new(&model.vs, &OptimizerConfig::default()).unwrap();
+    let put = |name: &str, step: u64, keep: usize| {
+        let state = TrainerState { epoch: 0, step, batch: step, ..Default::default() };
+        let contents =
+            checkpoint::Contents { vs: &model.vs, optimizer: &opt.state(), probe: None, state: &state, config: &cfg };
+        checkpoint::save(dir.path(), name, &contents, keep).unwrap();
+    };
+    for step in 1..=4u64 {
+        put(&format!("s{step}"), step, 2);
+    }
+    let names: Vec<String> =
+        checkpoint::list(dir.path()).iter().map(|(p, _)| p.file_name().unwrap().to_string_lossy().into()).collect();
+    assert_eq!(names, ["s3", "s4"]);
+    let before = std::fs::metadata(dir.path().join("s4/SHA256SUMS")).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    put("s4", 4, 2);
+    let after = std::fs::metadata(dir.path().join("s4/SHA256SUMS")).unwrap().modified().unwrap();
+    assert_eq!(before, after, "the live checkpoint was rewritten");
+    // A complete folder renamed into place by a writer killed before it moved LATEST: replaced when saved again.
+    std::fs::create_dir(dir.path().join("s5")).unwrap();
+    std::fs::write(dir.path().join("s5/state.json"), b"{}").unwrap();
+    put("s5", 5, 0);
+    assert_eq!(checkpoint::resolve(dir.path()).unwrap(), dir.path().join("s5"));
+    // Leftovers.
+    std::fs::create_dir(dir.path().join(".s6.tmp-1")).unwrap();
+    std::fs::create_dir(dir.path().join(".s2.del-1")).unwrap();
+    std::fs::write(dir.path().join(".LATEST.tmp-1"), b"s6").unwrap();
+    assert_eq!(checkpoint::clean_leftovers(dir.path()).unwrap(), 3);
+    assert_eq!(checkpoint::resolve(dir.path()).unwrap(), dir.path().join("s5"));
 }

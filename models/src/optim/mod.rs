@@ -206,26 +206,40 @@ impl Optimizer {
         }
     }
 
-    /// Scales all gradients in place so that their global L2 norm is at most `max_norm`, as
-    /// `torch.nn.utils.clip_grad_norm_` (coefficient `max_norm / (norm + 1e-6)`, clamped to 1, always applied so
-    /// there is no branch on a device value). Returns the norm before clipping, a 0-dim fp32 tensor on the device.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Tensor {
+    /// The defined gradients and the global L2 norm over them (0-dim fp32 on the device; 0 without gradients).
+    fn grads_and_norm(&self) -> (Vec<Tensor>, Tensor) {
         tch::no_grad(|| {
             let grads: Vec<Tensor> = self.params.iter().map(|p| p.tensor.grad()).filter(|g| g.defined()).collect();
             let Some(first) = grads.first() else {
                 let device = self.params.first().map_or(Device::Cpu, |p| p.tensor.device());
-                return Tensor::zeros([], (Kind::Float, device));
+                return (grads, Tensor::zeros([], (Kind::Float, device)));
             };
             let device = first.device();
             let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm().to_device(device)).collect();
             let total = Tensor::stack(&norms, 0).norm();
+            (grads, total)
+        })
+    }
+
+    /// The global L2 norm of all gradients, a 0-dim fp32 tensor on the device (nothing is read back): NaN or
+    /// infinite when any gradient is.
+    pub fn grad_norm(&self) -> Tensor {
+        self.grads_and_norm().1
+    }
+
+    /// Scales all gradients in place so that their global L2 norm is at most `max_norm`, as
+    /// `torch.nn.utils.clip_grad_norm_` (coefficient `max_norm / (norm + 1e-6)`, clamped to 1, always applied so
+    /// there is no branch on a device value). Returns the norm before clipping, a 0-dim fp32 tensor on the device.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Tensor {
+        let (grads, total) = self.grads_and_norm();
+        tch::no_grad(|| {
             let coef = ((&total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
             for mut g in grads {
                 let c = coef.to_device(g.device()).to_kind(g.kind());
                 let _ = g.g_mul_(&c);
             }
-            total
-        })
+        });
+        total
     }
 
     /// One update with learning rate `lr` (each parameter uses `lr * lr_scale`). Stays on the device: no value is

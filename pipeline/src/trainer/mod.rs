@@ -18,13 +18,13 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{Config, ShuffleMode};
+use crate::config::{Config, OnNonFinite, ShuffleMode};
 use crate::loader::{BadSample, HostBatch, Loader, LoaderConfig};
 use crate::progress::{Line, Progress};
 use crate::source::{self, Source};
 use crate::tensorboard::Sink;
 use crate::transfer::{self, EvalContext, EvalReport};
-use crate::{prepare_device, Error, Result};
+use crate::{prepare_device, signals, Error, Result};
 
 mod monitor;
 mod probe;
@@ -69,6 +69,12 @@ pub struct RunSummary {
     /// Set when the monitor fell below `train.collapse_warn_std` / `train.collapse_warn_rank` at the end.
     pub collapse_warning: Option<String>,
     pub unreadable_samples: usize,
+    /// Steps whose update was skipped for non-finite values (`train.on_nonfinite = "skip"`).
+    pub skipped_steps: u64,
+    /// The signal that stopped the run early (`SIGINT`, `SIGTERM`); evaluation is skipped then.
+    pub interrupted: Option<String>,
+    /// The checkpoint the run ended with.
+    pub checkpoint: Option<PathBuf>,
     pub eval: Option<EvalReport>,
     /// Where a step's time goes (`train.profile_steps`).
     pub profile: Option<StepProfile>,
@@ -132,39 +138,62 @@ pub fn to_device(batch: &HostBatch, device: Device) -> Vec<Tensor> {
         .collect()
 }
 
-/// The seed of torch's global RNG in epoch `epoch`.
-fn epoch_seed(seed: u64, epoch: usize) -> i64 {
-    (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (epoch as u64 + 1)) as i64 & i64::MAX
+/// The seed of torch's global RNG for optimizer step `step`: torch's random draws in a step (masks, dropout,
+/// stochastic depth) are a pure function of (seed, step), so a run resumed at any step draws what the
+/// uninterrupted one drew, with no generator state to save.
+fn step_seed(seed: u64, step: u64) -> i64 {
+    (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step.wrapping_add(1).wrapping_mul(0xbf58_476d_1ce4_e5b9)) as i64
+        & i64::MAX
+}
+
+/// Test-only fault injection: `SELFSUP_FAULT_NAN_STEPS=5,9` makes the loss of those (0-based) steps NaN, to test
+/// what the trainer does with non-finite values.
+fn fault_nan_steps() -> Vec<u64> {
+    std::env::var("SELFSUP_FAULT_NAN_STEPS")
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_default()
 }
 
 /// One optimizer update from `loss`: zero the gradients, backpropagate, clip their global norm to `clip` (0 = no
 /// clipping), step with learning rate `lr`. The same for pretraining and fine-tuning.
 pub fn optimizer_step(opt: &mut Optimizer, loss: &Tensor, clip: f64, lr: f64) {
-    backward(opt, loss, clip);
+    let _ = backward(opt, loss, clip);
     opt.step(lr);
 }
 
 /// The gradients of `loss` in place of the previous ones, their global norm clipped to `clip` (0 = no clipping).
-fn backward(opt: &mut Optimizer, loss: &Tensor, clip: f64) {
+/// Returns the global norm before clipping (0-dim fp32 on the device).
+fn backward(opt: &mut Optimizer, loss: &Tensor, clip: f64) -> Tensor {
     opt.zero_grad();
     loss.backward();
     if clip > 0.0 {
-        let _ = opt.clip_grad_norm(clip);
+        opt.clip_grad_norm(clip)
+    } else {
+        opt.grad_norm()
     }
 }
 
-pub(crate) fn report_bad(epoch: usize, bad: &[BadSample], seen: usize, max_fraction: f64) -> Result<()> {
-    if bad.is_empty() {
+/// Reports an epoch's unreadable samples (`bad`, plus `earlier` ones counted before a resume) and fails when they
+/// are more than `max_fraction` of the `seen` samples.
+pub(crate) fn report_bad(
+    epoch: usize,
+    bad: &[BadSample],
+    earlier: usize,
+    seen: usize,
+    max_fraction: f64,
+) -> Result<()> {
+    if bad.is_empty() && earlier == 0 {
         return Ok(());
     }
-    eprintln!("\nepoch {}: {} unreadable sample(s) skipped:", epoch + 1, bad.len());
+    let resumed = if earlier > 0 { format!(" (and {earlier} before the resume)") } else { String::new() };
+    eprintln!("\nepoch {}: {} unreadable sample(s) skipped{resumed}:", epoch + 1, bad.len());
     for b in bad.iter().take(20) {
         eprintln!("  {}: {}", b.location, b.error);
     }
     if bad.len() > 20 {
         eprintln!("  ... and {} more", bad.len() - 20);
     }
-    let frac = bad.len() as f64 / seen.max(1) as f64;
+    let frac = (bad.len() + earlier) as f64 / seen.max(1) as f64;
     if frac > max_fraction {
         return Err(Error::Other(format!(
             "{:.2}% of epoch {}'s samples were unreadable, above data.max_bad_fraction = {}",
@@ -177,53 +206,67 @@ pub(crate) fn report_bad(epoch: usize, bad: &[BadSample], seen: usize, max_fract
 }
 
 /// Pretrains `cfg` into `opts.out`, then evaluates if configured. The loop is the same for every objective.
-pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<RunSummary> {
+/// Returns `None` when `--resume` finds the run already finished (nothing is written then).
+///
+/// Between two batches the loop polls the signal flags ([`crate::signals`]): SIGINT / SIGTERM end the run with a
+/// checkpoint (the summary says which signal), SIGUSR1 writes one and goes on; step and minute checkpoints
+/// (`train.checkpoint_every_steps`, `train.checkpoint_every_minutes`) happen there too.
+pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<Option<RunSummary>> {
     let mut trainer = Trainer::build(cfg, opts)?;
-    if opts.resume {
-        trainer.resume()?;
-    } else {
+    let resumed = if opts.resume { trainer.resume()? } else { None };
+    if opts.resume && resumed.is_none() {
+        return Ok(None);
+    }
+    if !opts.resume {
         trainer.preview(sink);
     }
-    trainer.start()?;
-    while trainer.epoch < cfg.train.epochs && trainer.step < trainer.max_steps {
-        let mut batches = trainer.loader.epoch(trainer.epoch as u64);
-        let mut tally = EpochTally::default();
-        tch::manual_seed(epoch_seed(cfg.seed, trainer.epoch));
+    trainer.start(resumed)?;
+    'epochs: while trainer.epoch < cfg.train.epochs && trainer.step < trainer.max_steps {
+        let mut batches = trainer.loader.epoch_from(trainer.epoch as u64, trainer.batch as usize);
         while trainer.step < trainer.max_steps {
+            if trainer.between_batches()? {
+                break 'epochs;
+            }
             let wait_start = Instant::now();
             let Some(batch) = batches.next() else { break };
             trainer.clock.wait += wait_start.elapsed().as_secs_f64();
-            tally.add(&batch);
+            trainer.tally.add(&batch);
+            trainer.batch += 1;
             // A batch emptied by unreadable samples below 2 has nothing to contrast: skipped.
-            let readout = (batch.len() >= 2).then(|| trainer.step(&batch)).flatten();
+            let readout = if batch.len() >= 2 { trainer.step(&batch)? } else { None };
             trainer.clock.time += wait_start.elapsed().as_secs_f64();
             if let Some(readout) = readout {
                 trainer.log(&readout, sink)?;
             }
         }
         drop(batches);
-        trainer.end_epoch(tally, sink)?;
+        trainer.end_epoch(sink)?;
         if trainer.cut_short {
             break;
         }
     }
-    trainer.finish(sink)
+    trainer.finish(sink).map(Some)
 }
 
-/// What one epoch consumed: batches, samples, and the unreadable ones.
+/// What one epoch consumed: samples, and the unreadable ones (those before a resume only counted).
 #[derive(Default)]
 struct EpochTally {
-    batches: u64,
     seen: usize,
     bad: Vec<BadSample>,
+    earlier_bad: usize,
 }
 
 impl EpochTally {
     fn add(&mut self, batch: &HostBatch) {
-        self.batches += 1;
         self.seen += batch.len() + batch.bad.len();
         self.bad.extend(batch.bad.iter().cloned());
     }
+}
+
+/// What a resume restores once the online probe exists.
+struct Resumed {
+    probe: Option<Vec<(String, Tensor)>>,
+    probe_counts: (i64, u64),
 }
 
 /// A pretraining run in progress.
@@ -263,8 +306,21 @@ struct Trainer<'a> {
     images_seen: u64,
     unreadable: usize,
     last_saved: Option<u64>,
+    /// The newest checkpoint written or resumed from, and when this process last wrote one.
+    last_checkpoint: Option<PathBuf>,
+    last_checkpoint_at: Instant,
     /// Stopped by `train.max_steps` in the middle of an epoch.
     cut_short: bool,
+    /// Batches of the current epoch consumed (the position a checkpoint saves).
+    batch: u64,
+    /// What the current epoch consumed so far (a checkpoint saves its counts).
+    tally: EpochTally,
+    /// Steps whose update was skipped (`train.on_nonfinite = "skip"`).
+    skipped: u64,
+    /// The signal that stopped the run.
+    interrupted: Option<i32>,
+    /// Test-only: steps whose loss is made NaN.
+    fault_nan: Vec<u64>,
 }
 
 impl<'a> Trainer<'a> {
@@ -282,6 +338,16 @@ impl<'a> Trainer<'a> {
         let mut source: Arc<dyn Source> = source::open_with(&cfg.data.train, cfg.data.open_options())?.into();
         if cfg.data.limit > 0 && cfg.data.limit < source.len() {
             source = Arc::new(source::Prefix::new(source, cfg.data.limit));
+        }
+        if cfg.eval.at_end || cfg.eval.knn_every > 0 {
+            transfer::check_test_data(cfg)?;
+        }
+        let removed = checkpoint::clean_leftovers(&opts.out.join("checkpoints"))?;
+        if removed > 0 {
+            eprintln!(
+                "removed {removed} temporary file(s) of an interrupted checkpoint write in {}",
+                opts.out.display()
+            );
         }
         let channels = source.channels();
         let model = build_model(cfg, channels, device)?;
@@ -334,7 +400,7 @@ impl<'a> Trainer<'a> {
             clock: Clock::default(),
             lr: 0.0,
             last: Readout::default(),
-            progress: Progress::new(max_steps, true),
+            progress: Progress::new(max_steps, 0, true),
             profile: None,
             run_start: Instant::now(),
             train_seconds: 0.0,
@@ -342,20 +408,50 @@ impl<'a> Trainer<'a> {
             images_seen: 0,
             unreadable: 0,
             last_saved: None,
+            last_checkpoint: None,
+            last_checkpoint_at: Instant::now(),
             cut_short: false,
+            batch: 0,
+            tally: EpochTally::default(),
+            skipped: 0,
+            interrupted: None,
+            fault_nan: fault_nan_steps(),
         })
     }
 
-    /// Continues from the run folder's latest checkpoint: weights (teacher and objective buffers included),
-    /// optimizer state, epoch and step (from which the objective's schedules are positioned).
-    fn resume(&mut self) -> Result<()> {
+    /// Continues from the run folder's latest checkpoint, verified (checksums, state against the config): weights
+    /// (teacher and objective buffers included), optimizer state, epoch, step and batch (from which the
+    /// objective's schedules and torch's RNG are positioned), the log window. Returns what [`Trainer::start`]
+    /// restores (the online probe), or `None` when the run is already finished and summarized: nothing to do.
+    fn resume(&mut self) -> Result<Option<Resumed>> {
         let ckpt = checkpoint::resolve(self.out)?;
+        let st = checkpoint::load_state(&ckpt)?;
+        checkpoint::check_state(&ckpt, &st, self.cfg, Some(self.steps_per_epoch))?;
+        let finished = st.epoch >= self.cfg.train.epochs || st.step >= self.max_steps;
+        if finished && self.out.join("summary.json").is_file() {
+            eprintln!(
+                "nothing to do: {} finished at step {} (epoch {}), its summary is written; raise train.epochs or \
+                 train.max_steps with --set to train further",
+                self.out.display(),
+                st.step,
+                st.epoch
+            );
+            return Ok(None);
+        }
         checkpoint::load_weights(&mut self.model.vs, &ckpt)?;
         self.opt.load_state(&checkpoint::load_optimizer(&ckpt)?)?;
-        let st = checkpoint::load_state(&ckpt)?;
-        (self.epoch, self.step) = (st.epoch, st.step);
-        eprintln!("resuming from {} (epoch {}, step {})", ckpt.display(), st.epoch, st.step);
-        Ok(())
+        (self.epoch, self.step, self.batch, self.skipped) = (st.epoch, st.step, st.batch, st.skipped_steps);
+        self.window.restore(&st.window);
+        self.clock.images = st.window.images;
+        self.tally = EpochTally { seen: st.epoch_seen, bad: Vec::new(), earlier_bad: st.epoch_bad };
+        self.last_saved = Some(st.step);
+        self.last_checkpoint = Some(ckpt.clone());
+        let at = if st.batch > 0 { format!(", batch {} of {}", st.batch, self.steps_per_epoch) } else { String::new() };
+        eprintln!("resuming from {} (epoch {}, step {}{at})", ckpt.display(), st.epoch, st.step);
+        Ok(Some(Resumed {
+            probe: checkpoint::load_probe(&ckpt)?,
+            probe_counts: (st.window.probe_hits, st.window.probe_seen),
+        }))
     }
 
     /// The grid of augmented views at step 0.
@@ -368,16 +464,58 @@ impl<'a> Trainer<'a> {
 
     /// Starts the clock and the online probe (drawn from torch's RNG after the model, so its weights do not
     /// depend on resuming).
-    fn start(&mut self) -> Result<()> {
-        self.progress = Progress::new(self.max_steps, self.quiet);
+    fn start(&mut self, resumed: Option<Resumed>) -> Result<()> {
+        self.progress = Progress::new(self.max_steps, self.step, self.quiet).every(self.cfg.train.progress_every_s);
         self.run_start = Instant::now();
+        self.last_checkpoint_at = Instant::now();
         self.first_step = self.step;
         let e = &self.cfg.eval;
         if let Some(classes) = self.source.num_classes().filter(|&c| e.online_probe && c > 1) {
             let dim = self.model.objective.backbone().dim();
-            self.probe = Some(OnlineProbe::new(dim, classes as i64, e.online_probe_lr, self.device)?);
+            let mut probe = OnlineProbe::new(dim, classes as i64, e.online_probe_lr, self.device)?;
+            if let Some(r) = resumed {
+                if let Some(saved) = &r.probe {
+                    probe.load_state(saved)?;
+                    probe.restore_counts(r.probe_counts.0, r.probe_counts.1);
+                }
+            }
+            self.probe = Some(probe);
         }
         Ok(())
+    }
+
+    /// Between two batches: a stop requested by a signal (returns true: the loop ends and [`Trainer::finish`]
+    /// checkpoints), a checkpoint asked for by SIGUSR1 or due by step count or time.
+    fn between_batches(&mut self) -> Result<bool> {
+        // At the end of an epoch (all its batches consumed) the stop waits for the epoch's bookkeeping.
+        let in_epoch = self.batch < self.steps_per_epoch;
+        if let Some(sig) = signals::stop_requested().filter(|_| in_epoch) {
+            eprintln!("\n{} received: stopping after step {} with a checkpoint", signals::name(sig), self.step);
+            self.interrupted = Some(sig);
+            return Ok(true);
+        }
+        let t = &self.cfg.train;
+        let by_steps = t.checkpoint_every_steps > 0 && self.step % t.checkpoint_every_steps as u64 == 0;
+        let by_time = t.checkpoint_every_minutes > 0.0
+            && self.last_checkpoint_at.elapsed().as_secs_f64() >= 60.0 * t.checkpoint_every_minutes;
+        let asked = signals::take_checkpoint_request();
+        if (asked || by_steps || by_time) && in_epoch && self.step > 0 && self.last_saved != Some(self.step) {
+            let name = self.checkpoint_name();
+            self.checkpoint(&name)?;
+            if asked {
+                eprintln!("\nSIGUSR1: wrote {name}, continuing");
+            }
+        }
+        Ok(false)
+    }
+
+    /// `epoch-0003` at an epoch boundary, `epoch-0003-step-1234` within epoch 3 (0-based: 3 epochs done).
+    fn checkpoint_name(&self) -> String {
+        if self.batch > 0 {
+            format!("epoch-{:04}-step-{}", self.epoch, self.step)
+        } else {
+            format!("epoch-{:04}", self.epoch)
+        }
     }
 
     fn train_progress(&self) -> TrainProgress {
@@ -386,9 +524,10 @@ impl<'a> Trainer<'a> {
 
     /// One optimizer step on `batch`: forward, backward, update, the objective's after-step (EMA teachers), the
     /// online probe. Returns the window's readout when this step is a log point.
-    fn step(&mut self, batch: &HostBatch) -> Option<Readout> {
+    fn step(&mut self, batch: &HostBatch) -> Result<Option<Readout>> {
         let (cfg, t) = (self.cfg, &self.cfg.train);
         let progress = self.train_progress();
+        tch::manual_seed(step_seed(cfg.seed, self.step));
         let lr = cfg.optimizer.lr_at(self.peak_lr, progress.epoch(), t.epochs as f64);
         self.lr = lr;
         // Issued before the forward pass (also when profiling, so that its phases cover the model only, as the
@@ -403,21 +542,64 @@ impl<'a> Trainer<'a> {
             t.profile_steps > 0 && (PROFILE_WARMUP..PROFILE_WARMUP + t.profile_steps as u64).contains(&run_step);
         let profile = profiling.then(|| self.profile.get_or_insert_with(StepProfile::new));
         let mut phases = Phases::new(profile, self.device);
-        let out = phases.run(0, forward);
-        let opt = &mut self.opt;
-        phases.run(1, || backward(opt, &out.loss, cfg.optimizer.clip_grad));
-        phases.run(2, || {
-            opt.step(lr);
-            self.model.objective.after_step(&progress);
-        });
-        if let (Some(p), Some(labels)) = (self.probe.as_mut(), batch.labels.as_ref()) {
-            phases.run(3, || p.step(&out.features, labels));
+        let mut out = phases.run(0, forward);
+        if self.fault_nan.contains(&self.step) {
+            out.loss = &out.loss * f64::NAN;
         }
+        let opt = &mut self.opt;
+        let grad_norm = phases.run(1, || backward(opt, &out.loss, cfg.optimizer.clip_grad));
+        // Checked on the device; read back only to skip (`on_nonfinite = "skip"`), else at the next log point or
+        // checkpoint.
+        let ok = out.loss.detach().isfinite().logical_and(&grad_norm.isfinite());
+        let skip = t.on_nonfinite == OnNonFinite::Skip && ok.int64_value(&[]) == 0;
+        let at = self.step;
         self.step += 1;
-        self.window.add(&out);
         self.clock.images += batch.len() as u64;
         self.images_seen += batch.len() as u64;
-        (self.step % t.log_every as u64 == 0 || self.step >= self.max_steps).then(|| self.window.read())
+        if skip {
+            self.skipped += 1;
+            eprintln!("\nstep {at}: non-finite loss or gradient norm, update skipped ({} so far)", self.skipped);
+            if self.skipped > t.max_skipped as u64 {
+                return Err(Error::Other(format!(
+                    "{} steps skipped for non-finite values, more than train.max_skipped = {}; {}",
+                    self.skipped,
+                    t.max_skipped,
+                    self.nonfinite_advice()
+                )));
+            }
+        } else {
+            phases.run(2, || {
+                opt.step(lr);
+                self.model.objective.after_step(&progress);
+            });
+            if let (Some(p), Some(labels)) = (self.probe.as_mut(), batch.labels.as_ref()) {
+                phases.run(3, || p.step(&out.features, labels));
+            }
+            self.window.add(&out, &ok, at);
+        }
+        Ok((self.step % t.log_every as u64 == 0 || self.step >= self.max_steps).then(|| self.window.read()))
+    }
+
+    /// Where to go from a non-finite step: the last good checkpoint and the usual causes.
+    fn nonfinite_advice(&self) -> String {
+        let last = match &self.last_checkpoint {
+            Some(p) => format!("the last good checkpoint is {} (--resume continues from it)", p.display()),
+            None => "no checkpoint was written yet".to_string(),
+        };
+        format!(
+            "{last}. Likely causes: a learning rate too high for the batch (optimizer.base_lr, optimizer.warmup_epochs), \
+             no gradient clipping (optimizer.clip_grad), bf16 overflow (try train.bf16 = false), or extreme inputs; \
+             train.on_nonfinite = \"skip\" skips such steps instead of stopping"
+        )
+    }
+
+    /// The error for a non-finite step in `stop` mode.
+    fn nonfinite_error(&self, step: u64) -> Error {
+        Error::Other(format!(
+            "step {step}: the loss or the gradient norm is NaN or infinite (train.on_nonfinite = \"stop\"): stopped, \
+             nothing non-finite was saved; {}",
+            self.nonfinite_advice()
+        ))
     }
 
     /// Writes a log point: loss, terms, schedule values, speed, data wait, collapse monitor, online probe.
@@ -444,6 +626,9 @@ impl<'a> Trainer<'a> {
         if let Some(acc) = self.probe.as_mut().and_then(OnlineProbe::take_accuracy) {
             sink.scalar("train/online_probe_top1", step, acc);
         }
+        if cfg.train.on_nonfinite == OnNonFinite::Skip {
+            sink.scalar("train/skipped_steps", step, self.skipped as f64);
+        }
         let note = collapse_warning(cfg, r).map(|w| format!("WARNING {w}")).unwrap_or_default();
         let line = Line {
             epoch: self.epoch,
@@ -455,8 +640,9 @@ impl<'a> Trainer<'a> {
             note: &note,
         };
         self.progress.update(&line, self.step >= self.max_steps);
-        if !r.loss.is_finite() {
-            return Err(Error::Other(format!("loss is {} at step {}; lower optimizer.base_lr?", r.loss, self.step)));
+        if let Some(at) = r.first_nonfinite {
+            sink.flush();
+            return Err(self.nonfinite_error(at));
         }
         self.last = r.clone();
         Ok(())
@@ -464,15 +650,19 @@ impl<'a> Trainer<'a> {
 
     /// After an epoch's batches: unreadable samples reported (and the run stopped if too many), then the epoch's
     /// checkpoint, reconstruction grid and k-NN as configured.
-    fn end_epoch(&mut self, tally: EpochTally, sink: &mut dyn Sink) -> Result<()> {
+    fn end_epoch(&mut self, sink: &mut dyn Sink) -> Result<()> {
         let cfg = self.cfg;
-        report_bad(self.epoch, &tally.bad, tally.seen, cfg.data.max_bad_fraction)?;
+        let tally = std::mem::take(&mut self.tally);
+        report_bad(self.epoch, &tally.bad, tally.earlier_bad, tally.seen, cfg.data.max_bad_fraction)?;
         self.unreadable += tally.bad.len();
-        if tally.batches < self.steps_per_epoch {
-            self.cut_short = true; // stopped by train.max_steps in the middle of the epoch
+        if self.batch < self.steps_per_epoch {
+            // Stopped by train.max_steps in the middle of the epoch: the counts go into the checkpoint.
+            self.tally = EpochTally { earlier_bad: tally.earlier_bad + tally.bad.len(), bad: Vec::new(), ..tally };
+            self.cut_short = true;
             return Ok(());
         }
         self.epoch += 1;
+        self.batch = 0;
         let (t, epoch) = (&cfg.train, self.epoch);
         if t.checkpoint_every > 0 && epoch % t.checkpoint_every == 0 {
             self.checkpoint(&format!("epoch-{epoch:04}"))?;
@@ -488,13 +678,41 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Saves checkpoint `name`: weights (with any teacher), optimizer state, epoch and step, config.
+    /// Saves checkpoint `name`: weights (with any teacher), optimizer state, online probe, epoch, step, batch, the
+    /// log window and the epoch's tally, config. Refused if a step since the last log point was non-finite (the
+    /// weights are then not worth keeping).
     fn checkpoint(&mut self, name: &str) -> Result<()> {
-        let state =
-            TrainerState { epoch: self.epoch, step: self.step, selfsup_version: env!("CARGO_PKG_VERSION").into() };
+        if let Some(at) = self.window.first_nonfinite() {
+            return Err(self.nonfinite_error(at));
+        }
+        let mut window = self.window.snapshot(self.clock.images);
+        if let Some(p) = &self.probe {
+            (window.probe_hits, window.probe_seen) = p.counts();
+        }
+        let tally = &self.tally;
+        let state = TrainerState {
+            epoch: self.epoch,
+            step: self.step,
+            batch: self.batch,
+            skipped_steps: self.skipped,
+            window,
+            epoch_seen: tally.seen,
+            epoch_bad: tally.earlier_bad + tally.bad.len(),
+            selfsup_version: env!("CARGO_PKG_VERSION").into(),
+        };
         let dir = self.out.join("checkpoints");
-        checkpoint::save(&dir, name, &self.model.vs, &self.opt.state(), &state, self.cfg)?;
+        let probe = self.probe.as_ref().map(OnlineProbe::state);
+        let contents = checkpoint::Contents {
+            vs: &self.model.vs,
+            optimizer: &self.opt.state(),
+            probe: probe.as_deref(),
+            state: &state,
+            config: self.cfg,
+        };
+        let path = checkpoint::save(&dir, name, &contents, self.cfg.train.keep_last)?;
         self.last_saved = Some(self.step);
+        self.last_checkpoint = Some(path);
+        self.last_checkpoint_at = Instant::now();
         Ok(())
     }
 
@@ -518,14 +736,14 @@ impl<'a> Trainer<'a> {
             log_reconstruction(self.model.objective.as_mut(), self.recon.as_ref(), cfg, sink, self.step as i64);
         }
         if self.last_saved != Some(self.step) {
-            // The final checkpoint; a run cut short by train.max_steps is named by its step too.
-            let (epoch, step) = (self.epoch, self.step);
-            let name =
-                if self.cut_short { format!("epoch-{epoch:04}-step-{step}") } else { format!("epoch-{epoch:04}") };
+            // The final checkpoint; a run cut short (train.max_steps, a signal) is named by its step too.
+            let name = self.checkpoint_name();
             self.checkpoint(&name)?;
         }
         let seconds = self.run_start.elapsed().as_secs_f64();
-        let eval = if cfg.eval.at_end && cfg.data.test.is_some() {
+        // A stop requested during training (or since) skips the evaluation: the user wants the process gone.
+        self.interrupted = self.interrupted.or_else(signals::stop_requested);
+        let eval = if cfg.eval.at_end && cfg.data.test.is_some() && self.interrupted.is_none() {
             let report =
                 transfer::evaluate(self.model.eval_backbone(cfg), &self.eval_context(), sink, self.step as i64)?;
             transfer::write_report(&report, self.out)?;
@@ -555,6 +773,9 @@ impl<'a> Trainer<'a> {
             effective_rank: self.last.collapse.map(|c| c.1),
             collapse_warning,
             unreadable_samples: self.unreadable,
+            skipped_steps: self.skipped,
+            interrupted: self.interrupted.map(|s| signals::name(s).to_string()),
+            checkpoint: self.last_checkpoint.clone(),
             eval,
             profile: self.profile.take().map(StepProfile::finish),
         })

@@ -4,6 +4,8 @@
 use selfsup_models::Step;
 use tch::{Device, Kind, Tensor};
 
+use crate::checkpoint::WindowState;
+
 /// The spread of embeddings: the per-dimension std of the l2-normalized rows, averaged over dimensions, times
 /// sqrt(D) (about 1 for embeddings spread over the sphere, 0 for collapsed ones; lightly's
 /// `std_of_l2_normalized` without its 1/sqrt(D) scale), and the effective rank of the batch (RankMe, Garrido
@@ -36,6 +38,8 @@ pub(super) struct Readout {
     pub terms: Vec<(&'static str, f64)>,
     /// `train/embedding_std`, `train/effective_rank` of the window's last step.
     pub collapse: Option<(f64, f64)>,
+    /// The first step of the window whose loss or gradient norm was not finite, if any.
+    pub first_nonfinite: Option<u64>,
 }
 
 /// Sums since the last log point, on the device.
@@ -45,6 +49,10 @@ pub(super) struct Window {
     terms: Vec<(&'static str, Tensor)>,
     embedding: Option<Tensor>,
     pub steps: u64,
+    /// The first step with a non-finite loss or gradient norm (-1: none yet), 0-dim int64 on the device.
+    first_bad: Tensor,
+    /// Sums restored from a checkpoint for terms not yet seen in this process.
+    pending: Vec<(String, f32)>,
 }
 
 /// The host-side counters of a log window: images trained on, seconds blocked on the loader, and seconds in the
@@ -58,40 +66,82 @@ pub(super) struct Clock {
 
 impl Window {
     pub fn new(device: Device) -> Self {
-        Window { device, loss: Tensor::zeros([], (Kind::Float, device)), terms: Vec::new(), embedding: None, steps: 0 }
+        Window {
+            device,
+            loss: Tensor::zeros([], (Kind::Float, device)),
+            terms: Vec::new(),
+            embedding: None,
+            steps: 0,
+            first_bad: Tensor::full([], -1, (Kind::Int64, device)),
+            pending: Vec::new(),
+        }
     }
 
-    /// Adds one step's loss and terms (device additions only) and keeps its embedding for the monitor.
-    pub fn add(&mut self, step: &Step) {
+    /// Adds one step's loss and terms (device additions only) and keeps its embedding for the monitor. `ok` (a
+    /// 0-dim bool on the device: the loss and gradient norm were finite) marks step `global_step` as the
+    /// window's first non-finite one if it is, without a sync.
+    pub fn add(&mut self, step: &Step, ok: &Tensor, global_step: u64) {
         self.loss += step.loss.detach().to_kind(Kind::Float);
         for (name, t) in &step.terms {
             let t = t.detach().to_kind(Kind::Float);
             match self.terms.iter_mut().find(|(n, _)| n == name) {
                 Some((_, sum)) => *sum += t,
-                None => self.terms.push((name, t)),
+                None => {
+                    let restored = self.pending.iter().position(|(n, _)| n == name).map(|i| self.pending.remove(i));
+                    let sum = match restored {
+                        Some((_, v)) => Tensor::from(v).to_device(self.device) + t,
+                        None => t,
+                    };
+                    self.terms.push((name, sum))
+                }
             }
         }
         self.embedding = Some(step.embedding.shallow_clone());
         self.steps += 1;
+        let first_bad_here = ok.logical_not().logical_and(&self.first_bad.lt(0));
+        let here = Tensor::full([], global_step as i64, (Kind::Int64, self.device));
+        self.first_bad = self.first_bad.where_self(&first_bad_here.logical_not(), &here);
+    }
+
+    /// The first non-finite step since the last log point, if any (one read from the device).
+    pub fn first_nonfinite(&self) -> Option<u64> {
+        u64::try_from(self.first_bad.int64_value(&[])).ok()
+    }
+
+    /// The window's sums as a checkpoint keeps them (one read from the device).
+    pub fn snapshot(&self, images: u64) -> WindowState {
+        let f = |t: &Tensor| t.to_kind(Kind::Float).double_value(&[]) as f32;
+        let mut terms: Vec<(String, f32)> = self.terms.iter().map(|(n, t)| (n.to_string(), f(t))).collect();
+        terms.extend(self.pending.iter().cloned());
+        WindowState { steps: self.steps, images, loss: f(&self.loss), terms, ..Default::default() }
+    }
+
+    /// Continues the window saved by [`Window::snapshot`].
+    pub fn restore(&mut self, saved: &WindowState) {
+        *self = Window::new(self.device);
+        self.loss = Tensor::from(saved.loss).to_device(self.device);
+        self.steps = saved.steps;
+        self.pending = saved.terms.clone();
     }
 
     /// Means over the window, and the collapse metrics of its last embedding, in one read from the device; then
     /// starts a new window.
     pub fn read(&mut self) -> Readout {
-        let mut values = vec![self.loss.shallow_clone()];
+        let mut values = vec![self.first_bad.shallow_clone(), self.loss.shallow_clone()];
         values.extend(self.terms.iter().map(|(_, t)| t.shallow_clone()));
         let monitored = self.embedding.as_ref().filter(|e| e.dim() == 2 && e.size()[0] >= 2);
         if let Some(e) = monitored {
             values.push(collapse_metrics(e).to_device(self.device));
         }
-        let flat = Tensor::cat(&values.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0);
+        let flat = Tensor::cat(&values.iter().map(|t| t.reshape([-1]).to_kind(Kind::Double)).collect::<Vec<_>>(), 0);
         // The one deliberate sync point of the loop.
         let host: Vec<f64> = Vec::try_from(flat.to_kind(Kind::Double)).expect("a flat tensor of numbers");
         let n = self.steps.max(1) as f64;
         let readout = Readout {
-            loss: host[0] / n,
-            terms: self.terms.iter().zip(&host[1..]).map(|((name, _), v)| (*name, v / n)).collect(),
+            loss: host[1] / n,
+            terms: self.terms.iter().zip(&host[2..]).map(|((name, _), v)| (*name, v / n)).collect(),
             collapse: monitored.map(|_| (host[host.len() - 2], host[host.len() - 1])),
+            first_nonfinite: (host[0] >= 0.0).then_some(host[0] as u64),
         };
         let device = self.device;
         *self = Window::new(device);
@@ -133,7 +183,7 @@ mod tests {
                 embedding: Tensor::from_slice(&[1f32, 0., 0., 1.]).view([2, 2]),
                 terms: vec![("a", Tensor::from(a as f32)), ("b", Tensor::from(1f32))],
             };
-            w.add(&step);
+            w.add(&step, &Tensor::from(true), 0);
         }
         assert_eq!(w.steps, 2);
         let r = w.read();

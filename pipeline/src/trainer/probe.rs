@@ -8,10 +8,10 @@ use super::{labels_to_device, optimizer_step};
 use crate::Result;
 
 /// A linear classifier trained on the detached backbone features of each training batch (solo-learn's online
-/// linear evaluation): a live accuracy curve during pretraining. Its own variables and optimizer, so it is not
-/// part of the checkpoint (a resumed run starts a fresh probe) and no gradient reaches the backbone.
+/// linear evaluation): a live accuracy curve during pretraining. Its own variables and optimizer (so no gradient
+/// reaches the backbone), saved in checkpoints as `probe.safetensors`, so a resumed run continues the same probe.
 pub(super) struct OnlineProbe {
-    _vs: VarStore,
+    vs: VarStore,
     head: tch::nn::Linear,
     opt: Optimizer,
     lr: f64,
@@ -32,7 +32,7 @@ impl OnlineProbe {
             ..Default::default()
         };
         let opt = Optimizer::new(&vs, &cfg)?;
-        Ok(OnlineProbe { _vs: vs, head, opt, lr, hits: Tensor::zeros([], (Kind::Int64, device)), seen: 0 })
+        Ok(OnlineProbe { vs, head, opt, lr, hits: Tensor::zeros([], (Kind::Int64, device)), seen: 0 })
     }
 
     /// One SGD step on `features` (`[N, D]`, detached) and `labels`; counts its accuracy before the step.
@@ -48,6 +48,51 @@ impl OnlineProbe {
         self.seen += labels.len() as u64;
         let loss = selfsup_models::cross_entropy(&logits, &y, 0.0);
         optimizer_step(&mut self.opt, &loss, 0.0, self.lr);
+    }
+
+    /// Weights (`online_probe.*`) and optimizer state (`optimizer.*`), for checkpoints.
+    pub(super) fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.extend(self.opt.state().into_iter().map(|(k, t)| (format!("optimizer.{k}"), t)));
+        out
+    }
+
+    /// Restores [`OnlineProbe::state`]; every tensor must be there with its shape.
+    pub(super) fn load_state(&mut self, saved: &[(String, Tensor)]) -> Result<()> {
+        let bad = |m: String| crate::Error::Other(format!("checkpoint probe.safetensors: {m}"));
+        let mut opt = Vec::new();
+        let mut copies = Vec::new();
+        for (name, var) in self.vs.variables() {
+            let src =
+                saved.iter().find(|(n, _)| *n == name).map(|(_, t)| t).ok_or_else(|| bad(format!("no {name}")))?;
+            if src.size() != var.size() {
+                return Err(bad(format!("{name}: shape {:?} != {:?}", src.size(), var.size())));
+            }
+            copies.push((var, src));
+        }
+        for (name, t) in saved {
+            if let Some(k) = name.strip_prefix("optimizer.") {
+                opt.push((k.to_string(), t.shallow_clone()));
+            }
+        }
+        self.opt.load_state(&opt)?;
+        tch::no_grad(|| {
+            for (mut var, src) in copies {
+                var.copy_(src);
+            }
+        });
+        Ok(())
+    }
+
+    /// Correct predictions and images since the last log point (one read from the device), for checkpoints.
+    pub(super) fn counts(&self) -> (i64, u64) {
+        (self.hits.int64_value(&[]), self.seen)
+    }
+
+    pub(super) fn restore_counts(&mut self, hits: i64, seen: u64) {
+        let _ = self.hits.fill_(hits);
+        self.seen = seen;
     }
 
     /// Accuracy since the last call (reads one number back from the device), `None` when nothing was seen.

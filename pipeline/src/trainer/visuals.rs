@@ -5,7 +5,7 @@ use selfsup_augment::{Image, Rng, Views};
 use selfsup_models::Objective;
 use tch::{Device, Tensor};
 
-use super::{epoch_seed, to_device};
+use super::{step_seed, to_device};
 use crate::config::Config;
 use crate::source::{self, Source};
 use crate::tensorboard::{grid, images_from_tensor, upscale, Sink};
@@ -55,7 +55,7 @@ pub(super) fn log_reconstruction(
     step: i64,
 ) {
     let Some(x) = x else { return };
-    tch::manual_seed(epoch_seed(cfg.seed, usize::MAX));
+    tch::manual_seed(step_seed(cfg.seed, u64::MAX));
     let Some((masked, recon)) = objective.reconstruct(x) else { return };
     let view = &cfg.view_recipes()[0];
     let mut tiles = Vec::new();
