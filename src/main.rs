@@ -47,8 +47,9 @@ enum Command {
         /// Run folder (default: runs/<name>-<UTC time>).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Continue the run in --out from its latest checkpoint (from the next batch, exactly as if never stopped).
-        #[arg(long, requires = "out")]
+        /// Continue the run in --out from its latest checkpoint (from the next batch, exactly as if never stopped),
+        /// with the run's own config (plus --set).
+        #[arg(long, requires = "out", conflicts_with = "config")]
         resume: bool,
         /// Replace the run already in --out (its checkpoints, event files, summaries); without it, pretraining
         /// into a folder that holds a run is refused.
@@ -216,18 +217,18 @@ fn pretrain(
     overwrite: bool,
     quiet: bool,
 ) -> Result<()> {
-    let spec = config.unwrap_or_else(|| {
-        let preset = if tch::Cuda::is_available() { "simclr-fmnist" } else { "simclr-fmnist-tiny" };
-        eprintln!(
-            "no --config given: using preset {preset} ({})",
-            if tch::Cuda::is_available() { "CUDA visible" } else { "no CUDA device: the CPU preset" }
-        );
-        preset.to_string()
-    });
     let cfg = if resume {
         let out = out.as_ref().expect("clap requires --out with --resume");
         Config::load(&out.join("config.toml"), &set)?
     } else {
+        let spec = config.unwrap_or_else(|| {
+            // Probing CUDA costs a second or more: only when the preset depends on it.
+            let cuda = tch::Cuda::is_available();
+            let preset = if cuda { "simclr-fmnist" } else { "simclr-fmnist-tiny" };
+            let why = if cuda { "CUDA visible" } else { "no CUDA device: the CPU preset" };
+            eprintln!("no --config given: using preset {preset} ({why})");
+            preset.to_string()
+        });
         load_config(&spec, &set)?
     };
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", cfg.name, utc_stamp())));
@@ -251,6 +252,14 @@ fn pretrain(
     if cfg.finetune.at_end {
         // Open the fine-tuning data now: a missing or mismatched set should fail before hours of pretraining.
         finetune::open_data(&cfg).context("checking the finetune data (finetune.at_end = true)")?;
+    }
+    if resume {
+        // Before anything is written (an event file): a finished run stays exactly as it is.
+        let ckpt = checkpoint::resolve(&out)?;
+        if let Some(done) = trainer::nothing_to_do(&cfg, &out, &checkpoint::load_state(&ckpt)?, None) {
+            eprintln!("{done}");
+            return Ok(());
+        }
     }
     selfsup_pipeline::signals::install().context("installing the signal handlers")?;
     let mut tb = TensorBoard::create(&out).with_context(|| format!("creating the event file in {}", out.display()))?;

@@ -28,8 +28,9 @@ use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    // `error`, not `source`: the message already holds it (a source would be printed twice in a chain).
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("{path}: not saved: tensor {tensor} holds NaN or infinite values")]
@@ -37,7 +38,7 @@ pub enum CheckpointError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |error| CheckpointError::Io { path: path.to_path_buf(), error }
 }
 
 fn invalid(path: &Path, message: impl ToString) -> CheckpointError {
@@ -301,7 +302,7 @@ pub fn verify(ckpt: &Path) -> Result<(), CheckpointError> {
                 REQUIRED.join(" ")
             ),
         ),
-        _ => CheckpointError::Io { path: mpath.clone(), source: e },
+        _ => CheckpointError::Io { path: mpath.clone(), error: e },
     })?;
     let mut listed = Vec::new();
     for (i, line) in text.lines().enumerate() {

@@ -16,8 +16,9 @@ pub enum ConfigError {
     Key { file: String, key: String, message: String },
     #[error("--set {arg}: {message}")]
     Override { arg: String, message: String },
-    #[error("cannot read {file}: {source}")]
-    Io { file: String, source: std::io::Error },
+    // `error`, not `source`: the message already holds it (a source would be printed twice in a chain).
+    #[error("cannot read {file}: {error}")]
+    Io { file: String, error: std::io::Error },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -378,7 +379,7 @@ impl Config {
     /// Loads `path`, applies `key=value` overrides (values in TOML syntax; bare words are strings), validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { file: file.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io { file: file.clone(), error })?;
         Self::from_toml(&text, &file, overrides)
     }
 

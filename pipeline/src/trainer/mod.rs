@@ -248,6 +248,23 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     trainer.finish(sink).map(Some)
 }
 
+/// `Some(message)` when a `--resume` of run folder `out`, whose latest checkpoint holds `st`, has nothing to do:
+/// training finished (all epochs, or `max_steps` when known, else `train.max_steps`) and the summary is written.
+/// (A run that finished training but died in its final evaluation has no summary: the resume evaluates.)
+pub fn nothing_to_do(cfg: &Config, out: &Path, st: &TrainerState, max_steps: Option<u64>) -> Option<String> {
+    let limit = max_steps.or((cfg.train.max_steps > 0).then_some(cfg.train.max_steps as u64));
+    let finished = st.epoch >= cfg.train.epochs || limit.is_some_and(|m| st.step >= m);
+    (finished && out.join("summary.json").is_file()).then(|| {
+        format!(
+            "nothing to do: {} finished at step {} (epoch {}) and its summary is written; raise train.epochs or \
+             train.max_steps with --set to train further",
+            out.display(),
+            st.step,
+            st.epoch
+        )
+    })
+}
+
 /// What one epoch consumed: samples, and the unreadable ones (those before a resume only counted).
 #[derive(Default)]
 struct EpochTally {
@@ -427,15 +444,8 @@ impl<'a> Trainer<'a> {
         let ckpt = checkpoint::resolve(self.out)?;
         let st = checkpoint::load_state(&ckpt)?;
         checkpoint::check_state(&ckpt, &st, self.cfg, Some(self.steps_per_epoch))?;
-        let finished = st.epoch >= self.cfg.train.epochs || st.step >= self.max_steps;
-        if finished && self.out.join("summary.json").is_file() {
-            eprintln!(
-                "nothing to do: {} finished at step {} (epoch {}), its summary is written; raise train.epochs or \
-                 train.max_steps with --set to train further",
-                self.out.display(),
-                st.step,
-                st.epoch
-            );
+        if let Some(done) = nothing_to_do(self.cfg, self.out, &st, Some(self.max_steps)) {
+            eprintln!("{done}");
             return Ok(None);
         }
         checkpoint::load_weights(&mut self.model.vs, &ckpt)?;

@@ -16,7 +16,11 @@ use crate::checkpoint::WindowState;
 /// `embedding`: `[N, D]` with N >= 2 → `[2]` fp32 (std, effective rank).
 pub fn collapse_metrics(embedding: &Tensor) -> Tensor {
     tch::no_grad(|| {
+        // A non-finite embedding (a NaN step) gives NaN metrics, decided on the device: the eigensolver would fail
+        // on it, so it sees zeros instead.
         let e = embedding.detach().to_kind(Kind::Float);
+        let finite = e.isfinite().all();
+        let e = e.where_self(&finite, &e.zeros_like());
         let d = e.size()[1] as f64;
         let z = &e / e.norm_scalaropt_dim(2.0, [1i64].as_slice(), true).clamp_min(1e-12);
         let std = z.std_dim([0i64].as_slice(), true, false).mean(Kind::Float) * d.sqrt();
@@ -27,7 +31,8 @@ pub fn collapse_metrics(embedding: &Tensor) -> Tensor {
         let s = Tensor::linalg_eigvalsh(&gram, "L").clamp_min(0.0).sqrt();
         let p = &s / s.sum(Kind::Float).clamp_min(1e-12) + 1e-7;
         let rank = (-(&p * p.log()).sum(Kind::Float)).exp();
-        Tensor::stack(&[std, rank], 0)
+        let metrics = Tensor::stack(&[std, rank], 0);
+        metrics.where_self(&finite, &metrics.full_like(f64::NAN))
     })
 }
 
@@ -171,6 +176,10 @@ mod tests {
             .matmul(&Tensor::randn([4, 32], (Kind::Float, Device::Cpu)));
         let v: Vec<f64> = Vec::try_from(collapse_metrics(&low).to_kind(Kind::Double)).unwrap();
         assert!(v[1] > 2.5 && v[1] < 4.01, "rank-4 batch: effective rank {}", v[1]);
+        // A NaN anywhere (a non-finite step): NaN metrics, no eigensolver failure.
+        let _ = low.get(3).get(5).fill_(f64::NAN);
+        let v: Vec<f64> = Vec::try_from(collapse_metrics(&low).to_kind(Kind::Double)).unwrap();
+        assert!(v[0].is_nan() && v[1].is_nan(), "{v:?}");
     }
 
     #[test]

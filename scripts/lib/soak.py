@@ -1,0 +1,171 @@
+"""scripts/soak: SIGKILL a real pretraining run again and again, resume it, and check that nothing is ever lost."""
+import hashlib
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BIN = os.environ.get("SELFSUP_BIN", "target/release/selfsup")
+KILLS = int(os.environ.get("KILLS", "20"))
+SHORT = bool(os.environ.get("SOAK_SHORT"))
+SEED = int(os.environ.get("SEED", str(int(time.time()))))
+IN_WRITE_MIN = max(2 if SHORT else 5, KILLS // 4) if KILLS >= 4 else 0
+EVERY = 3  # train.checkpoint_every_steps
+PAUSE_MS = 40  # per stage of a checkpoint write (test-only fault injection)
+SETS = {
+    "data.limit": "384" if SHORT else "768",
+    "train.batch_size": "32",
+    "model.backbone.width": "8",
+    "train.epochs": "2",
+    "eval.at_end": "false",
+    "train.log_every": "1",
+    "train.progress_every_s": "0",
+    "train.checkpoint_every": "0",
+    "train.checkpoint_every_steps": str(EVERY),
+    "train.keep_last": "3",
+    "optimizer.warmup_epochs": "0.5",
+}
+ARGS = [a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]
+STEP_RE = re.compile(rb"step (\d+)/(\d+)")
+
+
+def command(out, mode):
+    base = [BIN, "pretrain", "--out", out]
+    if mode == "resume":
+        return base + ["--resume"]
+    return base + ["--config", "byol-fmnist-tiny"] + ARGS + (["--overwrite"] if mode == "overwrite" else [])
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verified(ckpt):
+    """True when every file SHA256SUMS lists matches and the manifest lists the required files."""
+    try:
+        lines = open(os.path.join(ckpt, "SHA256SUMS")).read().splitlines()
+        listed = {}
+        for line in lines:
+            want, name = line.split("  ", 1)
+            listed[name] = want
+        required = {"model.safetensors", "optimizer.safetensors", "state.json", "config.toml"}
+        return required <= set(listed) and all(sha256(os.path.join(ckpt, n)) == w for n, w in listed.items())
+    except (OSError, ValueError):
+        return False
+
+
+def latest(run):
+    """(name, step) that LATEST names, None without LATEST; raises if it dangles."""
+    path = os.path.join(run, "checkpoints", "LATEST")
+    if not os.path.exists(path):
+        return None
+    name = open(path).read().strip()
+    ckpt = os.path.join(run, "checkpoints", name)
+    import json
+
+    return name, json.load(open(os.path.join(ckpt, "state.json")))["step"], ckpt
+
+
+def in_write(run):
+    d = os.path.join(run, "checkpoints")
+    try:
+        return any(n.startswith(".") and (".tmp-" in n or ".del-" in n) for n in os.listdir(d))
+    except FileNotFoundError:
+        return False
+
+
+def main():
+    rng = random.Random(SEED)
+    root = os.environ.get("OUT") or tempfile.mkdtemp(prefix="selfsup-soak-")
+    ref, run = os.path.join(root, "uninterrupted"), os.path.join(root, "killed")
+    for d in (ref, run):
+        shutil.rmtree(d, ignore_errors=True)
+    t0 = time.time()
+    subprocess.run(command(ref, "fresh"), check=True, capture_output=True)
+    ref_seconds = time.time() - t0
+    ref_weights = open(os.path.join(latest(ref)[2], "model.safetensors"), "rb").read()
+    print(f"uninterrupted run: {ref_seconds:.1f} s; seed {SEED}; folder {root}", flush=True)
+
+    env = dict(os.environ, SELFSUP_FAULT_SLOW_CHECKPOINT_MS=str(PAUSE_MS))
+    kills = writes = dangling = corrupt = checked = 0
+    lost = []
+    finished = False
+    while kills < KILLS:
+        mode = "resume" if latest(run) else ("overwrite" if os.path.exists(run) else "fresh")
+        want_write = writes < IN_WRITE_MIN and (kills % 2 == 0 or KILLS - kills <= IN_WRITE_MIN - writes)
+        p = subprocess.Popen(command(run, mode), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        start = time.time()
+        deadline = start + (60 if want_write else rng.uniform(0.3, max(0.6, 0.5 * ref_seconds)))
+        caught = False
+        while p.poll() is None and time.time() < deadline:
+            if want_write and in_write(run):
+                time.sleep(rng.uniform(0, 6 * PAUSE_MS / 1000))  # land anywhere in the write's stages
+                caught = in_write(run) or p.poll() is None
+                break
+            time.sleep(0.001)
+        if p.poll() is not None:
+            err = p.stderr.read()
+            if p.returncode != 0:
+                sys.exit(f"the run failed by itself (exit {p.returncode}):\n{err.decode(errors='replace')}")
+            finished = True
+            break
+        p.send_signal(signal.SIGKILL)
+        err = p.stderr.read()
+        p.wait()
+        kills += 1
+        writes += caught and want_write
+        steps = [int(m.group(1)) for m in STEP_RE.finditer(err)]
+        reached = steps[-1] if steps else None
+        # Invariants after a kill: LATEST names a complete, verified checkpoint; every checkpoint folder verifies.
+        try:
+            at = latest(run)
+        except (OSError, ValueError):
+            at, dangling = None, dangling + 1
+        if at and not verified(at[2]):
+            dangling += 1
+        ckdir = os.path.join(run, "checkpoints")
+        for name in sorted(os.listdir(ckdir)) if os.path.isdir(ckdir) else []:
+            path = os.path.join(ckdir, name)
+            if name.startswith(".") or not os.path.isdir(path):
+                continue
+            checked += 1
+            corrupt += not verified(path)
+        base = at[1] if at else 0
+        if reached is not None:
+            lost.append(max(0, reached - base))
+        where = "inside a checkpoint write" if caught and want_write else "at a random moment"
+        print(f"kill {kills:2d} {where:26s} after {time.time() - start:5.2f} s: reached step {reached}, "
+              f"LATEST {at[0] if at else None} (step {base})", flush=True)
+    if not finished:
+        mode = "resume" if latest(run) else "overwrite"
+        r = subprocess.run(command(run, mode), capture_output=True)
+        if r.returncode != 0:
+            sys.exit(f"the final resume failed:\n{r.stderr.decode(errors='replace')}")
+    weights = open(os.path.join(latest(run)[2], "model.safetensors"), "rb").read()
+    same = weights == ref_weights
+    worst = max(lost) if lost else 0
+    print(f"kills: {kills} ({writes} inside a checkpoint write)")
+    print(f"checkpoints verified: {checked}")
+    print(f"dangling LATEST: {dangling}")
+    print(f"corrupt checkpoints: {corrupt}")
+    median = statistics.median(lost) if lost else 0
+    print(f"work lost per kill: median {median} steps, max {worst} (checkpoint interval {EVERY} steps)")
+    print(f"bit-identical: {'yes' if same else 'NO'}")
+    ok = same and dangling == 0 and corrupt == 0 and worst <= EVERY and writes >= IN_WRITE_MIN
+    if not os.environ.get("OUT"):
+        shutil.rmtree(root, ignore_errors=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
