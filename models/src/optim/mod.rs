@@ -215,7 +215,24 @@ impl Optimizer {
                 return (grads, Tensor::zeros([], (Kind::Float, device)));
             };
             let device = first.device();
-            let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm().to_device(device)).collect();
+            let norms: Vec<Tensor> = if self.multi_tensor.unwrap_or(device.is_cuda()) {
+                // One flat copy and one reduction per chunk instead of a kernel per parameter.
+                self.chunks
+                    .iter()
+                    .filter_map(|c| {
+                        let gs: Vec<Tensor> = c
+                            .members
+                            .iter()
+                            .map(|&i| self.params[i].tensor.grad())
+                            .filter(Tensor::defined)
+                            .map(|g| g.to_kind(Kind::Float))
+                            .collect();
+                        (!gs.is_empty()).then(|| chunk::flat(&gs).norm().to_device(device))
+                    })
+                    .collect()
+            } else {
+                grads.iter().map(|g| g.to_kind(Kind::Float).norm().to_device(device)).collect()
+            };
             let total = Tensor::stack(&norms, 0).norm();
             (grads, total)
         })

@@ -419,3 +419,24 @@ fn vit_params(d: i64) -> (nn::VarStore, i64) {
     }
     (vs, n)
 }
+
+#[test]
+fn grad_norm_is_the_same_on_both_paths_and_sees_nan() {
+    // Chunked (one flat reduction per chunk) and per-tensor norms agree, with a parameter lacking a gradient;
+    // a NaN in any gradient makes the norm NaN (what the trainer's non-finite check relies on).
+    let norm = |multi_tensor: bool, nan: bool| {
+        let vs = mixed_vars(3, false);
+        let mut opt = Optimizer::build(&vs, &adamw(0.05), mixed_spec, 40).unwrap();
+        opt.multi_tensor = Some(multi_tensor);
+        opt.zero_grad();
+        backward(&vs, 1, "p2");
+        if nan {
+            let g = vs.variables()["p4"].grad();
+            let _ = g.flatten(0, -1).get(0).fill_(f64::NAN);
+        }
+        opt.grad_norm().double_value(&[])
+    };
+    let (a, b) = (norm(true, false), norm(false, false));
+    assert!(a > 0.0 && (a - b).abs() <= 1e-5 * b, "{a} vs {b}");
+    assert!(norm(true, true).is_nan() && norm(false, true).is_nan());
+}

@@ -249,12 +249,18 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
 }
 
 /// `Some(message)` when a `--resume` of run folder `out`, whose latest checkpoint holds `st`, has nothing to do:
-/// training finished (all epochs, or `max_steps` when known, else `train.max_steps`) and the summary is written.
-/// (A run that finished training but died in its final evaluation has no summary: the resume evaluates.)
+/// training finished (all epochs, or `max_steps` when known, else `train.max_steps`) and the summary of a
+/// complete run is written. (A run that finished training but died in, or was stopped before, its final
+/// evaluation has no such summary: the resume evaluates.)
 pub fn nothing_to_do(cfg: &Config, out: &Path, st: &TrainerState, max_steps: Option<u64>) -> Option<String> {
     let limit = max_steps.or((cfg.train.max_steps > 0).then_some(cfg.train.max_steps as u64));
     let finished = st.epoch >= cfg.train.epochs || limit.is_some_and(|m| st.step >= m);
-    (finished && out.join("summary.json").is_file()).then(|| {
+    // A summary of a run stopped by a signal (which skips the evaluation) does not count.
+    let summarized = std::fs::read(out.join("summary.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["interrupted"].is_null());
+    (finished && summarized).then(|| {
         format!(
             "nothing to do: {} finished at step {} (epoch {}) and its summary is written; raise train.epochs or \
              train.max_steps with --set to train further",
