@@ -1,5 +1,6 @@
 //! `selfsup inspect`: what a dataset holds before training on it: counts, the image-size histogram, unreadable
-//! samples (with where they live and why), exact duplicates (same decoded pixels), and class balance.
+//! samples (with where they live and why), what the listing left out (link cycles, second paths to a file), exact
+//! duplicates (same decoded pixels), and class balance.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -10,7 +11,7 @@ use serde::Serialize;
 
 use crate::loader::BadSample;
 use crate::pack::{fnv1a64, FNV_OFFSET};
-use crate::source::Source;
+use crate::source::{Skipped, Source};
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct SizeCount {
@@ -32,6 +33,8 @@ pub struct InspectReport {
     pub count: usize,
     pub readable: usize,
     pub unreadable: Vec<BadSample>,
+    /// What the source left out on purpose while listing (folder links that are cycles, second paths to one file).
+    pub skipped: Vec<Skipped>,
     /// Distinct (width, height, channels), most frequent first.
     pub sizes: Vec<SizeCount>,
     /// Groups of samples with identical decoded pixels (by a 64-bit FNV-1a hash of size and pixels).
@@ -103,6 +106,7 @@ pub fn inspect(source: &dyn Source, path: &str) -> InspectReport {
         count: n,
         readable: n - unreadable.len(),
         unreadable,
+        skipped: source.skipped(),
         sizes,
         duplicate_groups,
         duplicates,
@@ -121,6 +125,16 @@ impl std::fmt::Display for InspectReport {
             self.readable,
             self.unreadable.len()
         )?;
+        if !self.skipped.is_empty() {
+            let cycles = self.skipped.iter().filter(|s| s.kind == crate::source::SkipKind::Cycle).count();
+            writeln!(f, "left out while listing: {} ({cycles} link cycles)", self.skipped.len())?;
+            for s in self.skipped.iter().take(20) {
+                writeln!(f, "  skipped {s}")?;
+            }
+            if self.skipped.len() > 20 {
+                writeln!(f, "  ... and {} more (all in the JSON report)", self.skipped.len() - 20)?;
+            }
+        }
         writeln!(f, "image sizes (width x height x channels):")?;
         for s in self.sizes.iter().take(15) {
             writeln!(f, "  {:>5} x {:<5} x {}  {:>9}", s.width, s.height, s.channels, s.count)?;

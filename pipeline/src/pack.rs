@@ -164,14 +164,12 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions) -> Result<PackSummary, D
     let start = Instant::now();
     check_output(out)?;
     let name = src.display().to_string();
-    let generic = source::open(src, opts.channels)?;
-    // An image folder is what `source::open` reads as one (not, say, a folder of CIFAR batches).
-    let folder = src
-        .is_dir()
-        .then(|| ImageFolder::open(src, opts.channels).ok())
-        .flatten()
-        .filter(|f| f.len() == generic.len() && f.describe(0) == generic.describe(0));
+    // An image folder is what `source::open` reads as one (not, say, a folder of CIFAR batches); opened once, so
+    // that its listing (and any warning about links it skipped) happens once.
+    let folder =
+        if src.is_dir() && !source::is_cifar(src) { Some(ImageFolder::open(src, opts.channels)?) } else { None };
     let Some(folder) = folder else {
+        let generic = source::open(src, opts.channels)?;
         if opts.encoded {
             return Err(DataError::Invalid {
                 path: src.into(),
@@ -180,11 +178,19 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions) -> Result<PackSummary, D
         }
         return pack_source(generic.as_ref(), &name, out, opts);
     };
+    let mut notes = Vec::new();
+    if !folder.skipped().is_empty() {
+        notes.push(format!(
+            "{} entries of the folder were left out while listing (link cycles, second paths to one file; \
+             `selfsup inspect` lists them)",
+            folder.skipped().len()
+        ));
+    }
     let sizes = if opts.encoded { Vec::new() } else { distinct_sizes(&folder) };
     let summary = if opts.encoded {
-        write(&Input::Encoded(&folder), &name, out, opts, Vec::new())
+        write(&Input::Encoded(&folder), &name, out, opts, notes)
     } else if sizes.len() > 1 {
-        let note = format!(
+        notes.push(format!(
             "the images differ in size ({} sizes, e.g. {}x{} and {}x{}): the fixed layout needs one size, so the \
              encoded layout is used (original file bytes, decoded when read)",
             sizes.len(),
@@ -192,10 +198,10 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions) -> Result<PackSummary, D
             sizes[0].1,
             sizes[1].0,
             sizes[1].1
-        );
-        write(&Input::Encoded(&folder), &name, out, opts, vec![note])
+        ));
+        write(&Input::Encoded(&folder), &name, out, opts, notes)
     } else {
-        pack_source(&folder, &name, out, opts)
+        write(&Input::Decoded(&folder), &name, out, opts, notes)
     };
     summary.map(|s| PackSummary { seconds: start.elapsed().as_secs_f64(), ..s })
 }
@@ -228,7 +234,8 @@ fn distinct_sizes(folder: &ImageFolder) -> Vec<(u32, u32)> {
     let mut sizes: Vec<(u32, u32)> = (0..folder.len())
         .into_par_iter()
         .filter_map(|i| {
-            image::ImageReader::open(folder.file(i)?).ok()?.with_guessed_format().ok()?.into_dimensions().ok()
+            let bytes = source::read_file(folder.file(i)?, source::DEFAULT_MAX_PIXELS).ok()?;
+            image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()
         })
         .collect();
     sizes.sort_unstable();
@@ -433,7 +440,7 @@ fn read_row(input: &Input, i: usize, channels: u8) -> Result<Row, DataError> {
             let path = f
                 .file(i)
                 .ok_or_else(|| DataError::Invalid { path: f.root().into(), message: format!("no sample {i}") })?;
-            let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+            let bytes = source::read_file(path, source::DEFAULT_MAX_PIXELS)?;
             // Decoded once here so that a file the reader could not decode is skipped now, not at training time.
             source::decode_bytes(&bytes, channels, source::DEFAULT_MAX_PIXELS, path)?;
             let crc32 = Some(libdeflater::crc32(&bytes));

@@ -1,5 +1,6 @@
 //! Sources on real files: IDX (gzip and raw give the same pixels), image folders with class sub-folders, and
-//! bad files that are counted and named without stopping the good ones.
+//! bad files that are counted and named without stopping the good ones; hostile data (issue 10): folder link
+//! cycles, truncated images, and headers (IDX, CIFAR, HDF5) claiming absurd sizes, each a clear error.
 
 mod common;
 
@@ -171,4 +172,283 @@ fn cifar10_and_cifar100_binary_batches() {
     std::fs::write(&bad, vec![0u8; 3073 * 2 - 5]).unwrap();
     let e = CifarSource::open(&bad).err().unwrap().to_string();
     assert!(e.contains("3073-byte records"), "{e}");
+}
+
+fn write_jpeg(path: &Path, w: u32, h: u32, seed: u8) {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8 ^ seed, (y * 5) as u8, seed]));
+    img.save_with_format(path, image::ImageFormat::Jpeg).unwrap();
+}
+
+/// (device, inode) of a file: what "one real file" means (a hard link has its own canonical path).
+fn file_id(p: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).unwrap();
+    (m.dev(), m.ino())
+}
+
+/// The real files behind every sample, sorted (what "each real file once" is checked on).
+fn real_files(src: &dyn Source) -> Vec<(u64, u64)> {
+    let mut v: Vec<_> = (0..src.len()).map(|i| file_id(Path::new(&src.describe(i)))).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn folder_links_list_each_real_file_once_and_cycles_are_reported() {
+    use selfsup_pipeline::source::SkipKind;
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    let mut want = Vec::new();
+    for (i, rel) in ["a.png", "b.jpg", "sub/c.png", "sub/deeper/d.png"].iter().enumerate() {
+        let p = root.join(rel);
+        if rel.ends_with(".jpg") {
+            write_jpeg(&p, 20, 10, i as u8)
+        } else {
+            write_png(&p, 12 + i as u32, 9, i as u8)
+        }
+        want.push(file_id(&p));
+    }
+    want.sort();
+    // A link to the parent inside a sub-folder, two links to their own folder (before this change: a walk ~40
+    // levels deep, and with two such links one that never ends), a second link to a folder, a link and a hard
+    // link to a file, and a dangling link named like an image (listed, then unreadable) and one that is not.
+    symlink("..", root.join("sub/up")).unwrap();
+    symlink(".", root.join("again")).unwrap();
+    symlink(".", root.join("sub/deeper/again")).unwrap();
+    symlink("sub", root.join("sub-link")).unwrap();
+    symlink("a.png", root.join("a-link.png")).unwrap();
+    std::fs::hard_link(root.join("sub/c.png"), root.join("c-hard.png")).unwrap();
+    symlink("gone.png", root.join("dangling.png")).unwrap();
+    symlink("/nonexistent/folder", root.join("dangling-folder")).unwrap();
+
+    let t = std::time::Instant::now();
+    let src = source::open(&root, 3).unwrap();
+    assert!(t.elapsed().as_secs() < 5, "the listing terminates quickly");
+    let dangling = root.join("dangling.png");
+    let listed: Vec<_> = (0..src.len()).map(|i| std::path::PathBuf::from(src.describe(i))).collect();
+    assert_eq!(src.len(), 5, "4 real files + the dangling image link: {listed:?}");
+    let i = listed.iter().position(|p| *p == dangling).expect("the dangling link is a sample");
+    let e = src.get(i).unwrap_err().to_string();
+    assert!(e.contains("dangling.png") && e.contains("No such file"), "{e}");
+    let mut got: Vec<_> = listed.iter().filter(|p| **p != dangling).map(|p| file_id(p)).collect();
+    got.sort();
+    assert_eq!(got, want, "each real file exactly once: {listed:?}");
+    // Real paths win over symlinked ones (real entries are listed first); of two hard links, the first in the
+    // walk (depth-first, in name order).
+    for path in ["a.png", "c-hard.png", "sub/deeper/d.png"] {
+        assert!(listed.contains(&root.join(path)), "{path} in {listed:?}");
+    }
+    let skipped = src.skipped();
+    let count = |k: SkipKind| skipped.iter().filter(|s| s.kind == k).count();
+    assert_eq!(count(SkipKind::Cycle), 3, "{skipped:#?}");
+    assert_eq!(count(SkipKind::SameFolder), 1, "{skipped:#?}");
+    assert_eq!(count(SkipKind::SameFile), 2, "{skipped:#?}");
+    assert_eq!(count(SkipKind::Dangling), 1, "{skipped:#?}");
+    assert!(skipped.iter().any(|s| s.path.ends_with("sub/up") && s.detail.contains("cycle")), "{skipped:#?}");
+
+    // `inspect` reports the cycles and names the dangling link as unreadable.
+    let report = selfsup_pipeline::inspect::inspect(src.as_ref(), "data");
+    assert_eq!((report.count, report.readable, report.skipped.len()), (5, 4, 7));
+    assert!(report.unreadable[0].location.ends_with("dangling.png"));
+    let text = report.to_string();
+    assert!(text.contains("left out while listing: 7 (3 link cycles)"), "{text}");
+    assert!(text.contains("sub/up: a cycle"), "{text}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["skipped"].as_array().unwrap().iter().filter(|s| s["kind"] == "cycle").count(), 3);
+}
+
+#[test]
+fn a_link_cannot_pull_another_class_into_its_class() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    for (class, n) in [("cat", 2), ("dog", 3)] {
+        std::fs::create_dir(dir.path().join(class)).unwrap();
+        for i in 0..n {
+            write_png(&dir.path().join(format!("{class}/{i}.png")), 10, 10, i as u8);
+        }
+    }
+    symlink("../dog", dir.path().join("cat/more")).unwrap();
+    // A top-level link to the root is a folder too, but a cycle, not a class.
+    symlink(".", dir.path().join("zz-self")).unwrap();
+    let src = source::open(dir.path(), 1).unwrap();
+    assert_eq!(src.class_names(), vec!["cat".to_string(), "dog".into()]);
+    assert_eq!(src.labels().unwrap(), vec![0, 0, 1, 1, 1], "dog's files keep dog's label");
+    assert_eq!(real_files(src.as_ref()).len(), 5);
+    assert_eq!(src.skipped().len(), 2, "{:#?}", src.skipped());
+}
+
+#[test]
+fn truncated_jpegs_and_pngs_are_unreadable_with_their_path() {
+    let dir = tempfile::tempdir().unwrap();
+    write_jpeg(&dir.path().join("good.jpg"), 64, 48, 1);
+    write_png(&dir.path().join("good.png"), 64, 48, 2);
+    let jpg = std::fs::read(dir.path().join("good.jpg")).unwrap();
+    let png = std::fs::read(dir.path().join("good.png")).unwrap();
+    std::fs::write(dir.path().join("cut.jpg"), &jpg[..jpg.len() * 6 / 10]).unwrap();
+    std::fs::write(dir.path().join("cut-before-eoi.jpg"), &jpg[..jpg.len() - 2]).unwrap();
+    std::fs::write(dir.path().join("cut.png"), &png[..png.len() * 6 / 10]).unwrap();
+    // Trailing bytes after a JPEG's end marker (what cameras append) are fine.
+    let mut trailing = jpg.clone();
+    trailing.extend_from_slice(b"APPENDED DATA");
+    std::fs::write(dir.path().join("trailing.jpg"), &trailing).unwrap();
+    let src = source::open(dir.path(), 3).unwrap();
+    let report = selfsup_pipeline::inspect::inspect(src.as_ref(), "cut");
+    assert_eq!((report.count, report.readable), (6, 3), "{report}");
+    let bad: std::collections::BTreeMap<String, String> = report
+        .unreadable
+        .iter()
+        .map(|b| (Path::new(&b.location).file_name().unwrap().to_string_lossy().into_owned(), b.error.clone()))
+        .collect();
+    assert_eq!(bad.keys().collect::<Vec<_>>(), ["cut-before-eoi.jpg", "cut.jpg", "cut.png"]);
+    for (name, error) in &bad {
+        assert!(error.contains(name.as_str()), "{error}");
+    }
+    assert!(bad["cut.jpg"].contains("truncated JPEG") && bad["cut.jpg"].contains("FF D9"), "{}", bad["cut.jpg"]);
+    assert!(bad["cut.png"].contains("end of file") || bad["cut.png"].contains("deflate"), "{}", bad["cut.png"]);
+}
+
+#[test]
+fn real_jpegs_and_pngs_on_this_machine_still_decode() {
+    // Whatever photos the machine has (the foolbox ImageNet JPEGs from scripts/setup, system images): the end
+    // marker check must not refuse a real file. Nothing found = nothing to check.
+    let mut found = Vec::new();
+    for dir in [selfsup_pipeline::cache_dir().join("photos/imagenet-512"), "/usr/share/pixmaps".into()] {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let ext = e.path().extension().map(|x| x.to_ascii_lowercase());
+            if ext.is_some_and(|x| x == "jpg" || x == "jpeg" || x == "png") {
+                found.push(e.path());
+            }
+        }
+    }
+    for p in &found {
+        let (parent, name) = (p.parent().unwrap(), p.file_name().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(p, dir.path().join(name)).unwrap();
+        let src = source::open(dir.path(), 3).unwrap();
+        assert!(src.get(0).is_ok(), "{}: {}", parent.display(), src.get(0).unwrap_err());
+    }
+    eprintln!("{} real images decoded", found.len());
+}
+
+#[test]
+fn idx_headers_with_absurd_sizes_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x-images-idx3-ubyte");
+    let header = |magic: [u8; 4], dims: &[u32]| -> Vec<u8> {
+        let mut v = magic.to_vec();
+        dims.iter().for_each(|d| v.extend_from_slice(&d.to_be_bytes()));
+        v
+    };
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (header([0, 0, 8, 3], &[10, 0, 0]), "width 0 is outside 1..=65535 (0x0 pixels)"),
+        (header([0, 0, 8, 3], &[10, 1 << 31, 1 << 31]), "width 2147483648 is outside 1..=65535"),
+        (header([0, 0, 8, 3], &[0, 28, 28]), "image count is 0"),
+        (header([0, 0, 8, 3], &[u32::MAX, 65535, 65535]), "truncated: header promises"),
+        (header([0, 0, 0x0d, 3], &[1, 2, 2]), "element type 0x0d unsupported"),
+        (header([0, 0, 8, 9], &[]), "9 dimensions"),
+        (header([0, 0, 8, 2], &[3, 4]), "expected 3 dimensions"),
+    ];
+    for (bytes, want) in cases {
+        let mut bytes = bytes;
+        bytes.extend_from_slice(&[7u8; 64]);
+        std::fs::write(&p, &bytes).unwrap();
+        let e = source::open(&p, 1).err().expect(want).to_string();
+        assert!(e.contains(want) && e.contains("x-images-idx3-ubyte"), "want {want:?}: {e}");
+    }
+    // Gzipped: a header promising more than the stream can hold is refused before anything is inflated (no
+    // gzip bomb filling the disk), and a stream shorter than its header is truncated.
+    let gz = dir.path().join("y-images-idx3-ubyte.gz");
+    for (dims, want) in
+        [([60_000u32, 28, 28], "truncated: header promises 47040016 bytes"), ([u32::MAX, 65535, 65535], "more than a")]
+    {
+        // 64 KiB that does not compress: the gzip file could hold the 47 MB the first header promises. Neither
+        // case leaves a file in the cache (nothing is inflated, or the partial copy is removed).
+        let mut raw = header([0, 0, 8, 3], &dims);
+        let mut x = 1u32;
+        raw.extend((0..1 << 16).map(|_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 24) as u8
+        }));
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&raw).unwrap();
+        std::fs::write(&gz, enc.finish().unwrap()).unwrap();
+        let e = IdxSource::open(&gz).err().expect(want).to_string();
+        assert!(e.contains(want) && e.contains("y-images-idx3-ubyte.gz"), "want {want:?}: {e}");
+    }
+}
+
+#[test]
+fn cifar_labels_out_of_range_are_refused_naming_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("data_batch_1.bin");
+    let mut b: Vec<u8> = (0..3).flat_map(|r| cifar_record(&[r as u8], r)).collect();
+    b[2 * 3073] = 10;
+    std::fs::write(&p, &b).unwrap();
+    let e = source::open(&p, 3).err().unwrap().to_string();
+    assert!(e.contains("data_batch_1.bin") && e.contains("record 2: label 10 is out of range for CIFAR-10"), "{e}");
+    let p = dir.path().join("train.bin");
+    std::fs::write(&p, cifar_record(&[20, 5], 0)).unwrap();
+    let e = source::open(&p, 3).err().unwrap().to_string();
+    assert!(e.contains("record 0: coarse label 20 is out of range for CIFAR-100"), "{e}");
+}
+
+#[test]
+fn hdf5_shapes_and_attributes_are_checked_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let make = |name: &str, build: &dyn Fn(&hdf5::File)| -> std::path::PathBuf {
+        let p = dir.path().join(name);
+        let f = hdf5::File::create(&p).unwrap();
+        build(&f);
+        p
+    };
+    let images = |f: &hdf5::File, shape: &[usize]| {
+        f.new_dataset::<u8>().shape(shape.to_vec()).create("images").unwrap();
+    };
+    let cases: Vec<(std::path::PathBuf, &str)> = vec![
+        (make("zero.h5", &|f| images(f, &[4, 0, 5])), "`images`: image height 0 is outside 1..=65535"),
+        (make("huge.h5", &|f| images(f, &[4, 70_000, 5])), "height 70000 is outside"),
+        (make("empty.h5", &|f| images(f, &[0, 6, 5])), "`images` holds no samples"),
+        // Never written: HDF5 would read zeros (a chunked data set without its chunks, a contiguous one without
+        // its storage), and the claimed count would size `labels`.
+        (
+            make("unwritten.h5", &|f| {
+                f.new_dataset::<u8>().shape((1_000_000, 6, 5)).chunk((100, 6, 5)).create("images").unwrap();
+            }),
+            "1000000 samples in 10000 chunks, but the file stores 0 of them",
+        ),
+        (
+            make("unwritten-contiguous.h5", &|f| images(f, &[1000, 6, 5])),
+            "1000 samples need 30000 bytes, the data set stores 0",
+        ),
+        (
+            make("bigchunks.h5", &|f| {
+                f.new_dataset::<u8>().shape((4000, 256, 256, 3)).chunk((2000, 256, 256, 3)).create("images").unwrap();
+            }),
+            "exceed the 268435456 bytes read at once",
+        ),
+    ];
+    for (p, want) in &cases {
+        let e = source::open(p, 1).err().unwrap_or_else(|| panic!("{want}")).to_string();
+        assert!(e.contains(want) && e.contains(p.file_name().unwrap().to_str().unwrap()), "want {want:?}: {e}");
+    }
+    let good = make("good.h5", &|f| {
+        let ds = f.new_dataset::<u8>().shape((3, 6, 5)).create("images").unwrap();
+        ds.write_raw(&[1u8; 90]).unwrap();
+        f.new_dataset_builder().with_data(&[0i64, 1, 2]).create("labels").unwrap();
+    });
+    assert_eq!(source::open(&good, 1).unwrap().labels(), Some(vec![0, 1, 2]));
+    for (name, labels, want) in [
+        ("neg.h5", vec![0i64, -1, 2], "entry 1 is -1, outside 0..65536"),
+        ("short.h5", vec![0, 1], "`labels` has 2 entries for 3 samples"),
+    ] {
+        let p = make(name, &|f| {
+            let ds = f.new_dataset::<u8>().shape((3, 6, 5)).create("images").unwrap();
+            ds.write_raw(&[1u8; 90]).unwrap();
+            f.new_dataset_builder().with_data(&labels).create("labels").unwrap();
+        });
+        let e = source::open(&p, 1).err().unwrap().to_string();
+        assert!(e.contains(want) && e.contains(name), "want {want:?}: {e}");
+    }
 }

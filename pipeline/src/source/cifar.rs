@@ -2,7 +2,8 @@
 //! byte (CIFAR-100: coarse then fine label) and 3072 bytes of planar 32x32 RGB. A source is one `.bin` file or a
 //! folder holding the training batches (`data_batch_*.bin` for CIFAR-10, `train.bin` for CIFAR-100). Samples are read
 //! with positioned reads; only the labels are held in memory. Class names come from `batches.meta.txt` or
-//! `fine_label_names.txt` beside the files when present.
+//! `fine_label_names.txt` beside the files when present. A file must be a whole number of records, and every label
+//! byte in range (0..=9; CIFAR-100: coarse 0..=19, fine 0..=99), or it is refused at open with the record named.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -32,6 +33,19 @@ impl CifarKind {
     }
     fn record(self) -> usize {
         self.label_bytes() + 3 * PIXELS
+    }
+    /// Classes of each label byte (CIFAR-100: coarse, then fine).
+    fn classes(self) -> &'static [u8] {
+        match self {
+            CifarKind::Cifar10 => &[10],
+            CifarKind::Cifar100 => &[20, 100],
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            CifarKind::Cifar10 => "CIFAR-10",
+            CifarKind::Cifar100 => "CIFAR-100",
+        }
     }
 }
 
@@ -69,7 +83,7 @@ fn kind_of(path: &Path, len: u64) -> Result<CifarKind, DataError> {
     } else {
         None
     };
-    let fits = |k: CifarKind| len > 0 && len % k.record() as u64 == 0;
+    let fits = |k: CifarKind| len > 0 && len.is_multiple_of(k.record() as u64);
     match by_name {
         Some(k) if fits(k) => Ok(k),
         Some(k) => Err(invalid(path, format!("{len} bytes is not a whole number of {}-byte records", k.record()))),
@@ -119,12 +133,26 @@ impl CifarSource {
             }
             kind = Some(k);
             let records = (len / k.record() as u64) as usize;
-            // The fine label is the last label byte of each record.
-            let mut b = [0u8; 1];
+            // The fine label is the last label byte of each record. A label byte out of range means the file is not
+            // what its size says (records misaligned, another format) or is corrupt: refused, naming the record.
+            let mut b = [0u8; 2];
+            let b = &mut b[..k.label_bytes()];
             for r in 0..records {
-                let at = (r * k.record() + k.label_bytes() - 1) as u64;
-                file.read_exact_at(&mut b, at).map_err(|e| DataError::io(&f, e))?;
-                labels.push(b[0]);
+                file.read_exact_at(b, (r * k.record()) as u64).map_err(|e| DataError::io(&f, e))?;
+                for (&label, &classes) in b.iter().zip(k.classes()) {
+                    if label >= classes {
+                        let what = if classes == 20 { "coarse label" } else { "label" };
+                        return Err(invalid(
+                            &f,
+                            format!(
+                                "record {r}: {what} {label} is out of range for {} (0..={})",
+                                k.name(),
+                                classes - 1
+                            ),
+                        ));
+                    }
+                }
+                labels.push(b[k.label_bytes() - 1]);
             }
             parts.push(Part { path: f, file, records });
         }

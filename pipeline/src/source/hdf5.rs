@@ -18,6 +18,14 @@
 //! Concurrent misses on the same chunk wait for one read. HDF5 calls are serialized by hdf5-metno's global
 //! lock, so the handles are safe to share between rayon threads; decoding of encoded samples runs outside it.
 //!
+//! Nothing the file claims is trusted before it is checked against sane limits and the file itself, so a damaged
+//! or hostile file is a clear error, not a huge allocation or a panic ([`validate`]): sides in 1..=65535 and at
+//! most `max_pixels` pixels, blocks of at most 256 MiB, every chunk of the data set stored (an unwritten chunk
+//! reads back as zeros; and so the sample count is bounded by what the file holds), `labels` and `checksums` shaped
+//! `[N]` before they are read, labels in `0..65536`, string attributes of at most 65536 entries; the fast path
+//! bounds-checks every chunk's offset and size against the file ([`raw`]). One known gap is inside HDF5 itself (a
+//! damaged global heap can hang it; see [`validate`]).
+//!
 //! Fixed-layout chunks of whole samples filtered by fletcher32 and at most one of Blosc and deflate (what `pack`
 //! writes) are read by [`raw`] instead, outside HDF5 and in parallel: decompressing is most of a chunk's cost
 //! (Fashion-MNIST, 256 samples, on the 2-core dev machine: deflate through zlib inside HDF5 ~720 us, libdeflate
@@ -30,16 +38,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use ::hdf5::types::{VarLenArray, VarLenAscii, VarLenUnicode};
-use ::hdf5::{Dataset, File, Hyperslab, Location, SliceOrIndex};
+use ::hdf5::types::VarLenArray;
+use ::hdf5::{Dataset, File, Hyperslab, SliceOrIndex};
 use selfsup_augment::Image;
 
-use super::folder::{decode_bytes, DEFAULT_MAX_PIXELS};
-use super::{DataError, Sample, Source, SHUFFLE_WINDOW_BLOCKS};
+use super::{decode_bytes, DataError, OpenOptions, Sample, Source, SHUFFLE_WINDOW_BLOCKS};
 use raw::RawChunks;
+use validate::{checked_block, read_checksums, read_labels, string_attr};
 
 mod fletcher32;
 mod raw;
+mod validate;
 
 /// Decoded chunks kept: a batch touches at most two shuffle windows of blocks; two spare for stragglers.
 const CACHE_CHUNKS: usize = 2 * SHUFFLE_WINDOW_BLOCKS + 2;
@@ -47,8 +56,7 @@ const CACHE_CHUNKS: usize = 2 * SHUFFLE_WINDOW_BLOCKS + 2;
 /// [`RECENT`]. Mostly the same chunks as the shared cache holds.
 const RECENT_BYTES: usize = 8 << 20;
 /// For data sets that are not chunked, samples read per block: about this many bytes, at most 256 samples.
-const CONTIGUOUS_BLOCK_BYTES: usize = 1 << 20;
-
+pub(super) const CONTIGUOUS_BLOCK_BYTES: usize = 1 << 20;
 /// How the images are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hdf5Layout {
@@ -157,38 +165,16 @@ const _: () = {
     shareable::<Hdf5Source>();
 };
 
-/// Reads a string-array attribute stored as variable-length UTF-8 or ASCII (what h5py and `pack` write).
-fn string_attr(loc: &Location, name: &str) -> ::hdf5::Result<Option<Vec<String>>> {
-    if !loc.attr_names()?.iter().any(|n| n == name) {
-        return Ok(None);
-    }
-    let attr = loc.attr(name)?;
-    if let Ok(v) = attr.read_raw::<VarLenUnicode>() {
-        return Ok(Some(v.iter().map(|s| s.as_str().to_string()).collect()));
-    }
-    let v = attr.read_raw::<VarLenAscii>()?;
-    Ok(Some(v.iter().map(|s| s.as_str().to_string()).collect()))
-}
-
-/// The encoded layout's `checksums` data set: one CRC-32 per sample.
-fn read_checksums(file: &File, path: &Path, count: usize) -> Result<Vec<u32>, DataError> {
-    let err = |e: ::hdf5::Error| h5_err(path, e);
-    let ds = file.dataset("checksums").map_err(err)?;
-    if let Some(algorithm) = string_attr(&ds, "checksum").map_err(err)? {
-        if algorithm != [crate::pack::CHECKSUM_ALGORITHM] {
-            return Err(h5_err(path, format!("`checksums`: unknown checksum {algorithm:?}, this reader knows crc32")));
-        }
-    }
-    let sums = ds.read_raw::<u32>().map_err(err)?;
-    if sums.len() != count {
-        return Err(h5_err(path, format!("`checksums` has {} entries for {count} samples", sums.len())));
-    }
-    Ok(sums)
-}
-
 impl Hdf5Source {
     /// Opens `path`; `channels` (1 or 3) is what encoded samples are decoded to (fixed ones keep theirs).
     pub fn open(path: &Path, channels: u8) -> Result<Self, DataError> {
+        Self::open_with(path, OpenOptions::channels(channels))
+    }
+
+    /// [`Hdf5Source::open`] with a pixel limit other than the default (for fixed samples, checked at open; for
+    /// encoded ones, at decoding).
+    pub fn open_with(path: &Path, o: OpenOptions) -> Result<Self, DataError> {
+        let channels = o.channels;
         if channels != 1 && channels != 3 {
             return Err(DataError::Invalid {
                 path: path.into(),
@@ -199,6 +185,7 @@ impl Hdf5Source {
             return Err(DataError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
         }
         let err = |e: ::hdf5::Error| h5_err(path, e);
+        let file_len = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?.len();
         let file = File::open(path).map_err(err)?;
         let (data, layout) = if file.link_exists("images") {
             let data = file.dataset("images").map_err(err)?;
@@ -206,13 +193,15 @@ impl Hdf5Source {
             if desc != ::hdf5::types::TypeDescriptor::Unsigned(::hdf5::types::IntSize::U1) {
                 return Err(h5_err(path, format!("`images` must be uint8, found {desc}")));
             }
-            let layout = match data.shape()[..] {
-                [_, h, w] => Hdf5Layout::Fixed { height: h as u32, width: w as u32, channels: 1 },
-                [_, h, w, c @ (1 | 3)] => Hdf5Layout::Fixed { height: h as u32, width: w as u32, channels: c as u8 },
+            let (h, w, c) = match data.shape()[..] {
+                [_, h, w] => (h, w, 1),
+                [_, h, w, c @ (1 | 3)] => (h, w, c as u8),
                 ref s => {
                     return Err(h5_err(path, format!("`images` must be [N,H,W] or [N,H,W,C] with C 1 or 3, not {s:?}")))
                 }
             };
+            super::check_sides(w as u64, h as u64, "`images`: image").map_err(|m| h5_err(path, m))?;
+            let layout = Hdf5Layout::Fixed { height: h as u32, width: w as u32, channels: c };
             (data, layout)
         } else if file.link_exists("encoded") {
             let data = file.dataset("encoded").map_err(err)?;
@@ -228,29 +217,15 @@ impl Hdf5Source {
             return Err(h5_err(path, "neither an `images` nor an `encoded` data set at the root"));
         };
         let count = data.shape()[0];
-        let block = match (data.chunk(), layout) {
-            (Some(chunk), _) => chunk[0].max(1),
-            (None, Hdf5Layout::Fixed { height, width, channels }) => {
-                (CONTIGUOUS_BLOCK_BYTES / (height as usize * width as usize * channels as usize).max(1)).clamp(1, 256)
-            }
-            (None, Hdf5Layout::Encoded) => 64,
-        };
-        let labels = if file.link_exists("labels") {
-            let l = file.dataset("labels").and_then(|d| d.read_raw::<i64>()).map_err(err)?;
-            if l.len() != count {
-                return Err(h5_err(path, format!("`labels` has {} entries for {count} samples", l.len())));
-            }
-            Some(l)
-        } else {
-            None
-        };
+        let block = checked_block(path, &data, layout, o.max_pixels, file_len)?;
+        let labels = if file.link_exists("labels") { Some(read_labels(&file, path, count)?) } else { None };
         let checksums = match layout {
             Hdf5Layout::Encoded if file.link_exists("checksums") => Some(read_checksums(&file, path, count)?),
             _ => None,
         };
-        let classes = match string_attr(&file, "class_names").map_err(err)? {
+        let classes = match string_attr(&file, path, "class_names")? {
             Some(c) => c,
-            None => string_attr(&data, "class_names").map_err(err)?.unwrap_or_default(),
+            None => string_attr(&data, path, "class_names")?.unwrap_or_default(),
         };
         let channels = match layout {
             Hdf5Layout::Fixed { channels, .. } => channels,
@@ -267,13 +242,13 @@ impl Hdf5Source {
             checksums,
             classes,
             channels,
-            max_pixels: DEFAULT_MAX_PIXELS,
+            max_pixels: o.max_pixels,
             cache: ChunkCache { slots: Mutex::new(VecDeque::new()) },
             raw: None,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         };
         if let Hdf5Layout::Fixed { .. } = layout {
-            src.raw = RawChunks::index(path, &src.data, block, count).filter(|raw| src.agrees(raw));
+            src.raw = RawChunks::index(path, &src.data, block, count, file_len).filter(|raw| src.agrees(raw));
         }
         Ok(src)
     }
@@ -329,11 +304,14 @@ impl Hdf5Source {
         match (chunk, self.layout) {
             (Chunk::Pixels(px), Hdf5Layout::Fixed { height, width, channels }) => {
                 let n = height as usize * width as usize * channels as usize;
-                Ok(Image { width, height, channels, data: px[k * n..(k + 1) * n].to_vec() })
+                let px = px.get(k * n..(k + 1) * n).ok_or_else(|| self.short_chunk(index))?;
+                Ok(Image { width, height, channels, data: px.to_vec() })
             }
             (Chunk::Encoded { bytes, ends }, Hdf5Layout::Encoded) => {
-                let start = if k == 0 { 0 } else { ends[k - 1] };
-                let (bytes, name) = (&bytes[start..ends[k]], PathBuf::from(self.describe(index)));
+                let start = if k == 0 { 0 } else { ends.get(k - 1).copied().unwrap_or(usize::MAX) };
+                let bytes =
+                    ends.get(k).and_then(|&end| bytes.get(start..end)).ok_or_else(|| self.short_chunk(index))?;
+                let name = PathBuf::from(self.describe(index));
                 if let Some(stored) = self.checksums.as_ref().map(|c| c[index]) {
                     let computed = super::timed_decode(|| libdeflater::crc32(bytes));
                     if computed != stored {
@@ -346,6 +324,10 @@ impl Hdf5Source {
             }
             _ => Err(h5_err(&self.path, "internal: chunk read in another layout")),
         }
+    }
+
+    fn short_chunk(&self, index: usize) -> DataError {
+        h5_err(&self.path, format!("sample {index}: its chunk was read shorter than its samples"))
     }
 
     /// Reads chunk `c` (samples `c * block ..`) in one hyperslab read.

@@ -2,6 +2,10 @@
 //! dimensions, then raw u8 pixels. Gzipped files are inflated once into a cache file next to the user's cache
 //! (atomically: temporary file, then rename); samples are then read with positioned reads, so resident memory
 //! stays flat whatever the dataset size. Labels (one byte per sample) are held in memory.
+//!
+//! The header is checked before anything is allocated or inflated: the magic (element type u8, 1 to 4
+//! dimensions), at least one image, sides in 1..=65535, and a file (or gzip stream) long enough for what the
+//! header promises.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -26,27 +30,62 @@ fn idx_err(path: &Path, message: impl Into<String>) -> DataError {
     DataError::Idx { path: path.to_path_buf(), message: message.into() }
 }
 
+/// Deflate expands data at most ~1032-fold: a gzipped IDX file cannot hold more than this many bytes per byte.
+const MAX_INFLATE_RATIO: u64 = 1032;
+
 /// Reads the IDX header: returns (dims, header length). Only unsigned-byte data (type 0x08) is supported.
 fn read_header(path: &Path, r: &mut impl Read) -> Result<(Vec<u32>, u64), DataError> {
+    let short = |what: &str, e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => idx_err(path, format!("shorter than its {what}")),
+        _ => idx_err(path, format!("cannot read its {what}: {e}")),
+    };
     let mut magic = [0u8; 4];
-    r.read_exact(&mut magic).map_err(|_| idx_err(path, "shorter than its 4-byte magic"))?;
+    r.read_exact(&mut magic).map_err(|e| short("4-byte magic", e))?;
     if magic[0] != 0 || magic[1] != 0 {
         return Err(idx_err(path, format!("bad magic {magic:02x?}")));
     }
     if magic[2] != 0x08 {
-        return Err(idx_err(path, format!("element type 0x{:02x} unsupported (only u8, 0x08)", magic[2])));
+        return Err(idx_err(path, format!("magic: element type 0x{:02x} unsupported (only u8, 0x08)", magic[2])));
     }
     let ndim = magic[3] as usize;
     if ndim == 0 || ndim > 4 {
-        return Err(idx_err(path, format!("{ndim} dimensions")));
+        return Err(idx_err(path, format!("magic: {ndim} dimensions (1 to 4)")));
     }
     let mut dims = Vec::with_capacity(ndim);
     for _ in 0..ndim {
         let mut b = [0u8; 4];
-        r.read_exact(&mut b).map_err(|_| idx_err(path, "truncated header"))?;
+        r.read_exact(&mut b).map_err(|e| short("header", e))?;
         dims.push(u32::from_be_bytes(b));
     }
     Ok((dims, 4 + 4 * ndim as u64))
+}
+
+/// What an IDX file holds: images `[N,H,W]`, or the labels `[N]` of the `N` images in file `images`.
+#[derive(Clone, Copy)]
+enum Holds<'a> {
+    Images,
+    Labels(u32, &'a Path),
+}
+
+/// Bytes a file with header `dims` must have (header included), once the dimensions are checked: images need at
+/// least one image, each side in 1..=65535; labels one per image. Checked before anything is read or allocated.
+fn expected_len(path: &Path, dims: &[u32], holds: Holds) -> Result<u64, DataError> {
+    let header = 4 + 4 * dims.len() as u64;
+    match (holds, dims) {
+        (Holds::Images, &[n, h, w]) => {
+            if n == 0 {
+                return Err(idx_err(path, "header: image count is 0"));
+            }
+            super::check_sides(w.into(), h.into(), "header: image").map_err(|m| idx_err(path, m))?;
+            // At most (2^32 - 1) * 65535^2 bytes: fits u64.
+            Ok(header + u64::from(n) * u64::from(h) * u64::from(w))
+        }
+        (Holds::Images, _) => Err(idx_err(path, format!("expected 3 dimensions [N,H,W] for images, got {dims:?}"))),
+        (Holds::Labels(n, _), &[m]) if m == n => Ok(header + u64::from(n)),
+        (Holds::Labels(n, images), _) => {
+            Err(idx_err(path, format!("labels {dims:?} do not match the {n} images of {}", images.display())))
+        }
+    }
 }
 
 fn is_gzip(path: &Path) -> Result<bool, DataError> {
@@ -56,8 +95,10 @@ fn is_gzip(path: &Path) -> Result<bool, DataError> {
 }
 
 /// Returns a path to the uncompressed bytes of `path`: itself if it is not gzipped, else a cached inflated copy
-/// keyed by the source's path, size and modification time.
-fn uncompressed(path: &Path) -> Result<PathBuf, DataError> {
+/// keyed by the source's path, size and modification time. Only what the header promises is inflated, after the
+/// header is checked ([`expected_len`]) and found to fit the gzip file (a gzip bomb, or a header claiming
+/// terabytes, fills no disk); a stream that ends sooner is a truncated file.
+fn uncompressed(path: &Path, holds: Holds) -> Result<PathBuf, DataError> {
     if !is_gzip(path)? {
         return Ok(path.to_path_buf());
     }
@@ -73,19 +114,39 @@ fn uncompressed(path: &Path) -> Result<PathBuf, DataError> {
     if out.exists() {
         return Ok(out);
     }
+    let mut dec =
+        flate2::read::GzDecoder::new(std::io::BufReader::new(File::open(path).map_err(|e| DataError::io(path, e))?));
+    let (dims, header_len) = read_header(path, &mut dec)?;
+    let want = expected_len(path, &dims, holds)?;
+    if want > meta.len().saturating_mul(MAX_INFLATE_RATIO) {
+        return Err(idx_err(
+            path,
+            format!("header promises {want} bytes, more than a {}-byte gzip file can hold", meta.len()),
+        ));
+    }
     std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
     let tmp = dir.join(format!(".{stem}.{}.tmp", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut dec = flate2::read::GzDecoder::new(std::io::BufReader::new(File::open(path)?));
+    let result = (|| -> std::io::Result<u64> {
         let mut w = std::io::BufWriter::new(File::create(&tmp)?);
-        std::io::copy(&mut dec, &mut w)?;
+        w.write_all(&[0, 0, 0x08, dims.len() as u8])?;
+        for d in &dims {
+            w.write_all(&d.to_be_bytes())?;
+        }
+        let body = std::io::copy(&mut (&mut dec).take(want - header_len), &mut w)?;
         w.flush()?;
         w.get_ref().sync_all()?;
-        std::fs::rename(&tmp, &out)
+        Ok(header_len + body)
     })();
+    let result = match result {
+        Ok(have) if have < want => {
+            Err(idx_err(path, format!("truncated: header promises {want} bytes, file has {have}")))
+        }
+        Ok(_) => std::fs::rename(&tmp, &out).map_err(|e| DataError::io(&out, e)),
+        Err(e) => Err(DataError::Invalid { path: path.to_path_buf(), message: format!("cannot inflate gzip: {e}") }),
+    };
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(DataError::Invalid { path: path.to_path_buf(), message: format!("cannot inflate gzip: {e}") });
+        return Err(e);
     }
     Ok(out)
 }
@@ -103,31 +164,31 @@ fn labels_path(images: &Path) -> Option<PathBuf> {
 
 impl IdxSource {
     pub fn open(path: &Path) -> Result<Self, DataError> {
-        let raw = uncompressed(path)?;
+        let raw = uncompressed(path, Holds::Images)?;
         let mut file = File::open(&raw).map_err(|e| DataError::io(path, e))?;
         let (dims, data_offset) = read_header(path, &mut file)?;
-        let (count, height, width) = match dims[..] {
-            [n, h, w] => (n as usize, h, w),
-            _ => return Err(idx_err(path, format!("expected 3 dimensions [N,H,W] for images, got {dims:?}"))),
-        };
-        let want = data_offset + count as u64 * height as u64 * width as u64;
+        let want = expected_len(path, &dims, Holds::Images)?;
+        let (count, height, width) = (dims[0] as usize, dims[1], dims[2]);
         let have = file.metadata().map_err(|e| DataError::io(path, e))?.len();
         if have < want {
             return Err(idx_err(path, format!("truncated: header promises {want} bytes, file has {have}")));
         }
         let labels = match labels_path(path) {
             Some(lp) => {
-                let mut lf = File::open(uncompressed(&lp)?).map_err(|e| DataError::io(&lp, e))?;
-                let (ldims, _) = read_header(&lp, &mut lf)?;
-                if ldims != [count as u32] {
-                    return Err(idx_err(&lp, format!("labels {ldims:?} do not match {count} images")));
+                let holds = Holds::Labels(dims[0], path);
+                let mut lf = File::open(uncompressed(&lp, holds)?).map_err(|e| DataError::io(&lp, e))?;
+                let (ldims, header) = read_header(&lp, &mut lf)?;
+                let want = expected_len(&lp, &ldims, holds)?;
+                let have = lf.metadata().map_err(|e| DataError::io(&lp, e))?.len();
+                if have < want {
+                    return Err(idx_err(
+                        &lp,
+                        format!("truncated labels: header promises {want} bytes, file has {have}"),
+                    ));
                 }
-                let mut l = Vec::with_capacity(count);
-                lf.read_to_end(&mut l).map_err(|e| DataError::io(&lp, e))?;
-                if l.len() < count {
-                    return Err(idx_err(&lp, "truncated labels"));
-                }
-                l.truncate(count);
+                // `count` bytes: no more than the images file holds pixels.
+                let mut l = vec![0u8; count];
+                lf.read_exact_at(&mut l, header).map_err(|e| DataError::io(&lp, e))?;
                 Some(l)
             }
             None => None,
@@ -149,7 +210,7 @@ impl Source for IdxSource {
         if index >= self.count {
             return Err(idx_err(&self.path, format!("index {index} out of range ({})", self.count)));
         }
-        let n = (self.height * self.width) as usize;
+        let n = self.height as usize * self.width as usize;
         let mut data = vec![0u8; n];
         self.file
             .read_exact_at(&mut data, self.data_offset + (index * n) as u64)

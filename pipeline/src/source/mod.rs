@@ -3,16 +3,18 @@
 //! the dataset. A sample that cannot be read is an error value, never a panic.
 
 mod cifar;
+mod decode;
 mod folder;
 mod hdf5;
 mod idx;
 
 use std::path::{Path, PathBuf};
 
+pub(crate) use cifar::is_cifar;
 pub use cifar::{CifarKind, CifarSource};
-pub(crate) use folder::decode_bytes;
+pub(crate) use decode::{decode_bytes, read_file};
+pub use decode::{max_file_bytes, DEFAULT_MAX_PIXELS};
 pub use folder::ImageFolder;
-pub use folder::DEFAULT_MAX_PIXELS;
 pub(crate) use hdf5::{h5_err, has_hdf5_extension};
 pub use hdf5::{Hdf5Layout, Hdf5Source};
 pub use idx::IdxSource;
@@ -37,6 +39,52 @@ pub enum DataError {
     Invalid { path: PathBuf, message: String },
     #[error("{path}: HDF5: {message}")]
     Hdf5 { path: PathBuf, message: String },
+}
+
+/// The largest image side any source accepts (JPEG's own limit): a header claiming more, or 0, is refused before
+/// anything is allocated.
+pub const MAX_SIDE: u32 = 65_535;
+
+/// Checks a header's image size: both sides in `1..=MAX_SIDE`. `what` names the fields in the message.
+pub(crate) fn check_sides(width: u64, height: u64, what: &str) -> Result<(), String> {
+    for (name, v) in [("width", width), ("height", height)] {
+        if v == 0 || v > u64::from(MAX_SIDE) {
+            return Err(format!("{what} {name} {v} is outside 1..={MAX_SIDE} ({width}x{height} pixels)"));
+        }
+    }
+    Ok(())
+}
+
+/// Something a source left out on purpose while listing its samples (a folder link that would list a folder
+/// twice or forever, a second path to one file): named in `inspect`'s report and warned about at open.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Skipped {
+    pub path: String,
+    pub kind: SkipKind,
+    /// Why, in words (what the link points to, which path listed it first).
+    pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipKind {
+    /// A link to a folder that contains it (`ln -s .. up`, `ln -s . again`): following it would never end.
+    Cycle,
+    /// A second path to a folder already listed (another link to it, a bind mount).
+    SameFolder,
+    /// A second path to a file already listed (a symlink or a hard link to it): one file is one sample.
+    SameFile,
+    /// A link whose target does not exist (and whose name is not an image's, which would be listed and reported
+    /// unreadable instead).
+    Dangling,
+    /// Not a regular file (a FIFO, socket or device named like an image would block or never end).
+    NotRegular,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.detail)
+    }
 }
 
 impl DataError {
@@ -77,6 +125,10 @@ pub trait Source: Send + Sync {
     }
     /// Reads block `block` into memory (errors are kept and reported by `get` for each sample of the block).
     fn load_block(&self, _block: usize) {}
+    /// What was left out while listing the samples (see [`Skipped`]); empty for most sources.
+    fn skipped(&self) -> Vec<Skipped> {
+        Vec::new()
+    }
 }
 
 thread_local! {
@@ -136,7 +188,7 @@ pub fn open_with(path: &Path, o: OpenOptions) -> Result<Box<dyn Source>, DataErr
     } else if meta.is_dir() {
         Ok(Box::new(ImageFolder::open(path, o.channels)?.with_max_pixels(o.max_pixels)))
     } else if hdf5::has_hdf5_extension(path) {
-        Ok(Box::new(Hdf5Source::open(path, o.channels)?.with_max_pixels(o.max_pixels)))
+        Ok(Box::new(Hdf5Source::open_with(path, o)?))
     } else {
         Ok(Box::new(IdxSource::open(path)?))
     }
@@ -188,6 +240,9 @@ impl Source for Prefix {
     }
     fn load_block(&self, block: usize) {
         self.inner.load_block(block)
+    }
+    fn skipped(&self) -> Vec<Skipped> {
+        self.inner.skipped()
     }
 }
 
@@ -264,5 +319,8 @@ impl Source for Subset {
     }
     fn load_block(&self, block: usize) {
         self.inner.load_block(block)
+    }
+    fn skipped(&self) -> Vec<Skipped> {
+        self.inner.skipped()
     }
 }

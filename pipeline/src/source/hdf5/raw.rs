@@ -21,13 +21,19 @@ use super::fletcher32::fletcher32;
 /// The fast path's chunk index: where each chunk lies in the file and which filters it went through.
 pub(super) struct RawChunks {
     file: std::fs::File,
-    /// Per chunk (chunk c holds samples `c * block ..`): file offset, stored size, HDF5 filter mask.
-    chunks: Vec<Option<(u64, usize, u32)>>,
+    /// Per chunk (chunk c holds samples `c * block ..`): file offset, stored size, HDF5 filter mask; or why the
+    /// index entry cannot be right (it points past the end of the file, or claims more bytes than a chunk can
+    /// take when stored): reading that chunk is then an error.
+    chunks: Vec<ChunkEntry>,
     /// The filter pipeline in write order; only these are handled, one compressor at most.
     filters: Vec<RawFilter>,
     /// Bytes of one uncompressed chunk.
     chunk_bytes: usize,
 }
+
+/// Where a chunk is stored (file offset, stored size, filter mask), or why its index entry cannot be right; `None`:
+/// not stored.
+type ChunkEntry = Option<Result<(u64, usize, u32), String>>;
 
 #[derive(Clone, Copy, PartialEq)]
 enum RawFilter {
@@ -74,12 +80,18 @@ fn buffer(len: usize) -> Vec<u8> {
 impl RawChunks {
     /// The chunk index of `ds` (a fixed-layout data set of `count` samples in `path`, `block` per chunk), when
     /// the fast path applies: chunks of whole samples, filters only fletcher32 and one of Blosc and deflate.
-    pub(super) fn index(path: &Path, ds: &Dataset, block: usize, count: usize) -> Option<RawChunks> {
+    /// `count` is bounded by the chunks the file stores (checked at open), so is the index; each entry is checked
+    /// against `file_len`.
+    pub(super) fn index(path: &Path, ds: &Dataset, block: usize, count: usize, file_len: u64) -> Option<RawChunks> {
         let shape = ds.shape();
         let chunk = ds.chunk()?;
-        if chunk[1..] != shape[1..] || count == 0 || block == 0 {
+        if chunk.len() != shape.len() || chunk[1..] != shape[1..] || count == 0 || block == 0 || chunk[0] != block {
             return None;
         }
+        let chunk_bytes: usize = chunk.iter().product();
+        // Stored bytes of a chunk: compression may expand a little (deflate's stored blocks, Blosc's header), and
+        // fletcher32 adds 4 bytes; HDF5 skips a filter whose output would be larger than its input.
+        let max_stored = chunk_bytes as u64 + chunk_bytes as u64 / 8 + 4096;
         let filters = ds
             .filters()
             .iter()
@@ -94,20 +106,42 @@ impl RawChunks {
             return None;
         }
         let mut chunks = vec![None; count.div_ceil(block)];
+        let mut consistent = true;
         ds.chunks_visit(|info| {
-            if let Some(slot) = chunks.get_mut(info.offset[0] as usize / block) {
-                *slot = Some((info.addr, info.size as usize, info.filter_mask));
+            // An entry must sit on a chunk boundary of the first dimension and at 0 in the others.
+            if info.offset[0] % block as u64 != 0 || info.offset[1..].iter().any(|&o| o != 0) {
+                consistent = false;
+                return 0;
             }
+            let Some(slot) = usize::try_from(info.offset[0] / block as u64).ok().and_then(|c| chunks.get_mut(c)) else {
+                return 0;
+            };
+            let (addr, size) = (info.addr, info.size);
+            *slot = Some(if addr.checked_add(size).is_none_or(|end| end > file_len) {
+                Err(format!("stored at bytes {addr}..+{size}, past the end of the {file_len}-byte file (corrupt file)"))
+            } else if size > max_stored {
+                Err(format!("claims {size} stored bytes for a {chunk_bytes}-byte chunk (corrupt file)"))
+            } else {
+                Ok((addr, size as usize, info.filter_mask))
+            });
             0
         })
         .ok()?;
+        // An index that does not match the data set's chunking: leave the file to HDF5.
+        if !consistent {
+            return None;
+        }
         let file = std::fs::File::open(path).ok()?;
-        Some(RawChunks { file, chunks, filters, chunk_bytes: chunk.iter().product() })
+        Some(RawChunks { file, chunks, filters, chunk_bytes })
     }
 
     /// Chunk `c`'s pixels, or `None` when the chunk is not stored (HDF5 supplies fill values then).
     pub(super) fn read(&self, c: usize) -> Result<Option<Vec<u8>>, String> {
-        let Some(&Some((addr, size, mask))) = self.chunks.get(c) else { return Ok(None) };
+        let (addr, size, mask) = match self.chunks.get(c) {
+            Some(Some(Ok(entry))) => *entry,
+            Some(Some(Err(why))) => return Err(format!("chunk {c}: {why}")),
+            _ => return Ok(None),
+        };
         SCRATCH.with(|scratch| {
             let (stored, decompressor) = &mut *scratch.borrow_mut();
             if stored.len() < size {
