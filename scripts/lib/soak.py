@@ -18,11 +18,13 @@ SEED = int(os.environ.get("SEED", str(int(time.time()))))
 IN_WRITE_MIN = max(2 if SHORT else 5, KILLS // 4) if KILLS >= 4 else 0
 EVERY = 3  # train.checkpoint_every_steps
 PAUSE_MS = 40  # per stage of a checkpoint write (test-only fault injection)
+# 12 steps per epoch; enough epochs that every kill lands in training (about 4 steps of progress per kill).
+EPOCHS = max(2, -(-KILLS * 5 // 12))
 SETS = {
-    "data.limit": "384" if SHORT else "768",
+    "data.limit": "384",
     "train.batch_size": "32",
     "model.backbone.width": "8",
-    "train.epochs": "2",
+    "train.epochs": str(EPOCHS),
     "eval.at_end": "false",
     "train.log_every": "1",
     "train.progress_every_s": "0",
@@ -94,7 +96,8 @@ def main():
     subprocess.run(command(ref, "fresh"), check=True, capture_output=True)
     ref_seconds = time.time() - t0
     ref_weights = open(os.path.join(latest(ref)[2], "model.safetensors"), "rb").read()
-    print(f"uninterrupted run: {ref_seconds:.1f} s; seed {SEED}; folder {root}", flush=True)
+    step_seconds = ref_seconds / (12 * EPOCHS)
+    print(f"uninterrupted run: {12 * EPOCHS} steps in {ref_seconds:.1f} s; seed {SEED}; folder {root}", flush=True)
 
     env = dict(os.environ, SELFSUP_FAULT_SLOW_CHECKPOINT_MS=str(PAUSE_MS))
     kills = writes = dangling = corrupt = checked = 0
@@ -105,7 +108,8 @@ def main():
         want_write = writes < IN_WRITE_MIN and (kills % 2 == 0 or KILLS - kills <= IN_WRITE_MIN - writes)
         p = subprocess.Popen(command(run, mode), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         start = time.time()
-        deadline = start + (60 if want_write else rng.uniform(0.3, max(0.6, 0.5 * ref_seconds)))
+        # A random kill: anywhere from start-up to a few checkpoint intervals in.
+        deadline = start + (60 if want_write else rng.uniform(0.3, 1.5 + 2 * EVERY * step_seconds))
         caught = False
         while p.poll() is None and time.time() < deadline:
             if want_write and in_write(run):
@@ -161,7 +165,9 @@ def main():
     median = statistics.median(lost) if lost else 0
     print(f"work lost per kill: median {median} steps, max {worst} (checkpoint interval {EVERY} steps)")
     print(f"bit-identical: {'yes' if same else 'NO'}")
-    ok = same and dangling == 0 and corrupt == 0 and worst <= EVERY and writes >= IN_WRITE_MIN
+    if kills < KILLS:
+        print(f"the run finished after {kills} of {KILLS} kills: too short for this many")
+    ok = same and dangling == 0 and corrupt == 0 and worst <= EVERY and writes >= IN_WRITE_MIN and kills == KILLS
     if not os.environ.get("OUT"):
         shutil.rmtree(root, ignore_errors=True)
     sys.exit(0 if ok else 1)

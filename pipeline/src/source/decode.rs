@@ -64,7 +64,7 @@ pub(crate) fn decode_bytes(bytes: &[u8], channels: u8, max_pixels: u64, path: &P
 
 fn decode_bytes_untimed(bytes: &[u8], channels: u8, max_pixels: u64, path: &Path) -> Result<Image, DataError> {
     let invalid = |message: String| DataError::Invalid { path: path.into(), message };
-    let decode_err = |source| DataError::Decode { path: path.to_path_buf(), source };
+    let decode_err = |error| DataError::Decode { path: path.to_path_buf(), error };
     // The format comes from the content, not the extension (a PNG named .jpg still decodes).
     let mut reader =
         image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| DataError::io(path, e))?;

@@ -29,12 +29,13 @@ pub struct Sample {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    // `error`, not `source`: the message holds it already (a source would be printed twice in an error chain).
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: not a valid IDX file: {message}")]
     Idx { path: PathBuf, message: String },
-    #[error("{path}: cannot decode image: {source}")]
-    Decode { path: PathBuf, source: image::ImageError },
+    #[error("{path}: cannot decode image: {error}")]
+    Decode { path: PathBuf, error: image::ImageError },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("{path}: HDF5: {message}")]
@@ -89,7 +90,7 @@ impl std::fmt::Display for Skipped {
 
 impl DataError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        DataError::Io { path: path.to_path_buf(), source }
+        DataError::Io { path: path.to_path_buf(), error: source }
     }
 }
 
