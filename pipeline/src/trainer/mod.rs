@@ -511,7 +511,7 @@ impl<'a> Trainer<'a> {
             return Ok(true);
         }
         let t = &self.cfg.train;
-        let by_steps = t.checkpoint_every_steps > 0 && self.step % t.checkpoint_every_steps as u64 == 0;
+        let by_steps = t.checkpoint_every_steps > 0 && self.step.is_multiple_of(t.checkpoint_every_steps as u64);
         let by_time = t.checkpoint_every_minutes > 0.0
             && self.last_checkpoint_at.elapsed().as_secs_f64() >= 60.0 * t.checkpoint_every_minutes;
         let asked = signals::take_checkpoint_request();
@@ -593,7 +593,7 @@ impl<'a> Trainer<'a> {
             }
             self.window.add(&out, &ok, at);
         }
-        Ok((self.step % t.log_every as u64 == 0 || self.step >= self.max_steps).then(|| self.window.read()))
+        Ok((self.step.is_multiple_of(t.log_every as u64) || self.step >= self.max_steps).then(|| self.window.read()))
     }
 
     /// Where to go from a non-finite step: the last good checkpoint and the usual causes.
