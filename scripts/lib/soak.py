@@ -18,8 +18,8 @@ SEED = int(os.environ.get("SEED", str(int(time.time()))))
 IN_WRITE_MIN = max(2 if SHORT else 5, KILLS // 4) if KILLS >= 4 else 0
 EVERY = 3  # train.checkpoint_every_steps
 PAUSE_MS = 40  # per stage of a checkpoint write (test-only fault injection)
-# 12 steps per epoch; enough epochs that every kill lands in training (about 4 steps of progress per kill).
-EPOCHS = max(2, -(-KILLS * 5 // 12))
+# 12 steps per epoch; enough epochs that every kill lands in training (about 5 steps of progress per kill).
+EPOCHS = max(3, -(-KILLS * 6 // 12))
 SETS = {
     "data.limit": "384",
     "train.batch_size": "32",
@@ -78,12 +78,13 @@ def latest(run):
     return name, json.load(open(os.path.join(ckpt, "state.json")))["step"], ckpt
 
 
-def in_write(run):
+def writing(run, pid):
+    """The temporary entries of process `pid` (a checkpoint it is writing or pruning), not a dead one's."""
     d = os.path.join(run, "checkpoints")
     try:
-        return any(n.startswith(".") and (".tmp-" in n or ".del-" in n) for n in os.listdir(d))
+        return {n for n in os.listdir(d) if n.startswith(".") and (f".tmp-{pid}" in n or f".del-{pid}" in n)}
     except FileNotFoundError:
-        return False
+        return set()
 
 
 def main():
@@ -96,7 +97,7 @@ def main():
     subprocess.run(command(ref, "fresh"), check=True, capture_output=True)
     ref_seconds = time.time() - t0
     ref_weights = open(os.path.join(latest(ref)[2], "model.safetensors"), "rb").read()
-    step_seconds = ref_seconds / (12 * EPOCHS)
+    step_seconds = max(0.0, ref_seconds - 1.0) / (12 * EPOCHS)  # about a second of it is start-up
     print(f"uninterrupted run: {12 * EPOCHS} steps in {ref_seconds:.1f} s; seed {SEED}; folder {root}", flush=True)
 
     env = dict(os.environ, SELFSUP_FAULT_SLOW_CHECKPOINT_MS=str(PAUSE_MS))
@@ -109,12 +110,17 @@ def main():
         p = subprocess.Popen(command(run, mode), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         start = time.time()
         # A random kill: anywhere from start-up to a few checkpoint intervals in.
-        deadline = start + (60 if want_write else rng.uniform(0.3, 1.5 + 2 * EVERY * step_seconds))
+        deadline = start + (60 if want_write else rng.uniform(0.3, 1.0 + 2 * EVERY * step_seconds))
         caught = False
+        # Inside this process's 1st, 2nd or 3rd checkpoint write, so that kills land in writes of later checkpoints.
+        nth, seen = rng.randint(1, 3), set()
         while p.poll() is None and time.time() < deadline:
-            if want_write and in_write(run):
+            now = writing(run, p.pid) if want_write else set()
+            fresh = {n.split(".tmp-")[0].split(".del-")[0] for n in now} - seen
+            seen |= fresh
+            if want_write and fresh and len(seen) >= nth:
                 time.sleep(rng.uniform(0, 6 * PAUSE_MS / 1000))  # land anywhere in the write's stages
-                caught = in_write(run) or p.poll() is None
+                caught = p.poll() is None
                 break
             time.sleep(0.001)
         if p.poll() is not None:
