@@ -132,6 +132,23 @@ fn load_backbone_copies_the_backbone_only_and_refuses_other_shapes() {
     assert!(e.contains("backbone.") && e.contains("shape"), "{e}");
 }
 
+/// The tiny model, a fresh optimizer and a trainer state at epoch 1, step 5.
+fn fixture() -> (Config, selfsup_pipeline::trainer::Model, Optimizer, TrainerState) {
+    let cfg = tiny_config();
+    let model = build_model(&cfg, 1, Device::Cpu).unwrap();
+    let opt = Optimizer::new(&model.vs, &OptimizerConfig::default()).unwrap();
+    let state = TrainerState { epoch: 1, step: 5, selfsup_version: "test".into(), ..Default::default() };
+    (cfg, model, opt, state)
+}
+
+/// Copies the files of checkpoint folder `src` into a new folder `dst`.
+fn copy_folder(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir(dst).unwrap();
+    for f in std::fs::read_dir(src).unwrap().flatten() {
+        std::fs::copy(f.path(), dst.join(f.file_name())).unwrap();
+    }
+}
+
 fn flip_byte(path: &std::path::Path, at: usize) {
     let mut bytes = std::fs::read(path).unwrap();
     let i = at % bytes.len();
@@ -144,10 +161,7 @@ fn flip_byte(path: &std::path::Path, at: usize) {
 #[test]
 fn manifest_catches_a_flipped_byte_in_every_file() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config();
-    let model = build_model(&cfg, 1, Device::Cpu).unwrap();
-    let opt = Optimizer::new(&model.vs, &OptimizerConfig::default()).unwrap();
-    let state = TrainerState { epoch: 1, step: 5, selfsup_version: "test".into(), ..Default::default() };
+    let (cfg, model, opt, state) = fixture();
     let ckpt = save(dir.path(), "epoch-0001", &model.vs, &opt, &state, &cfg).unwrap();
     let out = std::process::Command::new("sha256sum")
         .args(["-c", "--quiet", "SHA256SUMS"])
@@ -160,10 +174,7 @@ fn manifest_catches_a_flipped_byte_in_every_file() {
         for at in [0usize, 17, 4099 + k * 31] {
             let copy = tempfile::tempdir().unwrap();
             let c = copy.path().join("epoch-0001");
-            std::fs::create_dir(&c).unwrap();
-            for f in std::fs::read_dir(&ckpt).unwrap().flatten() {
-                std::fs::copy(f.path(), c.join(f.file_name())).unwrap();
-            }
+            copy_folder(&ckpt, &c);
             flip_byte(&c.join(file), at);
             let e = checkpoint::resolve(&c).unwrap_err().to_string();
             assert!(e.contains(file), "flipped byte {at} of {file}: the error must name it: {e}");
@@ -186,10 +197,7 @@ fn manifest_catches_a_flipped_byte_in_every_file() {
 #[test]
 fn non_finite_tensors_are_never_saved_nor_loaded() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config();
-    let model = build_model(&cfg, 1, Device::Cpu).unwrap();
-    let opt = Optimizer::new(&model.vs, &OptimizerConfig::default()).unwrap();
-    let state = TrainerState { epoch: 1, step: 5, selfsup_version: "test".into(), ..Default::default() };
+    let (cfg, model, opt, state) = fixture();
     let good = save(dir.path(), "epoch-0001", &model.vs, &opt, &state, &cfg).unwrap();
     let name = "backbone.layer1.0.conv1.weight";
     tch::no_grad(|| {
@@ -205,10 +213,7 @@ fn non_finite_tensors_are_never_saved_nor_loaded() {
 
     // By hand: NaN weights with a manifest that matches them.
     let ckpt = dir.path().join("by-hand");
-    std::fs::create_dir(&ckpt).unwrap();
-    for f in std::fs::read_dir(&good).unwrap().flatten() {
-        std::fs::copy(f.path(), ckpt.join(f.file_name())).unwrap();
-    }
+    copy_folder(&good, &ckpt);
     model.vs.save(ckpt.join("model.safetensors")).unwrap();
     let sums = std::process::Command::new("sh")
         .arg("-c")
@@ -234,9 +239,7 @@ fn non_finite_tensors_are_never_saved_nor_loaded() {
 #[test]
 fn the_live_checkpoint_is_never_removed_and_pruning_keeps_the_newest() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config();
-    let model = build_model(&cfg, 1, Device::Cpu).unwrap();
-    let opt = Optimizer::new(&model.vs, &OptimizerConfig::default()).unwrap();
+    let (cfg, model, opt, _) = fixture();
     let put = |name: &str, step: u64, keep: usize| {
         let state = TrainerState { epoch: 0, step, batch: step, ..Default::default() };
         let contents =
