@@ -112,21 +112,20 @@ fn sigterm_mid_epoch_then_resume_is_bit_identical_and_sigusr1_checkpoints() {
     run_ok(pretrain_cmd(&whole, false, &[]));
     let whole_seconds = started.elapsed().as_secs_f64();
 
-    // SIGUSR1 first (a checkpoint, the run goes on), then SIGTERM, each at a random moment of the training.
-    let mut child = pretrain_cmd(&split, false, &[]).stderr(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    // SIGUSR1 as soon as the handlers are installed (most often before the first step, which has nothing to save:
+    // the request must wait for it, not be dropped), then SIGTERM at a random moment after SIGUSR1's checkpoint.
+    let mut child = pretrain_cmd(&split, false, &[]).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let stderr = StderrLog::start(&mut child);
+    let delay = 0.2 * clock_random() * whole_seconds;
+    eprintln!("uninterrupted run {whole_seconds:.1} s; SIGTERM {delay:.2} s after the SIGUSR1 checkpoint");
     wait_started(&split, &mut child);
-    let (r1, r2) = (clock_random(), clock_random());
-    let t1 = 0.1 + 0.3 * r1 * whole_seconds;
-    let t2 = t1 + 0.1 + 0.3 * r2 * whole_seconds;
-    eprintln!("uninterrupted run {whole_seconds:.1} s; SIGUSR1 after {t1:.2} s, SIGTERM after {t2:.2} s");
-    std::thread::sleep(Duration::from_secs_f64(t1));
     signal(&child, "USR1");
-    std::thread::sleep(Duration::from_secs_f64(t2 - t1));
+    stderr.wait_for(&mut child, "SIGUSR1: wrote");
+    std::thread::sleep(Duration::from_secs_f64(delay));
     signal(&child, "TERM");
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(143), "SIGTERM exits with 143:\n{err}");
-    assert!(err.contains("SIGUSR1: wrote"), "SIGUSR1 wrote no checkpoint:\n{err}");
+    let status = child.wait().unwrap();
+    let err = stderr.finish();
+    assert_eq!(status.code(), Some(143), "SIGTERM exits with 143:\n{err}");
     assert!(err.contains("SIGTERM received"), "{err}");
     let summary = json(&split.join("summary.json"));
     assert_eq!(summary["interrupted"], "SIGTERM");
@@ -164,6 +163,54 @@ fn sigterm_mid_epoch_then_resume_is_bit_identical_and_sigusr1_checkpoints() {
     let err = run_ok(pretrain_cmd(&split, true, &[]));
     assert!(err.contains("nothing to do"), "{err}");
     assert_eq!(before, listing(&split), "a no-op resume changed files");
+}
+
+/// A child's stderr, read by a thread as it comes, so the test can wait for a line while the child runs.
+struct StderrLog {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl StderrLog {
+    fn start(child: &mut Child) -> Self {
+        use std::io::Read;
+        let mut pipe = child.stderr.take().expect("stderr piped");
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = text.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        StderrLog { text, reader }
+    }
+
+    /// Waits (at most 120 s) until the stderr so far contains `needle`; fails if the child exits first.
+    fn wait_for(&self, child: &mut Child, needle: &str) {
+        let start = Instant::now();
+        while !self.text.lock().unwrap().contains(needle) {
+            if let Some(status) = child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("exited ({status}) before printing {needle:?}:\n{}", self.text.lock().unwrap());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "no {needle:?} after 120 s:\n{}",
+                self.text.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// All of stderr, once the child has exited.
+    fn finish(self) -> String {
+        self.reader.join().unwrap();
+        std::sync::Arc::try_unwrap(self.text).unwrap().into_inner().unwrap()
+    }
 }
 
 fn walk(d: &Path) -> Vec<PathBuf> {

@@ -514,12 +514,19 @@ impl<'a> Trainer<'a> {
         let by_steps = t.checkpoint_every_steps > 0 && self.step.is_multiple_of(t.checkpoint_every_steps as u64);
         let by_time = t.checkpoint_every_minutes > 0.0
             && self.last_checkpoint_at.elapsed().as_secs_f64() >= 60.0 * t.checkpoint_every_minutes;
-        let asked = signals::take_checkpoint_request();
-        if (asked || by_steps || by_time) && in_epoch && self.step > 0 && self.last_saved != Some(self.step) {
+        // Nothing to save before the first step, nor between an epoch's last batch and its bookkeeping: a
+        // SIGUSR1 then stays pending until the next point that can be saved (it is never dropped).
+        let can_save = in_epoch && self.step > 0;
+        let asked = can_save && signals::take_checkpoint_request();
+        if (asked || by_steps || by_time) && can_save {
             let name = self.checkpoint_name();
-            self.checkpoint(&name)?;
+            let fresh = self.last_saved != Some(self.step);
+            if fresh {
+                self.checkpoint(&name)?;
+            }
             if asked {
-                eprintln!("\nSIGUSR1: wrote {name}, continuing");
+                let what = if fresh { "wrote" } else { "the checkpoint of this step is already written:" };
+                eprintln!("\nSIGUSR1: {what} {name}, continuing");
             }
         }
         Ok(false)
