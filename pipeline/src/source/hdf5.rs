@@ -47,6 +47,7 @@ use raw::RawChunks;
 use validate::{checked_block, read_checksums, read_labels, string_attr};
 
 mod fletcher32;
+mod guard;
 mod raw;
 mod validate;
 
@@ -73,7 +74,12 @@ pub(crate) fn has_hdf5_extension(path: &Path) -> bool {
 }
 
 pub(crate) fn h5_err(path: &Path, message: impl std::fmt::Display) -> DataError {
-    DataError::Hdf5 { path: path.to_path_buf(), message: message.to_string() }
+    // A read the guarding driver refused surfaces as HDF5's generic read error: say what it refused.
+    let message = match guard::take_refusal(path) {
+        Some(why) => format!("{why}; HDF5 said: {message}"),
+        None => message.to_string(),
+    };
+    DataError::Hdf5 { path: path.to_path_buf(), message }
 }
 
 /// One chunk of samples, as read: pixels back to back (fixed), or the encoded files back to back with their
@@ -186,7 +192,7 @@ impl Hdf5Source {
         }
         let err = |e: ::hdf5::Error| h5_err(path, e);
         let file_len = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?.len();
-        let file = File::open(path).map_err(err)?;
+        let file = guard::open(path).map_err(err)?;
         let (data, layout) = if file.link_exists("images") {
             let data = file.dataset("images").map_err(err)?;
             let desc = data.dtype().and_then(|t| t.to_descriptor()).map_err(err)?;
