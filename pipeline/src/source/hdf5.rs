@@ -23,8 +23,9 @@
 //! most `max_pixels` pixels, blocks of at most 256 MiB, every chunk of the data set stored (an unwritten chunk
 //! reads back as zeros; and so the sample count is bounded by what the file holds), `labels` and `checksums` shaped
 //! `[N]` before they are read, labels in `0..65536`, string attributes of at most 65536 entries; the fast path
-//! bounds-checks every chunk's offset and size against the file ([`raw`]). One known gap is inside HDF5 itself (a
-//! damaged global heap can hang it; see [`validate`]).
+//! bounds-checks every chunk's offset and size against the file ([`raw`]). HDF5 reads the file through our own
+//! read-only driver ([`guard`]), which refuses a damaged global heap collection that HDF5 itself would loop on
+//! forever.
 //!
 //! Fixed-layout chunks of whole samples filtered by fletcher32 and at most one of Blosc and deflate (what `pack`
 //! writes) are read by [`raw`] instead, outside HDF5 and in parallel: decompressing is most of a chunk's cost

@@ -3,11 +3,9 @@
 //! string attributes before they are read (their shapes size the allocations). Each failure is a
 //! [`DataError::Hdf5`] naming the file and the data set or attribute.
 //!
-//! Not covered, because it happens inside HDF5's C library: HDF5 2.0.0 (as hdf5-metno-src 0.10.4 bundles it) loops
-//! forever loading a damaged global heap collection (where variable-length data lives: the `class_names` and
-//! `checksum` attributes, the encoded layout's files) whose walk meets an object with index 0 and size 0
-//! (`H5HG__cache_heap_deserialize` then advances by 0 bytes). See `hdf5_hangs_on_a_damaged_global_heap` in
-//! tests/fuzz_sources.rs.
+//! Global heap collections (variable-length data: the `class_names` and `checksum` attributes, the encoded
+//! layout's files) are decoded inside HDF5's C library; the file driver in [`super::guard`] checks each before
+//! HDF5 sees it.
 
 use std::path::Path;
 
