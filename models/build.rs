@@ -2,19 +2,39 @@ include!("../build/libtorch_link.rs");
 
 fn main() {
     link_libtorch();
-    // The C++ shim for what tch lacks (bf16 autocast dtype, TF32, cuDNN benchmark); compiled against the same libtorch.
     println!("cargo:rerun-if-changed=csrc/torch_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=SELFSUP_NO_GLOO");
     let libtorch = std::path::PathBuf::from(
         std::env::var("LIBTORCH").expect("LIBTORCH is set by .cargo/config.toml; run scripts/setup"),
     );
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/torch_shim.cpp")
-        .include(libtorch.join("include"))
-        .include(libtorch.join("include/torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .warnings(false)
-        .compile("selfsup_torch_shim");
+    let cpp = |file: &str| {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .file(file)
+            .include(libtorch.join("include"))
+            .include(libtorch.join("include/torch/csrc/api/include"))
+            .flag("-std=c++17")
+            .define("_GLIBCXX_USE_CXX11_ABI", "1")
+            .warnings(false);
+        b
+    };
+    // The C++ shim for what tch lacks (bf16 autocast dtype, TF32, cuDNN benchmark).
+    cpp("csrc/torch_shim.cpp").compile("selfsup_torch_shim");
+    // torch.distributed's c10d (models/src/dist.rs). ProcessGroupGloo's header needs Gloo's headers, which the
+    // torch wheel does not ship: Debian's libgloo-dev has them (scripts/setup installs it; nothing of it is
+    // linked, the symbols are libtorch_cpu's). Without them the build stops, unless SELFSUP_NO_GLOO=1 says to
+    // build without multi-process training on CPU.
+    let mut dist = cpp("csrc/dist_shim.cpp");
+    let gloo = std::path::Path::new("/usr/include/gloo/allreduce.h").exists();
+    if gloo {
+        dist.define("USE_C10D_GLOO", None).define("SELFSUP_GLOO", None);
+    } else if std::env::var("SELFSUP_NO_GLOO").as_deref() != Ok("1") {
+        panic!(
+            "Gloo's headers are missing (/usr/include/gloo): `apt-get install libgloo-dev` (scripts/setup does), or \
+             build with SELFSUP_NO_GLOO=1 to leave out multi-process training on CPU"
+        );
+    }
+    dist.compile("selfsup_dist_shim");
 }

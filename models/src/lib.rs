@@ -5,6 +5,7 @@
 
 pub mod backbone;
 pub mod device;
+pub mod dist;
 pub mod head;
 pub mod loss;
 pub mod objective;

@@ -1,0 +1,185 @@
+// torch.distributed's c10d reached from Rust: a TCPStore rendezvous, a ProcessGroupGloo (CPU) or ProcessGroupNCCL
+// (CUDA) backend, the few collectives the trainer uses, and one autograd function (an all-gather whose backward
+// reduces the gradient back to the rank that owns each slice). Every function is extern "C", catches every C++
+// exception and returns it as a malloc'ed message in `*err` (freed with selfsup_dist_free_error); Rust wraps the
+// group in a safe type (models/src/dist.rs). Built with -DSELFSUP_GLOO (Debian's libgloo-dev gives the headers;
+// the symbols are libtorch_cpu's) and, for CUDA builds, -DSELFSUP_NCCL.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef SELFSUP_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
+#ifdef SELFSUP_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  int rank = 0;
+  int world = 1;
+  std::chrono::milliseconds timeout{0};
+};
+
+void set_error(char** err, const char* what) {
+  if (err) *err = strdup(what ? what : "unknown C++ error");
+}
+
+// Waits for `work`, turning a timeout into an exception that names it (Gloo and NCCL throw on failures).
+void finish(const c10::intrusive_ptr<c10d::Work>& work, const Group* g, const char* what) {
+  if (!work->wait(g->timeout)) {
+    throw std::runtime_error(std::string(what) + ": no answer from every rank within " +
+                             std::to_string(g->timeout.count() / 1000) + " s (dist.timeout_s)");
+  }
+}
+
+// In-place sum over the ranks of a dense tensor.
+void allreduce_sum(Group* g, at::Tensor& t) {
+  std::vector<at::Tensor> v{t};
+  c10d::AllreduceOptions o;
+  o.reduceOp = c10d::ReduceOp::SUM;
+  finish(g->backend->allreduce(v, o), g, "all-reduce");
+}
+
+// The ranks' `x` (same shape on every rank) concatenated along dim 0, rank order.
+at::Tensor allgather(Group* g, const at::Tensor& x) {
+  at::Tensor input = x.contiguous();
+  std::vector<at::Tensor> inputs{input};
+  std::vector<std::vector<at::Tensor>> outputs(1);
+  for (int r = 0; r < g->world; r++) outputs[0].push_back(at::empty_like(input));
+  finish(g->backend->allgather(outputs, inputs), g, "all-gather");
+  return at::cat(outputs[0], 0);
+}
+
+// All-gather with a gradient: forward concatenates every rank's slice; backward sums the incoming gradient over
+// the ranks (each rank's loss may use every slice) and returns this rank's rows of it (a reduce-scatter).
+struct GatherWithGrad : public torch::autograd::Function<GatherWithGrad> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t group) {
+    Group* g = reinterpret_cast<Group*>(group);
+    ctx->saved_data["group"] = group;
+    ctx->saved_data["rows"] = x.size(0);
+    return allgather(g, x.detach());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    Group* g = reinterpret_cast<Group*>(ctx->saved_data["group"].toInt());
+    int64_t rows = ctx->saved_data["rows"].toInt();
+    at::Tensor grad = grads[0].contiguous().clone();
+    allreduce_sum(g, grad);
+    return {grad.narrow(0, g->rank * rows, rows), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+void selfsup_dist_free_error(char* err) { free(err); }
+
+// A process group of `world` ranks, this one being `rank`, meeting at host:port (rank 0 serves the TCPStore there).
+// backend: 0 = Gloo (CPU tensors), 1 = NCCL (CUDA tensors). `iface` (may be empty): the network interface Gloo
+// binds (GLOO_SOCKET_IFNAME); otherwise Gloo binds the address `bind_host`. Null on error (`*err` set).
+void* selfsup_dist_new(int backend, const char* host, int port, int rank, int world, long timeout_ms,
+                       const char* iface, const char* bind_host, char** err) {
+  try {
+    auto g = new Group();
+    g->rank = rank;
+    g->world = world;
+    g->timeout = std::chrono::milliseconds(timeout_ms);
+    c10d::TCPStoreOptions o;
+    o.port = static_cast<std::uint16_t>(port);
+    o.isServer = rank == 0;
+    o.numWorkers = world;
+    o.waitWorkers = true;
+    o.timeout = g->timeout;
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), o);
+    g->store = tcp;
+    auto store = c10::make_intrusive<c10d::PrefixStore>("selfsup/0/", tcp);
+    if (backend == 0) {
+#ifdef SELFSUP_GLOO
+      auto opts = c10d::ProcessGroupGloo::Options::create(g->timeout);
+      if (iface && *iface) {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
+      } else {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(bind_host));
+      }
+      g->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+#else
+      delete g;
+      set_error(err, "this selfsup was built without Gloo (SELFSUP_NO_GLOO=1): no multi-process training on CPU");
+      return nullptr;
+#endif
+    } else {
+#ifdef SELFSUP_NCCL
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = g->timeout;
+      g->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
+#else
+      delete g;
+      set_error(err, "this selfsup was built without NCCL (no CUDA headers at build time): use dist.backend = \"gloo\"");
+      return nullptr;
+#endif
+    }
+    return g;
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return nullptr;
+  }
+}
+
+void selfsup_dist_free(void* group) { delete static_cast<Group*>(group); }
+
+// In-place sum over the ranks of `*tensor` (an at::Tensor*, tch's C_tensor). 0 on success.
+int selfsup_dist_allreduce_sum(void* group, void* tensor, char** err) {
+  try {
+    allreduce_sum(static_cast<Group*>(group), *static_cast<at::Tensor*>(tensor));
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return 1;
+  }
+}
+
+// In-place: `*tensor` takes rank `root`'s value on every rank. 0 on success.
+int selfsup_dist_broadcast(void* group, void* tensor, int root, char** err) {
+  try {
+    Group* g = static_cast<Group*>(group);
+    std::vector<at::Tensor> v{*static_cast<at::Tensor*>(tensor)};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    finish(g->backend->broadcast(v, o), g, "broadcast");
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return 1;
+  }
+}
+
+// Every rank's `*tensor` (same shape everywhere) concatenated along dim 0: a new at::Tensor*, or null on error.
+// `with_grad`: the result's gradient flows back to each rank's own slice (see GatherWithGrad).
+void* selfsup_dist_allgather(void* group, void* tensor, int with_grad, char** err) {
+  try {
+    Group* g = static_cast<Group*>(group);
+    const at::Tensor& x = *static_cast<at::Tensor*>(tensor);
+    at::Tensor out = with_grad ? GatherWithGrad::apply(x, reinterpret_cast<int64_t>(g)) : allgather(g, x);
+    return new at::Tensor(out);
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return nullptr;
+  }
+}
+
+}  // extern "C"

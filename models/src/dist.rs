@@ -1,0 +1,303 @@
+//! Data-parallel training's process group: torch.distributed's c10d (TCPStore rendezvous, ProcessGroupGloo on
+//! CPU, ProcessGroupNCCL on CUDA) through the C++ shim (`csrc/dist_shim.cpp`), as a safe [`Dist`].
+//!
+//! At world size 1 a [`Dist`] is a no-op with the same API ([`Dist::single`]): the trainer and the objectives
+//! call it unconditionally, and one process trains exactly as it did before distribution existed.
+//!
+//! Objectives that need the global batch call [`Dist::gather`] inside their loss (SimCLR's and MoCo v3's
+//! negatives, Barlow Twins' cross-correlation, VICReg's variance and covariance): every rank's rows, in rank
+//! order, with a gradient that flows back to the rank owning each row. A collective that fails inside a loss
+//! (a rank died) cannot return an error through [`crate::objective::Objective::loss`]: it is recorded
+//! ([`Dist::take_error`]), the loss goes on with zeros, and the trainer reports the error at its next collective.
+
+use std::ffi::{c_char, c_int, c_long, c_void, CStr, CString};
+use std::sync::Mutex;
+
+use tch::{Device, Kind, Tensor};
+
+extern "C" {
+    fn selfsup_dist_new(
+        backend: c_int,
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: c_long,
+        iface: *const c_char,
+        bind_host: *const c_char,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn selfsup_dist_free(group: *mut c_void);
+    fn selfsup_dist_free_error(err: *mut c_char);
+    fn selfsup_dist_allreduce_sum(group: *mut c_void, tensor: *mut torch_sys::C_tensor, err: *mut *mut c_char)
+        -> c_int;
+    fn selfsup_dist_broadcast(
+        group: *mut c_void,
+        tensor: *mut torch_sys::C_tensor,
+        root: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn selfsup_dist_allgather(
+        group: *mut c_void,
+        tensor: *mut torch_sys::C_tensor,
+        with_grad: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut torch_sys::C_tensor;
+}
+
+/// Which c10d backend carries the collectives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU tensors, over TCP.
+    Gloo,
+    /// CUDA tensors (NVLink, InfiniBand, TCP).
+    Nccl,
+}
+
+/// Where and how to meet the other ranks.
+#[derive(Clone, Debug)]
+pub struct GroupSpec {
+    pub backend: Backend,
+    pub rank: usize,
+    pub world: usize,
+    /// The TCPStore (served by rank 0): `MASTER_ADDR`, `MASTER_PORT`.
+    pub master_addr: String,
+    pub master_port: u16,
+    /// How long a rendezvous or a collective may wait for the slowest rank before it is an error.
+    pub timeout: std::time::Duration,
+    /// The network interface Gloo binds (`GLOO_SOCKET_IFNAME`); when empty, Gloo binds the address this host
+    /// resolves to (127.0.0.1 when the master is local).
+    pub gloo_iface: String,
+}
+
+/// A c10d error: what failed and what c10d said.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} (rank {rank} of {world}): {message}")]
+pub struct DistError {
+    pub what: String,
+    pub rank: usize,
+    pub world: usize,
+    pub message: String,
+}
+
+/// The process group (see the module doc). `Sync`: the shim's group is used from one thread at a time (the
+/// trainer's), which the mutex makes sure of.
+pub struct Dist {
+    group: Option<Mutex<GroupPtr>>,
+    rank: usize,
+    world: usize,
+    device: Device,
+    /// The first collective that failed inside a loss (see the module doc).
+    failed: Mutex<Option<DistError>>,
+}
+
+struct GroupPtr(*mut c_void);
+// SAFETY: the c10d group may be used from any thread, one at a time (the Mutex around it).
+unsafe impl Send for GroupPtr {}
+
+impl Drop for GroupPtr {
+    fn drop(&mut self) {
+        // SAFETY: made by selfsup_dist_new, freed once.
+        unsafe { selfsup_dist_free(self.0) }
+    }
+}
+
+fn take_message(err: *mut c_char) -> String {
+    if err.is_null() {
+        return "unknown error".into();
+    }
+    // SAFETY: a NUL-terminated string malloc'ed by the shim, freed here once.
+    let s = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    unsafe { selfsup_dist_free_error(err) };
+    s
+}
+
+impl Dist {
+    /// One process: every collective is the identity.
+    pub fn single(device: Device) -> Dist {
+        Dist { group: None, rank: 0, world: 1, device, failed: Mutex::new(None) }
+    }
+
+    /// Meets the other ranks (blocks until all `spec.world` have joined, or `spec.timeout`). Tensors given to the
+    /// collectives live on `device` (CPU for Gloo, this rank's GPU for NCCL).
+    pub fn connect(spec: &GroupSpec, device: Device) -> Result<Dist, DistError> {
+        if spec.world <= 1 {
+            return Ok(Dist::single(device));
+        }
+        let err_of = |message: String| DistError {
+            what: format!("joining the process group at {}:{}", spec.master_addr, spec.master_port),
+            rank: spec.rank,
+            world: spec.world,
+            message,
+        };
+        let c = |s: &str| CString::new(s).map_err(|_| err_of(format!("{s:?} holds a NUL byte")));
+        let (host, iface) = (c(&spec.master_addr)?, c(&spec.gloo_iface)?);
+        let local = matches!(spec.master_addr.as_str(), "localhost" | "::1") || spec.master_addr.starts_with("127.");
+        let bind_host = c(&if local { "127.0.0.1".to_string() } else { hostname().unwrap_or_default() })?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: NUL-terminated strings that outlive the call; the shim catches every C++ exception.
+        let ptr = unsafe {
+            selfsup_dist_new(
+                i32::from(spec.backend == Backend::Nccl),
+                host.as_ptr(),
+                c_int::from(spec.master_port),
+                spec.rank as c_int,
+                spec.world as c_int,
+                spec.timeout.as_millis().min(i64::MAX as u128) as c_long,
+                iface.as_ptr(),
+                bind_host.as_ptr(),
+                &mut err,
+            )
+        };
+        if ptr.is_null() {
+            return Err(err_of(take_message(err)));
+        }
+        Ok(Dist {
+            group: Some(Mutex::new(GroupPtr(ptr))),
+            rank: spec.rank,
+            world: spec.world,
+            device,
+            failed: Mutex::new(None),
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Rank 0: the one that writes checkpoints, event files, progress and summaries.
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    fn error(&self, what: &str, message: String) -> DistError {
+        DistError { what: what.to_string(), rank: self.rank, world: self.world, message }
+    }
+
+    fn with_group<T>(&self, f: impl FnOnce(*mut c_void) -> T) -> Option<T> {
+        let g = self.group.as_ref()?;
+        let guard = g.lock().unwrap_or_else(|e| e.into_inner());
+        Some(f(guard.0))
+    }
+
+    /// In place: the sum of `t` over the ranks (a dense tensor on [`Dist::device`]).
+    pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), DistError> {
+        self.check()?;
+        let r = self.with_group(|g| {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: `t` is a live tensor; the shim reduces it in place.
+            let rc = unsafe { selfsup_dist_allreduce_sum(g, t.as_mut_ptr(), &mut err) };
+            (rc == 0).then_some(()).ok_or_else(|| take_message(err))
+        });
+        r.unwrap_or(Ok(())).map_err(|m| self.error("all-reduce", m))
+    }
+
+    /// In place: `t` takes rank `root`'s value.
+    pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), DistError> {
+        self.check()?;
+        let r = self.with_group(|g| {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: as in all_reduce_sum.
+            let rc = unsafe { selfsup_dist_broadcast(g, t.as_mut_ptr(), root as c_int, &mut err) };
+            (rc == 0).then_some(()).ok_or_else(|| take_message(err))
+        });
+        r.unwrap_or(Ok(())).map_err(|m| self.error("broadcast", m))
+    }
+
+    /// Every rank's `x` concatenated along dim 0 in rank order; `x` may have a different number of rows on each
+    /// rank (the other dims must agree). `with_grad`: the gradient of the result flows back to each rank's own
+    /// rows (summed over the ranks' losses); otherwise the result is detached.
+    fn all_gather_rows(&self, x: &Tensor, with_grad: bool) -> Result<Tensor, DistError> {
+        if self.group.is_none() {
+            return Ok(if with_grad { x.shallow_clone() } else { x.detach() });
+        }
+        self.check()?;
+        // Row counts first: pad every slice to the largest, gather, then keep the real rows.
+        let mut counts = Tensor::zeros([self.world as i64], (Kind::Int64, self.device));
+        let _ = counts.get(self.rank as i64).fill_(x.size()[0]);
+        self.all_reduce_sum(&mut counts)?;
+        let counts: Vec<i64> = Vec::<i64>::try_from(counts.to_device(Device::Cpu)).unwrap_or_default();
+        let most = counts.iter().copied().max().unwrap_or(0);
+        let rows = x.size()[0];
+        let mut input = if rows < most {
+            let mut shape = x.size();
+            shape[0] = most - rows;
+            Tensor::cat(&[x.shallow_clone(), Tensor::zeros(&shape, (x.kind(), x.device()))], 0)
+        } else {
+            x.shallow_clone()
+        };
+        if !with_grad {
+            input = input.detach();
+        }
+        let r = self.with_group(|g| {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: `input` is a live tensor; the shim returns a new heap tensor (owned here) or null.
+            let ptr = unsafe { selfsup_dist_allgather(g, input.as_mut_ptr(), i32::from(with_grad), &mut err) };
+            if ptr.is_null() {
+                Err(take_message(err))
+            } else {
+                Ok(unsafe { Tensor::from_ptr(ptr) })
+            }
+        });
+        let gathered = r.expect("a group").map_err(|m| self.error("all-gather", m))?;
+        if counts.iter().all(|&c| c == most) {
+            return Ok(gathered);
+        }
+        let keep: Vec<i64> =
+            counts.iter().enumerate().flat_map(|(r, &c)| (0..c).map(move |i| r as i64 * most + i)).collect();
+        Ok(gathered.index_select(0, &Tensor::from_slice(&keep).to_device(x.device())))
+    }
+
+    /// Every rank's rows of `x` (see [`Dist::all_gather_rows`]), detached: for statistics and evaluation.
+    pub fn all_gather(&self, x: &Tensor) -> Result<Tensor, DistError> {
+        self.all_gather_rows(x, false)
+    }
+
+    /// Every rank's rows of `x`, differentiable, for losses over the global batch. Infallible for the objectives'
+    /// sake: on failure the error is kept for [`Dist::take_error`] and `x` is returned alone.
+    pub fn gather(&self, x: &Tensor) -> Tensor {
+        match self.all_gather_rows(x, true) {
+            Ok(t) => t,
+            Err(e) => {
+                self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                x.shallow_clone()
+            }
+        }
+    }
+
+    /// Where this rank's rows start in a gathered batch whose ranks hold `rows` each (equal slices).
+    pub fn offset(&self, rows: i64) -> i64 {
+        self.rank as i64 * rows
+    }
+
+    /// The error of a collective that failed inside a loss, if one did (consumed).
+    pub fn take_error(&self) -> Option<DistError> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn check(&self) -> Result<(), DistError> {
+        match self.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every rank got here (an all-reduce of one number, bounded by the group's timeout).
+    pub fn barrier(&self) -> Result<(), DistError> {
+        let mut one = Tensor::ones([1], (Kind::Float, self.device));
+        self.all_reduce_sum(&mut one)
+    }
+}
+
+/// This host's name (what Gloo binds when the master is on another machine).
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
