@@ -31,6 +31,7 @@ pub fn run(spec: &str, set: &[String], opts: Options) -> Result<()> {
         shuffle: true,
         full_shuffle: cfg.data.shuffle == ShuffleMode::Full,
         drop_last: true,
+        slice: (0, 1),
     };
     let loader = Loader::new(src.clone(), Arc::new(Views::new(recipes)), lc)?;
     eprintln!(

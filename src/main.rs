@@ -58,6 +58,11 @@ enum Command {
         /// No progress line.
         #[arg(long)]
         quiet: bool,
+        /// Train with N processes on this machine (one per GPU; on the CPU, each takes its share of the cores):
+        /// starts N ranks of this command, forwards signals to them and stops them all if one fails.
+        /// `train.batch_size` stays the global batch. (Under torchrun or srun, leave it out: they start the ranks.)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+        nproc_per_node: Option<u32>,
     },
     /// Evaluate a checkpoint: k-NN and linear probe on its data's labeled train/test split.
     Eval {
@@ -209,6 +214,43 @@ fn exit_if_interrupted() {
     }
 }
 
+/// `selfsup pretrain --nproc-per-node N ...`: this command's arguments, less `--nproc-per-node`, run as N ranks
+/// (with `--out` resolved here when it is not given, so that every rank names the same folder); exits with the
+/// launcher's code.
+fn launch_ranks(nproc: usize, out: Option<PathBuf>) -> Result<()> {
+    if std::env::var_os("RANK").is_some()
+        || std::env::var_os("SLURM_PROCID")
+            .is_some_and(|_| std::env::var("SLURM_NTASKS").ok().and_then(|n| n.parse::<usize>().ok()).unwrap_or(1) > 1)
+    {
+        bail!("--nproc-per-node inside a launched rank (RANK or SLURM_PROCID is set): torchrun or srun already started the ranks; leave --nproc-per-node out");
+    }
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut it = std::env::args_os().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--nproc-per-node" {
+            it.next();
+        } else if !a.to_string_lossy().starts_with("--nproc-per-node=") {
+            args.push(a);
+        }
+    }
+    if out.is_none() {
+        let cfg_name = args
+            .iter()
+            .position(|a| a == "--config")
+            .and_then(|i| args.get(i + 1))
+            .map(|c| c.to_string_lossy().into_owned());
+        let name = match cfg_name {
+            Some(spec) => load_config(&spec, &[])?.name,
+            None => "run".into(),
+        };
+        let dir = PathBuf::from("runs").join(format!("{name}-{}", utc_stamp()));
+        args.push("--out".into());
+        args.push(dir.into_os_string());
+    }
+    let code = selfsup_pipeline::launch::launch_local(nproc, &args, std::time::Duration::from_secs(30))?;
+    std::process::exit(code);
+}
+
 fn pretrain(
     config: Option<String>,
     set: Vec<String>,
@@ -217,6 +259,17 @@ fn pretrain(
     overwrite: bool,
     quiet: bool,
 ) -> Result<()> {
+    let launch = selfsup_pipeline::launch::Launch::from_env()?;
+    if launch.world > 1 && out.is_none() {
+        bail!(
+            "--out is required with more than one process ({}: {} ranks): every rank must name the same run folder",
+            launch.by,
+            launch.world
+        );
+    }
+    if !launch.is_main() {
+        return pretrain_rank(config, set, out.expect("checked above"), resume, launch);
+    }
     let cfg = if resume {
         let out = out.as_ref().expect("clap requires --out with --resume");
         Config::load(&out.join("config.toml"), &set)?
@@ -264,7 +317,11 @@ fn pretrain(
     selfsup_pipeline::signals::install().context("installing the signal handlers")?;
     let mut tb = TensorBoard::create(&out).with_context(|| format!("creating the event file in {}", out.display()))?;
     eprintln!("run folder: {}", out.display());
-    let Some(summary) = trainer::pretrain(&cfg, &RunOptions { out: out.clone(), resume, quiet }, &mut tb)? else {
+    if launch.world > 1 {
+        eprintln!("rank 0 of {} ({}): global batch {}", launch.world, launch.by, cfg.train.batch_size);
+    }
+    let opts = RunOptions { out: out.clone(), resume, quiet, launch };
+    let Some(summary) = trainer::pretrain(&cfg, &opts, &mut tb)? else {
         return Ok(()); // --resume of a finished run: nothing to do (said on stderr)
     };
     selfsup_pipeline::write_json_atomic(&out.join("summary.json"), &summary)?;
@@ -311,6 +368,36 @@ fn pretrain(
     }
     exit_if_interrupted();
     out!("run folder: {}  (tensorboard --logdir {})", out.display(), out.display());
+    Ok(())
+}
+
+/// A rank other than 0: trains its slice of every batch and writes nothing (rank 0 holds the lock and writes the
+/// checkpoints, event files and summary); says nothing unless it fails.
+fn pretrain_rank(
+    config: Option<String>,
+    set: Vec<String>,
+    out: PathBuf,
+    resume: bool,
+    launch: selfsup_pipeline::launch::Launch,
+) -> Result<()> {
+    let rank = launch.rank;
+    let cfg = if resume {
+        Config::load(&out.join("config.toml"), &set)?
+    } else {
+        load_config(&config.unwrap_or_else(|| "simclr-fmnist-tiny".into()), &set)?
+    };
+    if resume {
+        let ckpt = checkpoint::resolve(&out)?;
+        if trainer::nothing_to_do(&cfg, &out, &checkpoint::load_state(&ckpt)?, None).is_some() {
+            return Ok(());
+        }
+    }
+    selfsup_pipeline::signals::install().context("installing the signal handlers")?;
+    let opts = RunOptions { out, resume, quiet: true, launch };
+    let summary = trainer::pretrain(&cfg, &opts, &mut NullSink).with_context(|| format!("rank {rank}"))?;
+    if summary.is_some() {
+        exit_if_interrupted();
+    }
     Ok(())
 }
 
@@ -458,9 +545,10 @@ fn inspect(data: &Path, channels: u8, json: Option<PathBuf>) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Pretrain { config, set, out, resume, overwrite, quiet } => {
-            pretrain(config, set, out, resume, overwrite, quiet)
-        }
+        Command::Pretrain { config, set, out, resume, overwrite, quiet, nproc_per_node } => match nproc_per_node {
+            Some(n) => launch_ranks(n as usize, out),
+            None => pretrain(config, set, out, resume, overwrite, quiet),
+        },
         Command::Eval { checkpoint, set, out, teacher } => eval(checkpoint, set, out, teacher),
         Command::Finetune(args) => finetune(args),
         Command::Export { checkpoint, out, teacher } => export(&checkpoint, &out, teacher),

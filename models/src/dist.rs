@@ -11,7 +11,7 @@
 //! ([`Dist::take_error`]), the loss goes on with zeros, and the trainer reports the error at its next collective.
 
 use std::ffi::{c_char, c_int, c_long, c_void, CStr, CString};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tch::{Device, Kind, Tensor};
 
@@ -116,6 +116,12 @@ impl Dist {
     /// One process: every collective is the identity.
     pub fn single(device: Device) -> Dist {
         Dist { group: None, rank: 0, world: 1, device, failed: Mutex::new(None) }
+    }
+
+    /// A shared one-process group (for batches made outside a trainer).
+    pub fn alone() -> Arc<Dist> {
+        static ALONE: OnceLock<Arc<Dist>> = OnceLock::new();
+        ALONE.get_or_init(|| Arc::new(Dist::single(Device::Cpu))).clone()
     }
 
     /// Meets the other ranks (blocks until all `spec.world` have joined, or `spec.timeout`). Tensors given to the
@@ -273,9 +279,16 @@ impl Dist {
         }
     }
 
-    /// Where this rank's rows start in a gathered batch whose ranks hold `rows` each (equal slices).
-    pub fn offset(&self, rows: i64) -> i64 {
-        self.rank as i64 * rows
+    /// Uniform [0, 1) noise for this rank's `rows` of a global batch (`[rows, cols]`): drawn for all ranks'
+    /// rows (equal slices) and sliced, so that a sample's draw does not depend on the number of ranks. torch's
+    /// RNG is seeded the same on every rank (per step), so every rank draws the same global noise.
+    pub fn rand_rows(&self, rows: i64, cols: i64, device: Device) -> Tensor {
+        let all = Tensor::rand([rows * self.world as i64, cols], (Kind::Float, device));
+        if self.world == 1 {
+            all
+        } else {
+            all.narrow(0, self.rank as i64 * rows, rows)
+        }
     }
 
     /// The error of a collective that failed inside a loss, if one did (consumed).

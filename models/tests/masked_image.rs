@@ -57,7 +57,7 @@ fn random_masking_masks_exactly_and_restores_order() {
     assert_eq!(keep_count(16, 0.75), 4);
     let (n, l) = (6i64, 49i64);
     for ratio in [0.1, 0.5, 0.6, 0.75, 0.9] {
-        let m = random_masking(n, l, ratio, Device::Cpu);
+        let m = random_masking(n, l, ratio, Device::Cpu, &selfsup_models::dist::Dist::alone());
         let k = keep_count(l, ratio);
         assert_eq!(m.ids_keep.size(), vec![n, k]);
         assert_eq!(m.mask.size(), vec![n, l]);
@@ -76,14 +76,14 @@ fn random_masking_masks_exactly_and_restores_order() {
     }
     // Rows differ; the same seed gives the same masks, another seed others.
     tch::manual_seed(7);
-    let a = random_masking(n, l, 0.75, Device::Cpu);
+    let a = random_masking(n, l, 0.75, Device::Cpu, &selfsup_models::dist::Dist::alone());
     for i in 1..n {
         assert!(max_abs_diff(&a.mask.get(0), &a.mask.get(i)) > 0.0, "row {i} has row 0's mask");
     }
     tch::manual_seed(7);
-    let b = random_masking(n, l, 0.75, Device::Cpu);
+    let b = random_masking(n, l, 0.75, Device::Cpu, &selfsup_models::dist::Dist::alone());
     tch::manual_seed(8);
-    let c = random_masking(n, l, 0.75, Device::Cpu);
+    let c = random_masking(n, l, 0.75, Device::Cpu, &selfsup_models::dist::Dist::alone());
     assert_eq!(max_abs_diff(&a.mask, &b.mask), 0.0);
     assert_eq!(max_abs_diff(&a.ids_restore, &b.ids_restore), 0.0);
     assert!(max_abs_diff(&a.mask, &c.mask) > 0.0);
@@ -131,7 +131,7 @@ fn masked_losses_have_closed_forms_and_ignore_visible_patches() {
     let (n, l, k) = (4, 10, 12);
     let pred = Tensor::randn([n, l, k], CPU).set_requires_grad(true);
     let target = Tensor::randn([n, l, k], CPU);
-    let mask = random_masking(n, l, 0.7, Device::Cpu).mask;
+    let mask = random_masking(n, l, 0.7, Device::Cpu, &selfsup_models::dist::Dist::alone()).mask;
     let visible = (1f64 - &mask).unsqueeze(-1);
     let noise = Tensor::randn([n, l, k], CPU) * 10.0;
     for (name, loss) in [("mse", masked_mse as fn(&Tensor, &Tensor, &Tensor) -> Tensor), ("l1", masked_l1)] {
@@ -250,7 +250,7 @@ fn mae_encoder_and_decoder_never_see_masked_pixels() {
     let vs = VarStore::new(Device::Cpu);
     let mae = tiny_mae(&vs, 1, true);
     let x = Tensor::randn([4, 1, 28, 28], CPU);
-    let fwd = |x: &Tensor| mae.forward(x, true);
+    let fwd = |x: &Tensor| mae.forward(x, true, &selfsup_models::dist::Dist::alone());
     let (a, b) = rerun_changed(&fwd, &x, 1.0);
     // 16 patches at 0.75: 4 visible, 12 masked in every row.
     assert_eq!(a.mask.sum(Kind::Float).double_value(&[]), 4.0 * 12.0);
@@ -274,7 +274,7 @@ fn mae_encoder_and_decoder_never_see_masked_pixels() {
     // Without norm_pix_loss the target is the raw pixels.
     let vs = VarStore::new(Device::Cpu);
     let raw = tiny_mae(&vs, 1, false);
-    let out = raw.forward(&x, true);
+    let out = raw.forward(&x, true, &selfsup_models::dist::Dist::alone());
     let want = masked_mse(&out.pred, &patchify(&x, 7), &out.mask);
     assert!((out.loss.double_value(&[]) - want.double_value(&[])).abs() < 1e-6);
 }
@@ -288,7 +288,7 @@ fn simmim_replaces_masked_patches_by_the_mask_token() {
     assert_eq!(vs.variables()["mask_token"].size(), vec![1, 1, 32]);
     assert_eq!(vs.variables()["decoder.weight"].size(), vec![147, 32]);
     let x = Tensor::randn([4, 3, 28, 28], CPU);
-    let fwd = |x: &Tensor| simmim.forward(x, true);
+    let fwd = |x: &Tensor| simmim.forward(x, true, &selfsup_models::dist::Dist::alone());
     let (a, b) = rerun_changed(&fwd, &x, 1.0);
     // 16 patches at 0.6: int(6.4) = 6 visible, 10 masked.
     assert_eq!(a.mask.sum(Kind::Float).double_value(&[]), 4.0 * 10.0);
@@ -311,7 +311,7 @@ fn reconstruct_pastes_visible_patches_and_denormalizes_predictions() {
     let vs = VarStore::new(Device::Cpu);
     let mut mae = tiny_mae(&vs, 1, true);
     tch::manual_seed(5);
-    let out = tch::no_grad(|| mae.forward(&x, false));
+    let out = tch::no_grad(|| mae.forward(&x, false, &selfsup_models::dist::Dist::alone()));
     tch::manual_seed(5);
     let (masked, rec) = mae.reconstruct(&x).unwrap();
     check_pasted(&x, &masked, &rec, &out.mask);
@@ -327,7 +327,7 @@ fn reconstruct_pastes_visible_patches_and_denormalizes_predictions() {
     let x3 = Tensor::randn([2, 3, 28, 28], CPU);
     let mut simmim = tiny_simmim(&vs, 3);
     tch::manual_seed(5);
-    let out = tch::no_grad(|| simmim.forward(&x3, false));
+    let out = tch::no_grad(|| simmim.forward(&x3, false, &selfsup_models::dist::Dist::alone()));
     tch::manual_seed(5);
     let (masked, rec) = simmim.reconstruct(&x3).unwrap();
     check_pasted(&x3, &masked, &rec, &out.mask);

@@ -79,7 +79,11 @@ fn three_steps(cfg: &ObjectiveConfig, backbone: &BackboneConfig, local: usize, t
     let mut losses = Vec::new();
     for step in 0..3u64 {
         let progress = TrainProgress { step, steps_per_epoch: 10, total_steps: 30 };
-        let batch = Batch { views: batch_views.iter().map(|v| v.shallow_clone()).collect(), progress };
+        let batch = Batch {
+            views: batch_views.iter().map(|v| v.shallow_clone()).collect(),
+            progress,
+            dist: selfsup_models::dist::Dist::alone(),
+        };
         let out = obj.loss(&batch, true);
         assert!(!out.features.requires_grad() && !out.embedding.requires_grad(), "monitor inputs are detached");
         assert_eq!(out.features.size()[0], 16);

@@ -43,6 +43,34 @@ pub struct Config {
     /// Fine-tuning on labeled data: the recipe `selfsup finetune` uses for this run's checkpoints, and (with
     /// `at_end`) a fine-tune of the pretrained backbone and of the same backbone from scratch after pretraining.
     pub finetune: FinetuneConfig,
+    /// More than one process (launched by `torchrun`, SLURM's `srun`, or `selfsup pretrain --nproc-per-node`).
+    pub dist: DistConfig,
+}
+
+/// Data-parallel training (see README, "More GPUs, more machines"). `train.batch_size` stays the global batch.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// `auto`: NCCL on CUDA, Gloo on CPU.
+    pub backend: DistBackend,
+    /// How long the rendezvous and any collective wait for the slowest rank before the run stops with an error
+    /// naming it (a dead or hung rank). torch's default is 30 minutes; rank 0's k-NN evaluations between epochs
+    /// must fit in it.
+    pub timeout_s: f64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig { backend: DistBackend::Auto, timeout_s: 1800.0 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DistBackend {
+    Auto,
+    Nccl,
+    Gloo,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -217,6 +245,8 @@ pub enum DeviceChoice {
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     pub epochs: usize,
+    /// The global batch: split evenly over the ranks when more than one process trains (each loads its slice of
+    /// every batch), so the run means the same on 1 GPU or 8. Must be divisible by the number of ranks.
     pub batch_size: usize,
     /// Loader worker threads (0 = all cores).
     pub threads: usize,
@@ -363,6 +393,7 @@ impl Default for Config {
             train: TrainConfig::default(),
             eval: EvalConfig::default(),
             finetune: FinetuneConfig::default(),
+            dist: DistConfig::default(),
         }
     }
 }
@@ -403,6 +434,9 @@ impl Config {
 
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
         let t = &self.train;
+        check(file, "dist.timeout_s", self.dist.timeout_s.is_finite() && self.dist.timeout_s > 0.0, || {
+            format!("must be > 0 seconds, got {}", self.dist.timeout_s)
+        })?;
         check(file, "train.epochs", t.epochs >= 1, || "must be >= 1".into())?;
         check(file, "train.batch_size", t.batch_size >= 2, || format!("must be >= 2, got {}", t.batch_size))?;
         check(file, "train.log_every", t.log_every >= 1, || "must be >= 1".into())?;

@@ -73,6 +73,7 @@ pub fn extract(
         shuffle: false,
         full_shuffle: false,
         drop_last: false,
+        slice: (0, 1),
     };
     let loader = Loader::new(source, views, cfg).map_err(|e| e.to_string())?;
     let mut xs: Vec<DeviceBuffer> = fs.iter().map(|_| DeviceBuffer::default()).collect();

@@ -233,6 +233,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         full_shuffle: cfg.data.shuffle == ShuffleMode::Full,
         // Every labeled image every epoch: with few labels a dropped remainder is a large share of them.
         drop_last: false,
+        slice: (0, 1),
     };
     let loader = Loader::new(train_src.clone(), views, loader_cfg).map_err(|e| Error::Other(e.to_string()))?;
     let steps_per_epoch = loader.batches_per_epoch() as u64;

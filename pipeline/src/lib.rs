@@ -6,6 +6,7 @@ pub mod config;
 pub mod eval;
 pub mod finetune;
 pub mod inspect;
+pub mod launch;
 pub mod loader;
 pub mod pack;
 pub mod progress;

@@ -28,6 +28,10 @@ pub struct LoaderConfig {
     /// Shuffle sample by sample even when the source reads in blocks (slower for HDF5; same order as any other source).
     pub full_shuffle: bool,
     pub drop_last: bool,
+    /// `(rank, world)`: this process loads rows `rank * b / world .. (rank + 1) * b / world` of every global batch
+    /// of `b = batch_size` rows (`(0, 1)`: all of it). The order and each sample's augmentation depend only on
+    /// (seed, epoch, index), so the global batch is the same pixels for any number of ranks.
+    pub slice: (usize, usize),
 }
 
 /// A sample that could not be read, with where it lives and why.
@@ -180,11 +184,13 @@ impl Loader {
             (self.source.clone(), self.views.clone(), self.pool.clone(), self.stage_times.clone());
         let (recycle_tx, recycle_rx) = self.recycled.clone();
         let (bs, seed) = (self.cfg.batch_size, self.cfg.seed);
+        let (rank, world) = (self.cfg.slice.0, self.cfg.slice.1.max(1));
         let handle = std::thread::Builder::new()
             .name("selfsup-loader".into())
             .spawn(move || {
                 for b in first..nb {
-                    let idx = &order[b * bs..((b + 1) * bs).min(order.len())];
+                    let global = &order[b * bs..((b + 1) * bs).min(order.len())];
+                    let idx = &global[rank * global.len() / world..(rank + 1) * global.len() / world];
                     let job = BatchJob { indices: idx, seed, epoch, reuse: recycle_rx.try_recv().ok() };
                     let mut batch = pool.install(|| build_batch(source.as_ref(), &views, job, &times));
                     batch.recycle = Some(recycle_tx.clone());

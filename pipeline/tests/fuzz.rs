@@ -100,6 +100,7 @@ fn a_thousand_bad_files_never_break_the_loader() {
         shuffle: true,
         full_shuffle: false,
         drop_last: false,
+        slice: (0, 1),
     };
     let loader = Loader::new(src.clone(), views, cfg).unwrap();
     let name = |loc: &str| Path::new(loc).file_name().unwrap().to_string_lossy().into_owned();

@@ -362,6 +362,7 @@ fn encoded_checksums_match_zlib_and_catch_a_flipped_byte_in_one_jpeg() {
         shuffle: true,
         full_shuffle: false,
         drop_last: false,
+        slice: (0, 1),
     };
     let batches: Vec<HostBatch> = Loader::new(Arc::new(bad), Arc::new(views), cfg).unwrap().epoch(0).collect();
     let mut delivered: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).collect();
@@ -441,8 +442,16 @@ with h5py.File(d + "/blosc.h5", "w") as f:
 fn loader(src: Arc<dyn Source>, threads: usize, shuffle: bool) -> Loader {
     let recipe = RecipeConfig::simclr(28, 1);
     let views = Views::new(vec![recipe.build(1).unwrap(), recipe.build(1).unwrap()]);
-    let cfg =
-        LoaderConfig { batch_size: 96, threads, prefetch: 2, seed: 7, shuffle, full_shuffle: false, drop_last: false };
+    let cfg = LoaderConfig {
+        batch_size: 96,
+        threads,
+        prefetch: 2,
+        seed: 7,
+        shuffle,
+        full_shuffle: false,
+        drop_last: false,
+        slice: (0, 1),
+    };
     Loader::new(src, Arc::new(views), cfg).unwrap()
 }
 

@@ -22,6 +22,7 @@ fn loader(n: usize, threads: usize, batch: usize, drop_last: bool) -> Loader {
         shuffle: true,
         full_shuffle: false,
         drop_last,
+        slice: (0, 1),
     };
     Loader::new(src, Arc::new(views), cfg).unwrap()
 }

@@ -107,6 +107,7 @@ fn image_folder_with_classes_and_bad_files() {
         shuffle: true,
         full_shuffle: false,
         drop_last: false,
+        slice: (0, 1),
     };
     let loader = Loader::new(src, views, cfg).unwrap();
     let batches: Vec<_> = loader.epoch(0).collect();

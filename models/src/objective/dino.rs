@@ -14,10 +14,11 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT, VarStore};
 use tch::{Kind, Tensor};
 
-use super::masking::random_masking;
+use super::masking::masking_from_noise;
 use super::siamese::{Momentum, WithTeacher};
 use super::{forward_groups, Batch, Objective, Step};
 use crate::backbone::{Backbone, BackboneConfig, Vit};
+use crate::dist::Dist;
 use crate::head::{linear, Mlp, MlpSpec};
 use crate::loss::{dino_loss, ibot_patch_loss, koleo};
 use crate::teacher::validate_momentum;
@@ -253,12 +254,16 @@ impl Dino {
         globals: &Tensor,
         train: bool,
         frozen: bool,
+        dist: &Dist,
     ) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor) {
         let vit: &Vit = self.net.student.backbone.as_vit().expect("checked in Dino::new");
         let (h, w) = vit.grid_of(globals);
         let tokens = vit.patch_tokens(globals);
         let (n, l) = (tokens.size()[0], tokens.size()[1]);
-        let m = random_masking(n, l, self.cfg.ibot_mask_ratio, globals.device());
+        // Per global crop, for the global batch (`dist`): a sample's masks do not depend on the number of ranks.
+        let noise =
+            Tensor::cat(&[dist.rand_rows(n / 2, l, globals.device()), dist.rand_rows(n / 2, l, globals.device())], 0);
+        let m = masking_from_noise(&noise, self.cfg.ibot_mask_ratio);
         let keep = m.mask.unsqueeze(-1).to_kind(tokens.kind());
         let token = self.mask_token.as_ref().expect("iBOT on").to_kind(tokens.kind());
         let tokens = &tokens * (1.0 - &keep) + token * &keep;
@@ -302,7 +307,8 @@ impl Objective for Dino {
         // Student logits and pooled features per view; the teacher's logits per global crop.
         let (features, logits, teacher) = if self.mask_token.is_some() {
             let globals = Tensor::cat(&views[..2], 0);
-            let (pooled, g_logits, s_patch, t_logits, t_patch, mask) = self.ibot_globals(&globals, train, frozen);
+            let (pooled, g_logits, s_patch, t_logits, t_patch, mask) =
+                self.ibot_globals(&globals, train, frozen, &batch.dist);
             let mut features: Vec<Tensor> = pooled.split(n, 0);
             let mut logits: Vec<Tensor> = g_logits.split(n, 0);
             let mut local_features = Vec::new();

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::{Kind, Tensor};
 
+use crate::dist::Dist;
+
 use super::masking::{
     masked_mse, normalize_patches, patch_stats, patchify, random_masking, validate_mask_ratio, vit_for, MaskedForward,
     MaskedImageModel,
@@ -104,10 +106,10 @@ impl Mae {
     ///
     /// # Shapes
     /// `imgs`: `[N, C, H, W]` → loss scalar, pred `[N, L, p*p*C]`, mask `[N, L]`, features `[N, D]`.
-    pub fn forward(&self, imgs: &Tensor, train: bool) -> MaskedForward {
+    pub fn forward(&self, imgs: &Tensor, train: bool, dist: &Dist) -> MaskedForward {
         let vit = self.vit();
         let (n, l, d) = (imgs.size()[0], vit.num_patches(), vit.width());
-        let m = random_masking(n, l, self.mask_ratio, imgs.device());
+        let m = random_masking(n, l, self.mask_ratio, imgs.device(), dist);
         let k = m.ids_keep.size()[1];
         let tokens = vit.add_pos(&vit.patch_tokens(imgs));
         let visible = tokens.gather(1, &m.ids_keep.unsqueeze(-1).expand([n, k, d], false), false);
@@ -144,8 +146,8 @@ impl Mae {
 }
 
 impl MaskedImageModel for Mae {
-    fn forward(&self, imgs: &Tensor, train: bool) -> MaskedForward {
-        Mae::forward(self, imgs, train)
+    fn forward(&self, imgs: &Tensor, train: bool, dist: &Dist) -> MaskedForward {
+        Mae::forward(self, imgs, train, dist)
     }
 
     fn encoder(&self) -> &dyn Backbone {

@@ -2,6 +2,7 @@
 //! (Xie et al. 2021, https://arxiv.org/abs/2111.09886): patchify / unpatchify in MAE's pixel order, per-sample
 //! random patch masking, and the reconstruction losses restricted to masked patches.
 
+use crate::dist::Dist;
 use tch::{Device, Kind, Tensor};
 
 use super::{Batch, Objective, Step};
@@ -42,9 +43,16 @@ pub fn keep_count(l: i64, mask_ratio: f64) -> i64 {
 ///
 /// # Shapes
 /// → `ids_keep [n, K]`, `mask [n, l]`, `ids_restore [n, l]` on `device`.
-pub fn random_masking(n: i64, l: i64, mask_ratio: f64, device: Device) -> Masking {
+pub fn random_masking(n: i64, l: i64, mask_ratio: f64, device: Device, dist: &Dist) -> Masking {
+    // Drawn for the global batch and sliced: a sample's mask does not depend on the number of ranks.
+    masking_from_noise(&dist.rand_rows(n, l, device), mask_ratio)
+}
+
+/// The mask that keeps each row's patches of smallest `noise` (`[N, L]`, uniform): [`random_masking`] with the
+/// noise given (several groups of rows drawn separately, e.g. DINO's two global crops).
+pub fn masking_from_noise(noise: &Tensor, mask_ratio: f64) -> Masking {
+    let (n, l, device) = (noise.size()[0], noise.size()[1], noise.device());
     let len_keep = keep_count(l, mask_ratio);
-    let noise = Tensor::rand([n, l], (Kind::Float, device));
     // Ascending: the patches with the smallest noise are kept.
     let ids_shuffle = noise.argsort(1, false);
     let ids_restore = ids_shuffle.argsort(1, false);
@@ -154,7 +162,8 @@ pub(crate) fn masked_and_pasted(target: &Tensor, pred: &Tensor, mask: &Tensor, p
 /// [`Objective`] comes with it: the loss of one view, the encoder as the backbone, and reconstructions with the
 /// visible patches pasted back.
 pub trait MaskedImageModel {
-    fn forward(&self, imgs: &Tensor, train: bool) -> MaskedForward;
+    /// A masked forward; the masks are drawn for `dist`'s global batch ([`Dist::rand_rows`]).
+    fn forward(&self, imgs: &Tensor, train: bool, dist: &Dist) -> MaskedForward;
     /// The ViT being pretrained.
     fn encoder(&self) -> &dyn Backbone;
     /// Predicted patches (fp32, `[N, L, p*p*C]`) back to pixels, given the target patches: the identity unless
@@ -168,7 +177,7 @@ impl<T: MaskedImageModel> Objective for T {
     /// # Shapes
     /// `batch.views`: one `[N, C, H, W]` → loss scalar, features `[N, D]`.
     fn loss(&mut self, batch: &Batch, train: bool) -> Step {
-        let out = self.forward(&batch.views[0], train);
+        let out = self.forward(&batch.views[0], train, &batch.dist);
         let features = out.features.detach();
         Step { loss: out.loss, embedding: features.shallow_clone(), features, terms: Vec::new() }
     }
@@ -183,7 +192,7 @@ impl<T: MaskedImageModel> Objective for T {
 
     fn reconstruct(&mut self, x: &Tensor) -> Option<(Tensor, Tensor)> {
         tch::no_grad(|| {
-            let out = self.forward(x, false);
+            let out = self.forward(x, false, &Dist::alone());
             let vit = self.encoder().as_vit().expect("masked-image objectives are built on a ViT");
             let (p, c) = (vit.patch_size(), vit.in_channels());
             let target = patchify(&x.to_kind(Kind::Float), p);

@@ -11,16 +11,20 @@ mod simclr;
 mod simmim;
 mod vicreg;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
+
+use crate::dist::Dist;
 
 pub use barlow::{Barlow, BarlowConfig};
 pub use byol::{Byol, ByolConfig};
 pub use dino::{Dino, DinoConfig, DinoHead};
 pub use mae::{Mae, MaeConfig};
 pub use masking::{
-    keep_count, masked_l1, masked_mse, normalize_patches, patch_stats, patchify, random_masking, unpatchify,
-    MaskedForward, MaskedImageModel, Masking,
+    keep_count, masked_l1, masked_mse, masking_from_noise, normalize_patches, patch_stats, patchify, random_masking,
+    unpatchify, MaskedForward, MaskedImageModel, Masking,
 };
 pub use mocov3::{MocoV3, MocoV3Config};
 pub use siamese::{Momentum, Network, ViewOutputs, WithTeacher};
@@ -65,12 +69,16 @@ pub struct Batch {
     /// ([`size_groups`]).
     pub views: Vec<Tensor>,
     pub progress: TrainProgress,
+    /// The process group: these rows are this rank's slice of the global batch. Objectives whose loss needs the
+    /// whole batch gather through it ([`Dist::gather`]); per-sample randomness is drawn for the global batch and
+    /// sliced ([`Dist::rand_rows`]), so it does not depend on the number of ranks. A no-op in one process.
+    pub dist: Arc<Dist>,
 }
 
 impl Batch {
-    /// A batch at the start of training (progress 0): tests and one-off forwards.
+    /// A batch at the start of training (progress 0) in one process: tests and one-off forwards.
     pub fn new(views: Vec<Tensor>) -> Self {
-        Batch { views, progress: TrainProgress::default() }
+        Batch { views, progress: TrainProgress::default(), dist: Dist::alone() }
     }
 }
 

@@ -59,8 +59,11 @@ impl Objective for SimClr {
         let x = Tensor::cat(&batch.views[..2], 0);
         let h = self.backbone.features(&x, train);
         let z = self.projector.forward_t(&h, train);
-        // Outside autocast: under it the similarity matmul would run in bf16 despite the fp32 inputs.
-        let loss = crate::device::autocast(false, || nt_xent(&z.narrow(0, 0, n), &z.narrow(0, n, n), self.temperature));
+        // Negatives from the global batch: every rank's embeddings (gathered with their gradient), the same loss
+        // as one process on the whole batch. Outside autocast: under it the similarity matmul would run in bf16
+        // despite the fp32 inputs.
+        let (z1, z2) = (batch.dist.gather(&z.narrow(0, 0, n)), batch.dist.gather(&z.narrow(0, n, n)));
+        let loss = crate::device::autocast(false, || nt_xent(&z1, &z2, self.temperature));
         Step { loss, features: h.narrow(0, 0, n).detach(), embedding: z.narrow(0, 0, n).detach(), terms: Vec::new() }
     }
 

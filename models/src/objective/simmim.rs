@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::Tensor;
 
+use crate::dist::Dist;
+
 use super::masking::{
     masked_l1, patchify, random_masking, validate_mask_ratio, vit_for, MaskedForward, MaskedImageModel,
 };
@@ -65,10 +67,10 @@ impl SimMim {
     ///
     /// # Shapes
     /// `imgs`: `[N, C, H, W]` → loss scalar, pred `[N, L, p*p*C]` (raw pixels), mask `[N, L]`, features `[N, D]`.
-    pub fn forward(&self, imgs: &Tensor, train: bool) -> MaskedForward {
+    pub fn forward(&self, imgs: &Tensor, train: bool, dist: &Dist) -> MaskedForward {
         let vit = self.vit();
         let (n, l) = (imgs.size()[0], vit.num_patches());
-        let m = random_masking(n, l, self.mask_ratio, imgs.device());
+        let m = random_masking(n, l, self.mask_ratio, imgs.device(), dist);
         let tokens = vit.patch_tokens(imgs);
         let w = m.mask.unsqueeze(-1).to_kind(tokens.kind());
         let tokens = &tokens * (1.0 - &w) + self.mask_token.to_kind(tokens.kind()) * &w;
@@ -82,8 +84,8 @@ impl SimMim {
 }
 
 impl MaskedImageModel for SimMim {
-    fn forward(&self, imgs: &Tensor, train: bool) -> MaskedForward {
-        SimMim::forward(self, imgs, train)
+    fn forward(&self, imgs: &Tensor, train: bool, dist: &Dist) -> MaskedForward {
+        SimMim::forward(self, imgs, train, dist)
     }
 
     fn encoder(&self) -> &dyn Backbone {

@@ -12,6 +12,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::{invalid, ModelError};
 
+use crate::dist::{Dist, DistError};
 use chunk::{make_chunks, Chunk, CHUNK_NUMEL};
 
 mod adamw;
@@ -150,6 +151,9 @@ struct Param {
     buffers: Buffers,
 }
 
+/// Gradient elements per all-reduce bucket in [`Optimizer::average_gradients`]: 25 MB of fp32, DDP's default.
+pub const BUCKET_NUMEL: i64 = 25 * 1024 * 1024 / 4;
+
 pub struct Optimizer {
     cfg: OptimizerConfig,
     params: Vec<Param>,
@@ -235,6 +239,47 @@ impl Optimizer {
             };
             let total = Tensor::stack(&norms, 0).norm();
             (grads, total)
+        })
+    }
+
+    /// Data parallelism: every gradient replaced by its mean over the ranks of `dist` (a no-op in one process),
+    /// summed in flat buckets of at most [`BUCKET_NUMEL`] elements (one all-reduce per bucket, as DDP's 25 MB
+    /// buckets; never one per parameter). Every rank must have gradients for the same parameters (the same model
+    /// and objective: they do).
+    pub fn average_gradients(&mut self, dist: &Dist) -> Result<(), DistError> {
+        if dist.world() <= 1 {
+            return Ok(());
+        }
+        tch::no_grad(|| {
+            let grads: Vec<Tensor> = self.params.iter().map(|p| p.tensor.grad()).filter(Tensor::defined).collect();
+            let mut start = 0;
+            while start < grads.len() {
+                // Consecutive gradients of one kind and device, up to the bucket size (a larger one alone).
+                let (kind, device) = (grads[start].kind(), grads[start].device());
+                let mut end = start;
+                let mut numel = 0;
+                while end < grads.len()
+                    && grads[end].kind() == kind
+                    && grads[end].device() == device
+                    && (end == start || numel + grads[end].numel() as i64 <= BUCKET_NUMEL)
+                {
+                    numel += grads[end].numel() as i64;
+                    end += 1;
+                }
+                let bucket = &grads[start..end];
+                let mut flat = chunk::flat(bucket);
+                dist.all_reduce_sum(&mut flat)?;
+                let _ = flat.g_div_scalar_(dist.world() as f64);
+                let mut offset = 0;
+                for g in bucket {
+                    let n = g.numel() as i64;
+                    let mut g = g.shallow_clone();
+                    g.copy_(&flat.narrow(0, offset, n).view(g.size().as_slice()));
+                    offset += n;
+                }
+                start = end;
+            }
+            Ok(())
         })
     }
 

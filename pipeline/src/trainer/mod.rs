@@ -19,12 +19,14 @@ use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::{Config, OnNonFinite, ShuffleMode};
+use crate::launch::Launch;
 use crate::loader::{BadSample, HostBatch, Loader, LoaderConfig};
 use crate::progress::{Line, Progress};
 use crate::source::{self, Source};
 use crate::tensorboard::Sink;
 use crate::transfer::{self, EvalContext, EvalReport};
 use crate::{prepare_device, signals, Error, Result};
+use selfsup_models::dist::{Dist, DistError};
 
 mod monitor;
 mod probe;
@@ -45,6 +47,8 @@ pub struct RunOptions {
     pub resume: bool,
     /// No progress line.
     pub quiet: bool,
+    /// This process's place in a multi-process run ([`Launch::single`] for one process).
+    pub launch: Launch,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -166,6 +170,28 @@ pub fn optimizer_step(opt: &mut Optimizer, loss: &Tensor, clip: f64, lr: f64) {
 fn backward(opt: &mut Optimizer, loss: &Tensor, clip: f64) -> Tensor {
     opt.zero_grad();
     loss.backward();
+    clip_or_norm(opt, clip)
+}
+
+/// [`backward`] in a process group: the gradients averaged over the ranks before clipping. A collective that
+/// failed (inside the loss's gathers, during backward, or in the averaging) is an error naming it.
+fn backward_dist(opt: &mut Optimizer, loss: &Tensor, clip: f64, dist: &Dist) -> Result<Tensor> {
+    opt.zero_grad();
+    let backward = loss.f_backward();
+    if let Some(e) = dist.take_error() {
+        return Err(dist_stopped(e));
+    }
+    backward.map_err(|e| Error::Other(format!("backward: {e}")))?;
+    opt.average_gradients(dist).map_err(dist_stopped)?;
+    Ok(clip_or_norm(opt, clip))
+}
+
+/// The error that ends a data-parallel run whose collective failed.
+fn dist_stopped(e: DistError) -> Error {
+    Error::Other(format!("data-parallel training stopped: {e}"))
+}
+
+fn clip_or_norm(opt: &mut Optimizer, clip: f64) -> Tensor {
     if clip > 0.0 {
         opt.clip_grad_norm(clip)
     } else {
@@ -217,7 +243,7 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     if opts.resume && resumed.is_none() {
         return Ok(None);
     }
-    if !opts.resume {
+    if !opts.resume && opts.launch.is_main() {
         trainer.preview(sink);
     }
     trainer.start(resumed)?;
@@ -344,19 +370,42 @@ struct Trainer<'a> {
     interrupted: Option<i32>,
     /// Test-only: steps whose loss is made NaN.
     fault_nan: Vec<u64>,
+    /// The process group (a no-op in one process). Only its main rank writes files and logs.
+    dist: Arc<Dist>,
 }
 
 impl<'a> Trainer<'a> {
     /// Writes the resolved config, opens the data, builds the model, loader and optimizer.
     fn build(cfg: &'a Config, opts: &'a RunOptions) -> Result<Self> {
-        let (device, autocast) = prepare_device(cfg.train.device, cfg.train.bf16)?;
+        let launch = &opts.launch;
+        let (mut device, autocast) = prepare_device(cfg.train.device, cfg.train.bf16)?;
+        if launch.world > 1 {
+            if device.is_cuda() {
+                // Each rank binds the GPU of its local rank.
+                device = Device::Cuda(launch.local_rank);
+            }
+            // Each rank takes its share of the machine's cores (torch's intra-op threads; the loader's below).
+            tch::set_num_threads(launch.cpu_share() as i32);
+            if cfg.train.batch_size % launch.world != 0 {
+                return Err(Error::Other(format!(
+                    "train.batch_size = {} is the global batch and must be divisible by the {} ranks",
+                    cfg.train.batch_size, launch.world
+                )));
+            }
+        }
+        let dist = Arc::new(
+            Dist::connect(&launch.group_spec(&cfg.dist, device)?, device)
+                .map_err(|e| Error::Other(format!("{} ({}): {e}", launch.by, "dist.timeout_s bounds the wait")))?,
+        );
         let io = |p: &Path| {
             let p = p.to_path_buf();
             move |e: std::io::Error| Error::Other(format!("{}: {e}", p.display()))
         };
-        std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
-        let resolved = opts.out.join("config.toml");
-        std::fs::write(&resolved, cfg.to_toml()).map_err(io(&resolved))?;
+        if dist.is_main() {
+            std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
+            let resolved = opts.out.join("config.toml");
+            std::fs::write(&resolved, cfg.to_toml()).map_err(io(&resolved))?;
+        }
 
         let mut source: Arc<dyn Source> = source::open_with(&cfg.data.train, cfg.data.open_options())?.into();
         if cfg.data.limit > 0 && cfg.data.limit < source.len() {
@@ -365,7 +414,7 @@ impl<'a> Trainer<'a> {
         if cfg.eval.at_end || cfg.eval.knn_every > 0 {
             transfer::check_test_data(cfg)?;
         }
-        let removed = checkpoint::clean_leftovers(&opts.out.join("checkpoints"))?;
+        let removed = if dist.is_main() { checkpoint::clean_leftovers(&opts.out.join("checkpoints"))? } else { 0 };
         if removed > 0 {
             eprintln!(
                 "removed {removed} temporary file(s) of an interrupted checkpoint write in {}",
@@ -379,12 +428,13 @@ impl<'a> Trainer<'a> {
         let t = &cfg.train;
         let loader_cfg = LoaderConfig {
             batch_size: t.batch_size,
-            threads: t.threads,
+            threads: if t.threads == 0 && launch.world > 1 { launch.cpu_share() } else { t.threads },
             prefetch: t.prefetch,
             seed: cfg.seed,
             shuffle: true,
             full_shuffle: cfg.data.shuffle == ShuffleMode::Full,
             drop_last: true,
+            slice: (launch.rank, launch.world),
         };
         let loader = Loader::new(source.clone(), views.clone(), loader_cfg).map_err(|e| Error::Other(e.to_string()))?;
         let steps_per_epoch = loader.batches_per_epoch() as u64;
@@ -439,6 +489,7 @@ impl<'a> Trainer<'a> {
             skipped: 0,
             interrupted: None,
             fault_nan: fault_nan_steps(),
+            dist,
         })
     }
 
@@ -470,6 +521,22 @@ impl<'a> Trainer<'a> {
         }))
     }
 
+    /// Every rank starts from rank 0's parameters and buffers (built from the same seed, or resumed from the
+    /// same checkpoint, they already agree: this makes sure), one broadcast per variable, sorted by name.
+    fn broadcast_model(&mut self) -> Result<()> {
+        if self.dist.world() <= 1 {
+            return Ok(());
+        }
+        let mut vars: Vec<(String, Tensor)> = self.model.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        tch::no_grad(|| {
+            for (name, t) in &mut vars {
+                self.dist.broadcast(t, 0).map_err(|e| Error::Other(format!("broadcasting {name} from rank 0: {e}")))?;
+            }
+            Ok(())
+        })
+    }
+
     /// The grid of augmented views at step 0.
     fn preview(&self, sink: &mut dyn Sink) {
         let (source, cfg) = (self.source.as_ref(), self.cfg);
@@ -485,6 +552,7 @@ impl<'a> Trainer<'a> {
         self.run_start = Instant::now();
         self.last_checkpoint_at = Instant::now();
         self.first_step = self.step;
+        self.broadcast_model()?;
         let e = &self.cfg.eval;
         if let Some(classes) = self.source.num_classes().filter(|&c| e.online_probe && c > 1) {
             let dim = self.model.objective.backbone().dim();
@@ -505,31 +573,65 @@ impl<'a> Trainer<'a> {
     fn between_batches(&mut self) -> Result<bool> {
         // At the end of an epoch (all its batches consumed) the stop waits for the epoch's bookkeeping.
         let in_epoch = self.batch < self.steps_per_epoch;
-        if let Some(sig) = signals::stop_requested().filter(|_| in_epoch) {
-            eprintln!("\n{} received: stopping after step {} with a checkpoint", signals::name(sig), self.step);
-            self.interrupted = Some(sig);
-            return Ok(true);
-        }
         let t = &self.cfg.train;
-        let by_steps = t.checkpoint_every_steps > 0 && self.step.is_multiple_of(t.checkpoint_every_steps as u64);
-        let by_time = t.checkpoint_every_minutes > 0.0
-            && self.last_checkpoint_at.elapsed().as_secs_f64() >= 60.0 * t.checkpoint_every_minutes;
         // Nothing to save before the first step, nor between an epoch's last batch and its bookkeeping: a
         // SIGUSR1 then stays pending until the next point that can be saved (it is never dropped).
         let can_save = in_epoch && self.step > 0;
+        // In a process group the ranks decide together (signals reach the ranks at different moments; rank 0's
+        // clock times the minute checkpoints), at log points only: the vote is a collective, read on the host.
+        let voting = self.dist.world() > 1;
+        if voting && !self.step.is_multiple_of(t.log_every as u64) {
+            return Ok(false);
+        }
+        let by_steps = t.checkpoint_every_steps > 0 && self.step.is_multiple_of(t.checkpoint_every_steps as u64);
+        let by_time = t.checkpoint_every_minutes > 0.0
+            && self.dist.is_main()
+            && self.last_checkpoint_at.elapsed().as_secs_f64() >= 60.0 * t.checkpoint_every_minutes;
+        let stop = signals::stop_requested().filter(|_| in_epoch);
         let asked = can_save && signals::take_checkpoint_request();
+        let (stop, asked, by_time) = if voting { self.vote(stop, asked, by_time)? } else { (stop, asked, by_time) };
+        if let Some(sig) = stop {
+            if self.dist.is_main() {
+                eprintln!("\n{} received: stopping after step {} with a checkpoint", signals::name(sig), self.step);
+            }
+            self.interrupted = Some(sig);
+            return Ok(true);
+        }
         if (asked || by_steps || by_time) && can_save {
             let name = self.checkpoint_name();
             let fresh = self.last_saved != Some(self.step);
             if fresh {
                 self.checkpoint(&name)?;
             }
-            if asked {
+            if asked && self.dist.is_main() {
                 let what = if fresh { "wrote" } else { "the checkpoint of this step is already written:" };
                 eprintln!("\nSIGUSR1: {what} {name}, continuing");
             }
         }
         Ok(false)
+    }
+
+    /// The ranks' vote between two batches: a stop if any rank was asked to stop (SIGTERM before SIGINT), a
+    /// checkpoint if any rank got SIGUSR1 or rank 0's clock says so. One all-reduce of four numbers.
+    fn vote(&self, stop: Option<i32>, asked: bool, by_time: bool) -> Result<(Option<i32>, bool, bool)> {
+        let mine = [
+            f32::from(stop == Some(libc::SIGINT)),
+            f32::from(stop == Some(libc::SIGTERM)),
+            f32::from(asked),
+            f32::from(by_time),
+        ];
+        let mut votes = Tensor::from_slice(&mine).to_device(self.device);
+        self.dist.all_reduce_sum(&mut votes).map_err(dist_stopped)?;
+        let v: Vec<f32> =
+            Vec::try_from(votes.to_device(Device::Cpu)).map_err(|e: tch::TchError| Error::Other(e.to_string()))?;
+        let stop = if v[1] > 0.0 {
+            Some(libc::SIGTERM)
+        } else if v[0] > 0.0 {
+            Some(libc::SIGINT)
+        } else {
+            None
+        };
+        Ok((stop, v[2] > 0.0, v[3] > 0.0))
     }
 
     /// `epoch-0003` at an epoch boundary, `epoch-0003-step-1234` within epoch 3 (0-based: 3 epochs done).
@@ -557,8 +659,9 @@ impl<'a> Trainer<'a> {
         // PyTorch reference's do).
         let views = to_device(batch, self.device);
         let (objective, autocast) = (&mut self.model.objective, self.autocast);
+        let dist = self.dist.clone();
         let forward =
-            || selfsup_models::device::autocast(autocast, || objective.loss(&Batch { views, progress }, true));
+            || selfsup_models::device::autocast(autocast, || objective.loss(&Batch { views, progress, dist }, true));
         // Counted from this run's first step, so a resumed run profiles too.
         let run_step = self.step - self.first_step;
         let profiling =
@@ -569,16 +672,18 @@ impl<'a> Trainer<'a> {
         if self.fault_nan.contains(&self.step) {
             out.loss = &out.loss * f64::NAN;
         }
-        let opt = &mut self.opt;
-        let grad_norm = phases.run(1, || backward(opt, &out.loss, cfg.optimizer.clip_grad));
+        let (opt, dist) = (&mut self.opt, &self.dist);
+        let grad_norm = phases.run(1, || backward_dist(opt, &out.loss, cfg.optimizer.clip_grad, dist))?;
         // Checked on the device; read back only to skip (`on_nonfinite = "skip"`), else at the next log point or
         // checkpoint.
         let ok = out.loss.detach().isfinite().logical_and(&grad_norm.isfinite());
         let skip = t.on_nonfinite == OnNonFinite::Skip && ok.int64_value(&[]) == 0;
         let at = self.step;
         self.step += 1;
-        self.clock.images += batch.len() as u64;
-        self.images_seen += batch.len() as u64;
+        // The global batch's images (each rank trains its slice of it).
+        let images = (batch.len() * self.dist.world()) as u64;
+        self.clock.images += images;
+        self.images_seen += images;
         if skip {
             self.skipped += 1;
             eprintln!("\nstep {at}: non-finite loss or gradient norm, update skipped ({} so far)", self.skipped);
@@ -596,11 +701,22 @@ impl<'a> Trainer<'a> {
                 self.model.objective.after_step(&progress);
             });
             if let (Some(p), Some(labels)) = (self.probe.as_mut(), batch.labels.as_ref()) {
-                phases.run(3, || p.step(&out.features, labels));
+                // On the global batch: every rank's probe takes the same step, as one process would.
+                let dist = &self.dist;
+                phases.run(3, || -> Result<()> {
+                    let y = labels_to_device(labels, self.device);
+                    let (f, y) = (dist.all_gather(&out.features), dist.all_gather(&y));
+                    p.step(&f.map_err(dist_stopped)?, &y.map_err(dist_stopped)?);
+                    Ok(())
+                })?;
             }
             self.window.add(&out, &ok, at);
         }
-        Ok((self.step.is_multiple_of(t.log_every as u64) || self.step >= self.max_steps).then(|| self.window.read()))
+        if !(self.step.is_multiple_of(t.log_every as u64) || self.step >= self.max_steps) {
+            return Ok(None);
+        }
+        self.window.reduce(&self.dist).map_err(dist_stopped)?;
+        Ok(Some(self.window.read()))
     }
 
     /// Where to go from a non-finite step: the last good checkpoint and the usual causes.
@@ -693,7 +809,13 @@ impl<'a> Trainer<'a> {
         if t.recon_every > 0 && (epoch % t.recon_every == 0 || epoch == t.epochs) {
             log_reconstruction(self.model.objective.as_mut(), self.recon.as_ref(), cfg, sink, self.step as i64);
         }
-        if cfg.eval.knn_every > 0 && epoch % cfg.eval.knn_every == 0 && epoch < t.epochs && cfg.data.test.is_some() {
+        let main = self.dist.is_main();
+        if main
+            && cfg.eval.knn_every > 0
+            && epoch % cfg.eval.knn_every == 0
+            && epoch < t.epochs
+            && cfg.data.test.is_some()
+        {
             let top1 = transfer::knn_only(self.model.eval_backbone(cfg), &self.eval_context())?;
             sink.scalar("eval/knn_top1", self.step as i64, top1);
         }
@@ -707,6 +829,13 @@ impl<'a> Trainer<'a> {
     fn checkpoint(&mut self, name: &str) -> Result<()> {
         if let Some(at) = self.window.first_nonfinite() {
             return Err(self.nonfinite_error(at));
+        }
+        // Every rank takes part (the window's mean over the ranks); rank 0 alone writes the one checkpoint.
+        self.window.reduce(&self.dist).map_err(dist_stopped)?;
+        if !self.dist.is_main() {
+            self.last_saved = Some(self.step);
+            self.last_checkpoint_at = Instant::now();
+            return Ok(());
         }
         let mut window = self.window.snapshot(self.clock.images);
         if let Some(p) = &self.probe {
@@ -766,7 +895,8 @@ impl<'a> Trainer<'a> {
         let seconds = self.run_start.elapsed().as_secs_f64();
         // A stop requested during training (or since) skips the evaluation: the user wants the process gone.
         self.interrupted = self.interrupted.or_else(signals::stop_requested);
-        let eval = if cfg.eval.at_end && cfg.data.test.is_some() && self.interrupted.is_none() {
+        // Rank 0 evaluates (the other ranks are done once the last checkpoint is agreed on).
+        let eval = if cfg.eval.at_end && cfg.data.test.is_some() && self.interrupted.is_none() && self.dist.is_main() {
             let report =
                 transfer::evaluate(self.model.eval_backbone(cfg), &self.eval_context(), sink, self.step as i64)?;
             transfer::write_report(&report, self.out)?;

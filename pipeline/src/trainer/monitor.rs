@@ -5,6 +5,7 @@ use selfsup_models::Step;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::WindowState;
+use selfsup_models::dist::{Dist, DistError};
 
 /// The spread of embeddings: the per-dimension std of the l2-normalized rows, averaged over dimensions, times
 /// sqrt(D) (about 1 for embeddings spread over the sphere, 0 for collapsed ones; lightly's
@@ -109,6 +110,28 @@ impl Window {
     }
 
     /// The first non-finite step since the last log point, if any (one read from the device).
+    /// Over a process group: the window's loss and terms become their mean over the ranks (each rank's loss is
+    /// the mean over its slice of the batch), and the last embeddings every rank's rows (so the collapse monitor
+    /// sees the global batch). Idempotent; a no-op in one process.
+    pub fn reduce(&mut self, dist: &Dist) -> Result<(), DistError> {
+        if dist.world() <= 1 {
+            return Ok(());
+        }
+        let mut parts = vec![self.loss.reshape([1])];
+        parts.extend(self.terms.iter().map(|(_, t)| t.reshape([1])));
+        let mut flat = Tensor::cat(&parts, 0).to_kind(Kind::Float);
+        dist.all_reduce_sum(&mut flat)?;
+        let flat = flat / dist.world() as f64;
+        self.loss = flat.get(0);
+        for (i, (_, t)) in self.terms.iter_mut().enumerate() {
+            *t = flat.get(i as i64 + 1);
+        }
+        if let Some(e) = &self.embedding {
+            self.embedding = Some(dist.all_gather(e)?);
+        }
+        Ok(())
+    }
+
     pub fn first_nonfinite(&self) -> Option<u64> {
         u64::try_from(self.first_bad.int64_value(&[])).ok()
     }

@@ -4,7 +4,7 @@ use selfsup_models::Optimizer;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::{labels_to_device, optimizer_step};
+use super::optimizer_step;
 use crate::Result;
 
 /// A linear classifier trained on the detached backbone features of each training batch (solo-learn's online
@@ -36,17 +36,17 @@ impl OnlineProbe {
     }
 
     /// One SGD step on `features` (`[N, D]`, detached) and `labels`; counts its accuracy before the step.
-    pub(super) fn step(&mut self, features: &Tensor, labels: &[i64]) {
-        let y = labels_to_device(labels, features.device());
+    /// One SGD step on `features` (`[N, D]`) and their labels `y` (`[N]` int64 on the same device).
+    pub(super) fn step(&mut self, features: &Tensor, y: &Tensor) {
         // Standardized per batch (a batch norm without parameters, as MAE's linear probe): the raw feature scale
         // drifts while the backbone trains, which a plain linear layer at a fixed lr follows slowly.
         let f = features.detach().to_kind(Kind::Float);
         let f = (&f - f.mean_dim([0i64].as_slice(), true, Kind::Float))
             / f.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6);
         let logits = f.apply(&self.head);
-        self.hits += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64).detach();
-        self.seen += labels.len() as u64;
-        let loss = selfsup_models::cross_entropy(&logits, &y, 0.0);
+        self.hits += logits.argmax(1, false).eq_tensor(y).sum(Kind::Int64).detach();
+        self.seen += y.size()[0] as u64;
+        let loss = selfsup_models::cross_entropy(&logits, y, 0.0);
         optimizer_step(&mut self.opt, &loss, 0.0, self.lr);
     }
 

@@ -1,0 +1,194 @@
+//! Data-parallel training on the CPU (issue 11), for real: ranks launched by `selfsup pretrain --nproc-per-node`,
+//! Gloo over 127.0.0.1 on a free port, bounded timeouts. Two ranks with global batch B train the weights one
+//! process trains with batch B; a rank killed ends the run with an error naming it; SIGTERM to the launcher
+//! leaves one valid checkpoint, and a 2-rank run resumed by one process continues its loss curve.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_selfsup");
+
+/// MAE (ViT, layer norm only: no batch statistics, so the only difference between 1 and 2 ranks is the order of
+/// floating-point sums), 20 steps of global batch 32.
+const MAE: [&str; 20] = [
+    "--config",
+    "mae-fmnist-tiny",
+    "--set",
+    "data.limit=640",
+    "--set",
+    "train.batch_size=32",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "eval.at_end=false",
+    "--set",
+    "train.log_every=2",
+    "--set",
+    "train.checkpoint_every=0",
+    "--set",
+    "train.progress_every_s=0",
+    "--set",
+    "train.threads=1",
+    "--set",
+    "dist.timeout_s=60",
+];
+
+fn pretrain(out: &Path, nproc: Option<usize>, extra: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["pretrain", "--out", out.to_str().unwrap(), "--quiet"]);
+    if let Some(n) = nproc {
+        c.args(["--nproc-per-node", &n.to_string()]);
+    }
+    c.args(extra);
+    c
+}
+
+fn run_ok(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{c:?} failed:\n{}\n{err}", String::from_utf8_lossy(&out.stdout));
+    err
+}
+
+fn weights(run: &Path) -> Vec<(String, tch::Tensor)> {
+    let ckpt = selfsup_pipeline::checkpoint::resolve(run).unwrap();
+    let mut w = tch::Tensor::read_safetensors(ckpt.join("model.safetensors")).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn max_weight_diff(a: &Path, b: &Path) -> f64 {
+    let (wa, wb) = (weights(a), weights(b));
+    assert_eq!(wa.len(), wb.len());
+    wa.iter()
+        .zip(&wb)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            (ta - tb).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+fn max_curve_diff(a: &[(i64, f64)], b: &[(i64, f64)]) -> f64 {
+    assert_eq!(a.iter().map(|p| p.0).collect::<Vec<_>>(), b.iter().map(|p| p.0).collect::<Vec<_>>());
+    a.iter().zip(b).map(|(x, y)| (x.1 - y.1).abs()).fold(0.0, f64::max)
+}
+
+#[test]
+fn mae_on_two_ranks_trains_the_weights_of_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    run_ok(pretrain(&one, None, &MAE));
+    let err = run_ok(pretrain(&two, Some(2), &MAE));
+    assert!(err.contains("rank 0 of 2") && err.contains("global batch 32"), "{err}");
+    // One run folder: rank 0's files only, one event file, one checkpoint set.
+    let events = std::fs::read_dir(&two)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("events"))
+        .count();
+    assert_eq!(events, 1);
+    let diff = max_weight_diff(&one, &two);
+    let curve = max_curve_diff(&curve(&one, "train/loss"), &curve(&two, "train/loss"));
+    eprintln!(
+        "MAE, 20 steps, 1 process vs 2 ranks: weights differ by at most {diff:.2e}, the loss curve by {curve:.2e}"
+    );
+    // Each rank's gradient is the mean over half the batch and the two are averaged: the same sum in another
+    // order, a few ulps per step (fp32, ~1e-7 relative) that 20 AdamW steps do not grow past 1e-5.
+    assert!(diff < 1e-5, "{diff}");
+    assert!(curve < 1e-5, "{curve}");
+    let s = json(&two.join("summary.json"));
+    assert_eq!(s["steps"], 20);
+}
+
+#[test]
+fn a_global_batch_that_does_not_split_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = MAE.to_vec();
+    args.extend(["--set", "train.batch_size=33"]);
+    let out = pretrain(&dir.path().join("r"), Some(2), &args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("train.batch_size = 33") && err.contains("2 ranks"), "{err}");
+}
+
+fn long_run() -> Vec<&'static str> {
+    let mut args = MAE.to_vec();
+    args.extend(["--set", "data.limit=6400", "--set", "train.checkpoint_every_steps=4"]);
+    args
+}
+
+/// Waits for a checkpoint in `run`, failing after 120 s.
+fn wait_for_checkpoint(run: &Path, child: &mut std::process::Child) {
+    let t = Instant::now();
+    while !run.join("checkpoints/LATEST").exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
+        assert!(t.elapsed() < Duration::from_secs(120), "no checkpoint after 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The ranks (children of the launcher `pid`).
+fn children(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep").args(["-P", &pid.to_string()]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+#[test]
+fn a_killed_rank_ends_the_run_with_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let mut child = pretrain(&run, Some(2), &long_run()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_checkpoint(&run, &mut child);
+    let ranks = children(child.id());
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    let t = Instant::now();
+    // The second rank started is rank 1.
+    Command::new("kill").args(["-9", &ranks[1].to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let waited = t.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("rank 1 killed: the run ended after {waited:?}");
+    assert!(!out.status.success());
+    assert!(waited < Duration::from_secs(60), "{waited:?}");
+    assert!(err.contains("rank 1 exited"), "{err}");
+    // What was saved stays valid.
+    selfsup_pipeline::checkpoint::resolve(&run).unwrap();
+}
+
+#[test]
+fn sigterm_to_the_launcher_leaves_one_checkpoint_and_one_process_resumes_the_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, split) = (dir.path().join("whole"), dir.path().join("split"));
+    let mut args = long_run();
+    args.extend(["--set", "train.max_steps=40"]);
+    run_ok(pretrain(&whole, None, &args));
+
+    let mut child = pretrain(&split, Some(2), &args).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_checkpoint(&split, &mut child);
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    let summary = json(&split.join("summary.json"));
+    assert_eq!(summary["interrupted"], "SIGTERM", "{err}");
+    let stopped = summary["steps"].as_u64().unwrap();
+    assert!(stopped < 40, "{stopped}");
+    let ckpt = selfsup_pipeline::checkpoint::resolve(&split).unwrap();
+    assert_eq!(selfsup_pipeline::checkpoint::load_state(&ckpt).unwrap().step, stopped);
+
+    // One process takes over the 2-rank run: the same global batches, so the same curve.
+    let mut resume = Command::new(BIN);
+    resume.args(["pretrain", "--out", split.to_str().unwrap(), "--resume", "--quiet"]);
+    run_ok(resume);
+    let (a, b) = (curve(&whole, "train/loss"), curve(&split, "train/loss"));
+    let d = max_curve_diff(&a, &b);
+    eprintln!("stopped at step {stopped} of 40 on 2 ranks, resumed on 1: loss curve within {d:.2e} of one process");
+    assert!(d < 1e-4, "{d}");
+    assert!(max_weight_diff(&whole, &split) < 1e-4);
+}
