@@ -274,15 +274,7 @@ fn pretrain(
         let out = out.as_ref().expect("clap requires --out with --resume");
         Config::load(&out.join("config.toml"), &set)?
     } else {
-        let spec = config.unwrap_or_else(|| {
-            // Probing CUDA costs a second or more: only when the preset depends on it.
-            let cuda = tch::Cuda::is_available();
-            let preset = if cuda { "simclr-fmnist" } else { "simclr-fmnist-tiny" };
-            let why = if cuda { "CUDA visible" } else { "no CUDA device: the CPU preset" };
-            eprintln!("no --config given: using preset {preset} ({why})");
-            preset.to_string()
-        });
-        load_config(&spec, &set)?
+        load_config(&config.unwrap_or_else(default_preset), &set)?
     };
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", cfg.name, utc_stamp())));
     let what = if resume { "selfsup pretrain --resume" } else { "selfsup pretrain" };
@@ -371,6 +363,16 @@ fn pretrain(
     Ok(())
 }
 
+/// The preset `pretrain` uses without `--config` (said on stderr): the GPU recipe when CUDA is visible. Probing
+/// CUDA costs a second or more: only done when the preset depends on it.
+fn default_preset() -> String {
+    let cuda = tch::Cuda::is_available();
+    let preset = if cuda { "simclr-fmnist" } else { "simclr-fmnist-tiny" };
+    let why = if cuda { "CUDA visible" } else { "no CUDA device: the CPU preset" };
+    eprintln!("no --config given: using preset {preset} ({why})");
+    preset.to_string()
+}
+
 /// A rank other than 0: trains its slice of every batch and writes nothing (rank 0 holds the lock and writes the
 /// checkpoints, event files and summary); says nothing unless it fails.
 fn pretrain_rank(
@@ -384,7 +386,7 @@ fn pretrain_rank(
     let cfg = if resume {
         Config::load(&out.join("config.toml"), &set)?
     } else {
-        load_config(&config.unwrap_or_else(|| "simclr-fmnist-tiny".into()), &set)?
+        load_config(&config.unwrap_or_else(default_preset), &set)?
     };
     if resume {
         let ckpt = checkpoint::resolve(&out)?;

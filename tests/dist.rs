@@ -192,3 +192,32 @@ fn sigterm_to_the_launcher_leaves_one_checkpoint_and_one_process_resumes_the_cur
     assert!(d < 1e-4, "{d}");
     assert!(max_weight_diff(&whole, &split) < 1e-4);
 }
+
+/// The venv's real `torchrun` (scripts/setup installs torch there; it is where libtorch comes from).
+fn torchrun() -> std::path::PathBuf {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cache = std::env::var("XDG_CACHE_HOME").unwrap_or(format!("{home}/.cache"));
+    let path = Path::new(&cache).join("selfsup/venv/bin/torchrun");
+    assert!(path.exists(), "{} missing: run scripts/setup", path.display());
+    path
+}
+
+#[test]
+fn torchrun_launches_two_ranks_into_one_run_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    run_ok(pretrain(&one, None, &MAE));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut c = Command::new(torchrun());
+    c.args(["--no-python", "--nproc-per-node", "2", "--master-port", &port.to_string(), BIN, "pretrain"]);
+    c.args(["--out", two.to_str().unwrap(), "--quiet"]).args(MAE);
+    let err = run_ok(c);
+    assert!(err.contains("rank 0 of 2 (torchrun)"), "{err}");
+    let files: Vec<String> =
+        std::fs::read_dir(&two).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(files.iter().filter(|f| f.starts_with("events.out")).count(), 1, "{files:?}");
+    assert!(files.contains(&"summary.json".into()) && files.contains(&"config.toml".into()), "{files:?}");
+    assert_eq!(json(&two.join("summary.json"))["steps"], 20);
+    let diff = max_weight_diff(&one, &two);
+    assert!(diff < 1e-5, "{diff}");
+}

@@ -92,8 +92,9 @@ void selfsup_dist_free_error(char* err) { free(err); }
 // A process group of `world` ranks, this one being `rank`, meeting at host:port (rank 0 serves the TCPStore there).
 // backend: 0 = Gloo (CPU tensors), 1 = NCCL (CUDA tensors). `iface` (may be empty): the network interface Gloo
 // binds (GLOO_SOCKET_IFNAME); otherwise Gloo binds the address `bind_host`. Null on error (`*err` set).
+// `serve`: this rank serves the TCPStore (rank 0, unless torchrun's agent already serves it).
 void* selfsup_dist_new(int backend, const char* host, int port, int rank, int world, long timeout_ms,
-                       const char* iface, const char* bind_host, char** err) {
+                       const char* iface, const char* bind_host, int serve, char** err) {
   try {
     auto g = new Group();
     g->rank = rank;
@@ -101,7 +102,7 @@ void* selfsup_dist_new(int backend, const char* host, int port, int rank, int wo
     g->timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions o;
     o.port = static_cast<std::uint16_t>(port);
-    o.isServer = rank == 0;
+    o.isServer = serve != 0;
     o.numWorkers = world;
     o.waitWorkers = true;
     o.timeout = g->timeout;

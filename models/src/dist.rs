@@ -25,6 +25,7 @@ extern "C" {
         timeout_ms: c_long,
         iface: *const c_char,
         bind_host: *const c_char,
+        serve: c_int,
         err: *mut *mut c_char,
     ) -> *mut c_void;
     fn selfsup_dist_free(group: *mut c_void);
@@ -68,6 +69,9 @@ pub struct GroupSpec {
     /// The network interface Gloo binds (`GLOO_SOCKET_IFNAME`); when empty, Gloo binds the address this host
     /// resolves to (127.0.0.1 when the master is local).
     pub gloo_iface: String,
+    /// The TCPStore is already served by the launcher (torchrun's agent: `TORCHELASTIC_USE_AGENT_STORE=True`);
+    /// otherwise rank 0 serves it.
+    pub agent_store: bool,
 }
 
 /// A c10d error: what failed and what c10d said.
@@ -152,6 +156,7 @@ impl Dist {
                 spec.timeout.as_millis().min(i64::MAX as u128) as c_long,
                 iface.as_ptr(),
                 bind_host.as_ptr(),
+                c_int::from(spec.rank == 0 && !spec.agent_store),
                 &mut err,
             )
         };

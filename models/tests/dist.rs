@@ -21,6 +21,7 @@ fn spec(rank: usize, world: usize, port: u16, timeout_s: u64) -> GroupSpec {
         master_port: port,
         timeout: Duration::from_secs(timeout_s),
         gloo_iface: String::new(),
+        agent_store: false,
     }
 }
 

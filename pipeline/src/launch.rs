@@ -71,7 +71,7 @@ impl Launch {
                 master_addr: var("MASTER_ADDR")
                     .ok_or_else(|| Error::Other("RANK is set but MASTER_ADDR is not".into()))?,
                 master_port: port(None)?,
-                by: "torchrun",
+                by: if var("SELFSUP_LAUNCHER").is_some() { "selfsup --nproc-per-node" } else { "torchrun" },
             }
         } else if let (Some(rank), Some(world)) = (num("SLURM_PROCID")?, num("SLURM_NTASKS")?) {
             if world <= 1 {
@@ -132,6 +132,7 @@ impl Launch {
             master_port: self.master_port,
             timeout: Duration::from_secs_f64(cfg.timeout_s),
             gloo_iface: std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default(),
+            agent_store: std::env::var("TORCHELASTIC_USE_AGENT_STORE").is_ok_and(|v| v.eq_ignore_ascii_case("true")),
         })
     }
 
@@ -205,6 +206,7 @@ pub fn launch_local(nproc: usize, args: &[OsString], grace: Duration) -> Result<
             .env("LOCAL_WORLD_SIZE", nproc.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
+            .env("SELFSUP_LAUNCHER", "1")
             .spawn();
         match child {
             Ok(c) => children.push(Some(c)),

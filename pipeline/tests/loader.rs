@@ -10,6 +10,10 @@ use selfsup_pipeline::loader::{HostBatch, Loader, LoaderConfig};
 use selfsup_pipeline::source::{self, Prefix, Source};
 
 fn loader(n: usize, threads: usize, batch: usize, drop_last: bool) -> Loader {
+    sliced(n, threads, batch, drop_last, (0, 1))
+}
+
+fn sliced(n: usize, threads: usize, batch: usize, drop_last: bool, slice: (usize, usize)) -> Loader {
     let src: Arc<dyn Source> = source::open(common::fmnist_train(), 1).unwrap().into();
     let src: Arc<dyn Source> = Arc::new(Prefix::new(src, n));
     let recipe = RecipeConfig::simclr(28, 1);
@@ -22,9 +26,33 @@ fn loader(n: usize, threads: usize, batch: usize, drop_last: bool) -> Loader {
         shuffle: true,
         full_shuffle: false,
         drop_last,
-        slice: (0, 1),
+        slice,
     };
     Loader::new(src, Arc::new(views), cfg).unwrap()
+}
+
+/// Data parallelism: the global batch is the same pixels, rows and labels whether 1, 2 or 3 ranks load it, each
+/// its slice (rank r: rows r * b / w .. (r + 1) * b / w), including from the middle of an epoch.
+#[test]
+fn the_global_batch_is_pixel_identical_for_1_2_and_3_ranks() {
+    let one: Vec<HostBatch> = loader(400, 2, 48, true).epoch_from(1, 2).collect();
+    for world in [2, 3] {
+        let ranks: Vec<Vec<HostBatch>> =
+            (0..world).map(|r| sliced(400, 2, 48, true, (r, world)).epoch_from(1, 2).collect()).collect();
+        for (b, whole) in one.iter().enumerate() {
+            let parts: Vec<&HostBatch> = ranks.iter().map(|r| &r[b]).collect();
+            assert!(parts.iter().all(|p| p.len() == 48 / world), "equal slices");
+            let indices: Vec<usize> = parts.iter().flat_map(|p| p.indices.clone()).collect();
+            assert_eq!(indices, whole.indices, "world {world}, batch {b}: rows");
+            let labels: Vec<i64> = parts.iter().flat_map(|p| p.labels.clone().unwrap()).collect();
+            assert_eq!(Some(labels), whole.labels.clone());
+            for v in 0..whole.views.len() {
+                let pixels: Vec<u32> = parts.iter().flat_map(|p| p.views[v].iter().map(|x| x.to_bits())).collect();
+                let expected: Vec<u32> = whole.views[v].iter().map(|x| x.to_bits()).collect();
+                assert!(pixels == expected, "world {world}, batch {b}, view {v}: pixels differ");
+            }
+        }
+    }
 }
 
 fn bits(batches: &[HostBatch]) -> Vec<Vec<u32>> {
