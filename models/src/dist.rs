@@ -284,6 +284,32 @@ impl Dist {
         }
     }
 
+    /// The sum of `t` over the ranks, detached (statistics such as DINO's center). Infallible for the objectives'
+    /// sake, as [`Dist::gather`]: on failure the error is kept and `t` is returned.
+    pub fn sum(&self, t: &Tensor) -> Tensor {
+        let mut s = t.detach().contiguous();
+        if self.group.is_none() {
+            return s;
+        }
+        s = s.copy();
+        match self.all_reduce_sum(&mut s) {
+            Ok(()) => s,
+            Err(e) => {
+                self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                t.detach()
+            }
+        }
+    }
+
+    /// The mean over every rank's rows of `rows` (`[N, K]` → `[1, K]` fp32), detached.
+    pub fn mean_rows(&self, rows: &Tensor) -> Tensor {
+        let rows = rows.detach().to_kind(Kind::Float);
+        let n = Tensor::full([1, 1], rows.size()[0], (Kind::Float, rows.device()));
+        let both = self.sum(&Tensor::cat(&[rows.sum_dim_intlist(0, true, Kind::Float), n], 1));
+        let k = rows.size()[1];
+        both.narrow(1, 0, k) / both.narrow(1, k, 1).clamp_min(1.0)
+    }
+
     /// Uniform [0, 1) noise for this rank's `rows` of a global batch (`[rows, cols]`): drawn for all ranks'
     /// rows (equal slices) and sliced, so that a sample's draw does not depend on the number of ranks. torch's
     /// RNG is seeded the same on every rank (per step), so every rank draws the same global noise.

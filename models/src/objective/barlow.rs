@@ -73,8 +73,10 @@ impl Objective for Barlow {
     /// `batch.views`: two `[N, C, H, W]` → loss scalar, features `[N, dim]`, embedding `[N, proj_dim]`.
     fn loss(&mut self, batch: &Batch, train: bool) -> Step {
         let out = self.net.forward(&batch.views[..2], train);
-        // fp32 outside autocast: a D x D correlation of standardized columns.
-        let l = crate::device::autocast(false, || barlow_twins(&out.outputs[0], &out.outputs[1], self.lambda));
+        // Over the global batch (every rank's embeddings, gathered with their gradient): the batch statistics and
+        // the correlation are one process's. fp32 outside autocast: a D x D correlation of standardized columns.
+        let (z1, z2) = (batch.dist.gather(&out.outputs[0]), batch.dist.gather(&out.outputs[1]));
+        let l = crate::device::autocast(false, || barlow_twins(&z1, &z2, self.lambda));
         Step {
             loss: l.total * self.scale,
             features: out.features[0].detach(),

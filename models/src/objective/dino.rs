@@ -281,11 +281,11 @@ impl Dino {
         (pooled, logits, patch_logits, t_logits, t_patches, m.mask)
     }
 
-    /// `center = m * center + (1 - m) * mean(rows)` without gradient.
-    fn update_center(center: &mut Tensor, rows: &Tensor, m: f64) {
+    /// `center = m * center + (1 - m) * mean(rows)` without gradient, the mean over every rank's rows.
+    fn update_center(center: &mut Tensor, rows: &Tensor, m: f64, dist: &Dist) {
         tch::no_grad(|| {
             let k = rows.size()[rows.dim() - 1];
-            let mean = rows.to_kind(Kind::Float).reshape([-1, k]).mean_dim(0, true, Kind::Float);
+            let mean = dist.mean_rows(&rows.reshape([-1, k]));
             let new = &*center * m + mean.view(center.size().as_slice()) * (1.0 - m);
             center.copy_(&new);
         });
@@ -349,16 +349,18 @@ impl Objective for Dino {
             }
             (loss, terms, Tensor::cat(&teacher, 0))
         });
-        Self::update_center(&mut self.center, &t_all, self.cfg.center_momentum);
+        Self::update_center(&mut self.center, &t_all, self.cfg.center_momentum, &batch.dist);
         if let Some((_, t_patch, mask)) = &ibot {
             // The patch center follows the mean of the teacher's masked patch tokens (DINOv2's iBOT loss), as a
             // weighted mean on the device: boolean indexing would read the mask's count back to the host every step.
             let m = self.cfg.center_momentum;
             tch::no_grad(|| {
                 let w = mask.to_kind(Kind::Float).unsqueeze(-1);
-                let count = w.sum(Kind::Float);
-                let mean = (t_patch.to_kind(Kind::Float) * &w).sum_dim_intlist([0i64, 1].as_slice(), true, Kind::Float)
-                    / count.clamp_min(1.0);
+                // Over every rank's masked tokens.
+                let count = batch.dist.sum(&w.sum(Kind::Float));
+                let total =
+                    (t_patch.to_kind(Kind::Float) * &w).sum_dim_intlist([0i64, 1].as_slice(), true, Kind::Float);
+                let mean = batch.dist.sum(&total) / count.clamp_min(1.0);
                 let updated = &self.patch_center * m + mean * (1.0 - m);
                 // No masked token (cannot happen with ibot_mask_ratio in (0, 1), but cheap to keep exact): unchanged.
                 let new = updated.where_self(&count.gt(0.0), &self.patch_center);

@@ -102,9 +102,15 @@ impl Objective for MocoV3 {
         let q: Vec<Tensor> = online.outputs.iter().map(|z| self.predictor.forward_t(z, train)).collect();
         let k = self.net.teacher_forward(views, train).outputs;
         let t = self.temperature;
-        // fp32 outside autocast: logits divided by a small temperature.
+        // Keys (and queries) from the global batch: every rank's, gathered (queries with their gradient), so the
+        // loss is one process's on the whole batch. fp32 outside autocast: logits divided by a small temperature.
+        let d = &batch.dist;
+        let (q, k): (Vec<Tensor>, Vec<Tensor>) =
+            (q.iter().map(|x| d.gather(x)).collect(), k.iter().map(|x| d.gather(x)).collect());
         let loss = crate::device::autocast(false, || infonce(&q[0], &k[1], t) + infonce(&q[1], &k[0], t));
-        Step { loss, features: online.features[0].detach(), embedding: q[0].detach(), terms: Vec::new() }
+        let embedding =
+            q[0].narrow(0, d.rank() as i64 * online.features[0].size()[0], online.features[0].size()[0]).detach();
+        Step { loss, features: online.features[0].detach(), embedding, terms: Vec::new() }
     }
 
     fn after_step(&mut self, progress: &TrainProgress) {

@@ -80,8 +80,10 @@ impl Objective for Vicreg {
     fn loss(&mut self, batch: &Batch, train: bool) -> Step {
         let out = self.net.forward(&batch.views[..2], train);
         let (sim, std, cov) = self.coeffs;
-        // fp32 outside autocast: variances and covariances of the embeddings.
-        let l = crate::device::autocast(false, || vicreg(&out.outputs[0], &out.outputs[1], sim, std, cov));
+        // Over the global batch (every rank's embeddings, gathered with their gradient): variances and covariances
+        // are one process's. fp32 outside autocast.
+        let (z1, z2) = (batch.dist.gather(&out.outputs[0]), batch.dist.gather(&out.outputs[1]));
+        let l = crate::device::autocast(false, || vicreg(&z1, &z2, sim, std, cov));
         Step { loss: l.total, features: out.features[0].detach(), embedding: out.outputs[0].detach(), terms: l.terms }
     }
 
