@@ -221,3 +221,56 @@ fn torchrun_launches_two_ranks_into_one_run_folder() {
     let diff = max_weight_diff(&one, &two);
     assert!(diff < 1e-5, "{diff}");
 }
+
+/// SimCLR on a ResNet (batch norm in the backbone and the projector) with `model.sync_bn` and gathered
+/// negatives: 2 ranks log the one-process loss at step 0 and along 20 steps. With AdamW at a small lr: the tiny
+/// preset's LARS at lr 0.3 (or 0.05) amplifies float reordering itself (one process with 1 vs 2 intra-op
+/// threads: 5e-5 apart by step 6, 5e-3 by step 19, measured 2026-12-01), which no 2-rank run can beat.
+#[test]
+fn simclr_with_sync_bn_and_gathered_negatives_follows_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let args = [
+        "--config",
+        "simclr-fmnist-tiny",
+        "--set",
+        "data.limit=640",
+        "--set",
+        "train.batch_size=32",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.max_steps=20",
+        "--set",
+        "model.backbone.width=8",
+        "--set",
+        "eval.at_end=false",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.checkpoint_every=0",
+        "--set",
+        "train.threads=1",
+        "--set",
+        "model.sync_bn=true",
+        "--set",
+        "optimizer.kind=\"adamw\"",
+        "--set",
+        "optimizer.base_lr=0.0005",
+        "--set",
+        "dist.timeout_s=60",
+    ];
+    run_ok(pretrain(&one, None, &args));
+    run_ok(pretrain(&two, Some(2), &args));
+    let (a, b) = (curve(&one, "train/loss"), curve(&two, "train/loss"));
+    assert_eq!(a.len(), 20);
+    let first = (a[0].1 - b[0].1).abs();
+    let d = max_curve_diff(&a, &b);
+    eprintln!(
+        "per step: {:?}",
+        a.iter().zip(&b).map(|(x, y)| format!("{:.1e}", (x.1 - y.1).abs())).collect::<Vec<_>>()
+    );
+    eprintln!("SimCLR + sync_bn, 2 ranks vs 1 process: step-0 loss {:.6} vs {:.6} (diff {first:.2e}), 20-step curve within {d:.2e}", a[0].1, b[0].1);
+    assert!(first < 1e-5, "{first}");
+    assert!(d < 1e-4, "{d}");
+}

@@ -83,9 +83,98 @@ struct GatherWithGrad : public torch::autograd::Function<GatherWithGrad> {
   }
 };
 
+// Batch norm over every rank's rows (torch.nn.SyncBatchNorm's maths, in plain ATen ops so it runs on CPU and
+// CUDA): per-channel sums, sums of squares and counts all-reduced (in fp64) give the global mean and variance;
+// backward all-reduces the per-channel sums of dy and dy * x_hat. The weight and bias gradients stay local sums
+// (the trainer averages parameter gradients over the ranks like every other).
+struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
+  static std::vector<int64_t> reduce_dims(const at::Tensor& x) {
+    std::vector<int64_t> dims{0};
+    for (int64_t d = 2; d < x.dim(); d++) dims.push_back(d);
+    return dims;
+  }
+  static std::vector<int64_t> channel_shape(const at::Tensor& x) {
+    std::vector<int64_t> shape(x.dim(), 1);
+    shape[1] = x.size(1);
+    return shape;
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& bias, at::Tensor running_mean, at::Tensor running_var, double eps,
+                            double momentum, int64_t group) {
+    Group* g = reinterpret_cast<Group*>(group);
+    auto dims = reduce_dims(x);
+    int64_t c = x.size(1);
+    at::Tensor xd = x.detach();
+    at::Tensor sum = xd.sum(dims).to(at::kDouble);
+    at::Tensor sumsq = (xd * xd).sum(dims).to(at::kDouble);
+    at::Tensor count = at::full({1}, static_cast<double>(x.numel() / std::max<int64_t>(c, 1)), sum.options());
+    at::Tensor stats = at::cat({sum, sumsq, count});
+    allreduce_sum(g, stats);
+    at::Tensor total = stats.narrow(0, 2 * c, 1);
+    at::Tensor mean = stats.narrow(0, 0, c) / total;
+    at::Tensor var = (stats.narrow(0, c, c) / total - mean * mean).clamp_min(0.0);
+    {
+      at::NoGradGuard no_grad;
+      if (running_mean.defined()) {
+        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()) * momentum);
+        at::Tensor unbiased = var * total / (total - 1.0).clamp_min(1.0);
+        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.scalar_type()) * momentum);
+      }
+    }
+    auto shape = channel_shape(x);
+    at::Tensor mean_x = mean.to(x.scalar_type()).view(shape);
+    at::Tensor invstd_x = (var + eps).rsqrt().to(x.scalar_type()).view(shape);
+    at::Tensor y = (xd - mean_x) * invstd_x;
+    if (weight.defined()) y = y * weight.detach().view(shape);
+    if (bias.defined()) y = y + bias.detach().view(shape);
+    ctx->save_for_backward({xd, weight, mean_x, invstd_x, total});
+    ctx->saved_data["group"] = group;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    Group* g = reinterpret_cast<Group*>(ctx->saved_data["group"].toInt());
+    auto saved = ctx->get_saved_variables();
+    at::Tensor x = saved[0], weight = saved[1], mean = saved[2], invstd = saved[3], total = saved[4];
+    at::Tensor dy = grads[0];
+    auto dims = reduce_dims(x);
+    auto shape = channel_shape(x);
+    int64_t c = x.size(1);
+    at::Tensor xhat = (x - mean) * invstd;
+    at::Tensor sum_dy = dy.sum(dims);
+    at::Tensor sum_dy_xhat = (dy * xhat).sum(dims);
+    at::Tensor both = at::cat({sum_dy, sum_dy_xhat}).to(at::kDouble);
+    allreduce_sum(g, both);
+    at::Tensor mean_dy = (both.narrow(0, 0, c) / total).to(x.scalar_type()).view(shape);
+    at::Tensor mean_dy_xhat = (both.narrow(0, c, c) / total).to(x.scalar_type()).view(shape);
+    at::Tensor gx = (dy - mean_dy - xhat * mean_dy_xhat) * invstd;
+    if (weight.defined()) gx = gx * weight.view(shape);
+    at::Tensor gw = weight.defined() ? sum_dy_xhat.to(weight.scalar_type()) : at::Tensor();
+    at::Tensor gb = weight.defined() ? sum_dy.to(weight.scalar_type()) : at::Tensor();
+    return {gx, gw, gb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 }  // namespace
 
 extern "C" {
+
+// Batch norm of `*x` ([N, C, *]) in training mode with the statistics of every rank's rows; `weight`, `bias`,
+// `running_mean`, `running_var` may be null (no affine / no running statistics). A new at::Tensor*, or null.
+void* selfsup_dist_sync_batch_norm(void* group, void* x, void* weight, void* bias, void* running_mean,
+                                   void* running_var, double eps, double momentum, char** err) {
+  try {
+    auto t = [](void* p) { return p ? *static_cast<at::Tensor*>(p) : at::Tensor(); };
+    at::Tensor y = SyncBatchNorm::apply(t(x), t(weight), t(bias), t(running_mean), t(running_var), eps, momentum,
+                                        reinterpret_cast<int64_t>(group));
+    return new at::Tensor(y);
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return nullptr;
+  }
+}
 
 void selfsup_dist_free_error(char* err) { free(err); }
 

@@ -44,6 +44,45 @@ extern "C" {
         with_grad: c_int,
         err: *mut *mut c_char,
     ) -> *mut torch_sys::C_tensor;
+    fn selfsup_dist_sync_batch_norm(
+        group: *mut c_void,
+        x: *mut torch_sys::C_tensor,
+        weight: *mut torch_sys::C_tensor,
+        bias: *mut torch_sys::C_tensor,
+        running_mean: *mut torch_sys::C_tensor,
+        running_var: *mut torch_sys::C_tensor,
+        eps: f64,
+        momentum: f64,
+        err: *mut *mut c_char,
+    ) -> *mut torch_sys::C_tensor;
+}
+
+/// The group whose global-batch statistics every batch norm in training mode uses (`model.sync_bn`), if any.
+static SYNC_BN: std::sync::RwLock<Option<Arc<Dist>>> = std::sync::RwLock::new(None);
+
+/// Makes every batch norm in training mode ([`NormExt::norm_t`]) use the statistics of `dist`'s global batch
+/// (`model.sync_bn = true`; `None`: per-rank statistics, the default). Process-wide, as a model has one group.
+pub fn set_sync_batch_norm(dist: Option<Arc<Dist>>) {
+    *SYNC_BN.write().unwrap_or_else(|e| e.into_inner()) = dist.filter(|d| d.world() > 1);
+}
+
+/// Batch norm as every backbone and head applies it: tch's, or in training mode with `model.sync_bn` the
+/// synchronized one (torch.nn.SyncBatchNorm's maths, `csrc/dist_shim.cpp`). Our batch norms all use
+/// [`crate::backbone::bn_config`]'s eps 1e-5 and momentum 0.1, which the synchronized one repeats.
+pub trait NormExt {
+    fn norm_t(&self, bn: &tch::nn::BatchNorm, train: bool) -> Tensor;
+}
+
+impl NormExt for Tensor {
+    fn norm_t(&self, bn: &tch::nn::BatchNorm, train: bool) -> Tensor {
+        if train {
+            let group = SYNC_BN.read().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(dist) = group {
+                return dist.sync_batch_norm(self, bn, 1e-5, 0.1);
+            }
+        }
+        tch::nn::ModuleT::forward_t(bn, self, train)
+    }
 }
 
 /// Which c10d backend carries the collectives.
@@ -331,6 +370,46 @@ impl Dist {
         match self.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Batch norm of `x` (`[N, C, *]`, training mode) with the mean and variance of every rank's rows; updates
+    /// `bn`'s running statistics with them. On failure the error is kept ([`Dist::take_error`]) and the local
+    /// statistics are used.
+    pub fn sync_batch_norm(&self, x: &Tensor, bn: &tch::nn::BatchNorm, eps: f64, momentum: f64) -> Tensor {
+        let local = || tch::nn::ModuleT::forward_t(bn, x, true);
+        if self.group.is_none() {
+            return local();
+        }
+        let ptr = |t: Option<&Tensor>| t.map_or(std::ptr::null_mut(), |t| t.as_ptr() as *mut torch_sys::C_tensor);
+        let r = self.with_group(|g| {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: live tensors (or null for absent ones); the shim returns a new heap tensor or null.
+            let out = unsafe {
+                selfsup_dist_sync_batch_norm(
+                    g,
+                    x.as_ptr() as *mut torch_sys::C_tensor,
+                    ptr(bn.ws.as_ref()),
+                    ptr(bn.bs.as_ref()),
+                    ptr(Some(&bn.running_mean)),
+                    ptr(Some(&bn.running_var)),
+                    eps,
+                    momentum,
+                    &mut err,
+                )
+            };
+            if out.is_null() {
+                Err(take_message(err))
+            } else {
+                Ok(unsafe { Tensor::from_ptr(out) })
+            }
+        });
+        match r.expect("a group") {
+            Ok(y) => y,
+            Err(m) => {
+                self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(self.error("sync batch norm", m));
+                local()
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 //! and MoCo v3's projectors and predictors, the Barlow Twins / VICReg expanders and the MLP of DINO's head are all
 //! one [`Mlp`] with different [`MlpSpec`]s.
 
+use crate::dist::NormExt;
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
@@ -128,14 +129,14 @@ impl ModuleT for Mlp {
         for (i, (fc, bn)) in self.layers.iter().enumerate() {
             y = y.apply(fc);
             if let Some(bn) = bn {
-                y = y.apply_t(bn, train);
+                y = y.norm_t(bn, train);
             }
             if i < hidden {
                 y = if self.gelu { y.gelu("none") } else { y.relu() };
             }
         }
         match &self.last_bn {
-            Some(bn) => y.apply_t(bn, train),
+            Some(bn) => y.norm_t(bn, train),
             None => y,
         }
     }

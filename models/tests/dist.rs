@@ -126,3 +126,73 @@ fn a_rank_that_dies_mid_run_is_an_error_for_the_other() {
     assert!(waited < Duration::from_secs(15), "{waited:?}: {msg}");
     assert!(msg.contains("all-reduce") && msg.contains("rank 0 of 2"), "{msg}");
 }
+
+/// A batch norm with a deterministic affine init (tch's default draws the weight from torch's RNG, which the
+/// rank threads share).
+fn bn_of(vs: &tch::nn::VarStore) -> tch::nn::BatchNorm {
+    let cfg = tch::nn::BatchNormConfig {
+        ws_init: tch::nn::Init::Const(1.5),
+        bs_init: tch::nn::Init::Const(0.25),
+        ..Default::default()
+    };
+    tch::nn::batch_norm2d(vs.root(), 3, cfg)
+}
+
+/// Synchronized batch norm over 2 ranks: the output, the running statistics and the gradients (input rows,
+/// weight and bias, the latter summed over the ranks as the trainer's averaging x world) of one batch norm on
+/// the whole batch.
+#[test]
+fn sync_batch_norm_is_one_batch_norm_over_the_global_batch() {
+    fn data() -> Tensor {
+        // Not from torch's RNG: the ranks are threads of one process and would share it.
+        (Tensor::arange(8 * 3 * 16, (Kind::Float, Device::Cpu)).reshape([8, 3, 4, 4]) * 0.37).sin() * 2.0 + 0.5
+    }
+    fn upstream(y: &Tensor) -> Tensor {
+        // A loss that weighs rows differently, so the gradient through the statistics matters.
+        let w = Tensor::arange(y.numel() as i64, (Kind::Float, Device::Cpu)).reshape(y.size()) / 100.0;
+        (y * w).sum(Kind::Float) + y.pow_tensor_scalar(2).sum(Kind::Float) * 0.1
+    }
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let bn = bn_of(&vs);
+    let x = data().set_requires_grad(true);
+    let y = tch::nn::ModuleT::forward_t(&bn, &x, true);
+    upstream(&y).backward();
+    let flat = |t: &Tensor| Vec::<f32>::try_from(t.flatten(0, -1)).unwrap();
+    let expected = (
+        flat(&y),
+        flat(&x.grad()),
+        flat(&bn.ws.as_ref().unwrap().grad()),
+        flat(&bn.running_mean),
+        flat(&bn.running_var),
+    );
+
+    let got = ranks(2, |rank, d| {
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let bn = bn_of(&vs);
+        let x = data().narrow(0, 4 * rank as i64, 4).set_requires_grad(true);
+        let y = d.sync_batch_norm(&x, &bn, 1e-5, 0.1);
+        // Each rank's loss is its rows' share of the same loss.
+        let w =
+            Tensor::arange(8 * 3 * 16, (Kind::Float, Device::Cpu)).reshape([8, 3, 4, 4]).narrow(0, 4 * rank as i64, 4)
+                / 100.0;
+        ((&y * w).sum(Kind::Float) + y.pow_tensor_scalar(2).sum(Kind::Float) * 0.1).backward();
+        assert!(d.take_error().is_none());
+        let mut gw = bn.ws.as_ref().unwrap().grad();
+        d.all_reduce_sum(&mut gw).unwrap();
+        let flat = |t: &Tensor| Vec::<f32>::try_from(t.flatten(0, -1)).unwrap();
+        (flat(&y), flat(&x.grad()), flat(&gw), flat(&bn.running_mean), flat(&bn.running_var))
+    });
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}: {a:?} vs {b:?}");
+        }
+    };
+    close(&[got[0].0.clone(), got[1].0.clone()].concat(), &expected.0, "output");
+    close(&[got[0].1.clone(), got[1].1.clone()].concat(), &expected.1, "input gradient");
+    for g in &got {
+        close(&g.2, &expected.2, "weight gradient (summed over the ranks)");
+        close(&g.3, &expected.3, "running mean");
+        close(&g.4, &expected.4, "running variance");
+    }
+}

@@ -230,6 +230,10 @@ pub enum ShuffleMode {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     pub backbone: BackboneConfig,
+    /// With more than one rank: every batch norm in training mode uses the global batch's statistics (as one
+    /// process would; torch.nn.SyncBatchNorm's maths), at the cost of two small all-reduces per batch norm per
+    /// step. Off: each rank normalizes with its own slice's statistics (DDP's default).
+    pub sync_bn: bool,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]

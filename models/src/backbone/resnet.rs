@@ -3,6 +3,7 @@
 //! torchvision's "V1.5" form with the stride on the 3x3 convolution), a CIFAR-style stem option, configurable
 //! width, depth and input channels, and torchvision's `zero_init_residual`.
 
+use crate::dist::NormExt;
 use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::Tensor;
@@ -122,7 +123,7 @@ fn projection(p: &nn::Path, cin: i64, cout: i64, stride: i64) -> Option<(nn::Con
 /// `x`: `[N, cin, H, W]` → `[N, cout, ceil(H/stride), ceil(W/stride)]`.
 fn shortcut(projection: &Option<(nn::Conv2D, nn::BatchNorm)>, x: &Tensor, train: bool) -> Tensor {
     match projection {
-        Some((c, bn)) => x.apply(c).apply_t(bn, train),
+        Some((c, bn)) => x.apply(c).norm_t(bn, train),
         None => x.shallow_clone(),
     }
 }
@@ -189,8 +190,8 @@ impl Residual for BasicBlock {
     /// # Shapes
     /// `x`: `[N, cin, H, W]` → `[N, cout, ceil(H/stride), ceil(W/stride)]`.
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let y = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
-        let y = y.apply(&self.conv2).apply_t(&self.bn2, train);
+        let y = x.apply(&self.conv1).norm_t(&self.bn1, train).relu();
+        let y = y.apply(&self.conv2).norm_t(&self.bn2, train);
         (y + shortcut(&self.downsample, x, train)).relu()
     }
 }
@@ -199,9 +200,9 @@ impl Residual for Bottleneck {
     /// # Shapes
     /// `x`: `[N, cin, H, W]` → `[N, 4 * planes, ceil(H/stride), ceil(W/stride)]`.
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let y = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
-        let y = y.apply(&self.conv2).apply_t(&self.bn2, train).relu();
-        let y = y.apply(&self.conv3).apply_t(&self.bn3, train);
+        let y = x.apply(&self.conv1).norm_t(&self.bn1, train).relu();
+        let y = y.apply(&self.conv2).norm_t(&self.bn2, train).relu();
+        let y = y.apply(&self.conv3).norm_t(&self.bn3, train);
         (y + shortcut(&self.downsample, x, train)).relu()
     }
 }
@@ -249,7 +250,7 @@ impl Backbone for ResNet {
     /// # Shapes
     /// `x`: `[N, in_channels, H, W]` → `[N, dim()]`, dim = 8 * width (basic) or 32 * width (bottleneck).
     fn features(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut y = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        let mut y = x.apply(&self.conv1).norm_t(&self.bn1, train).relu();
         if !self.cifar_stem {
             y = y.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         }

@@ -397,6 +397,7 @@ impl<'a> Trainer<'a> {
             Dist::connect(&launch.group_spec(&cfg.dist, device)?, device)
                 .map_err(|e| Error::Other(format!("{} ({}): {e}", launch.by, "dist.timeout_s bounds the wait")))?,
         );
+        selfsup_models::dist::set_sync_batch_norm(cfg.model.sync_bn.then(|| dist.clone()));
         let io = |p: &Path| {
             let p = p.to_path_buf();
             move |e: std::io::Error| Error::Other(format!("{}: {e}", p.display()))
