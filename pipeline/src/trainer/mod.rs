@@ -82,6 +82,9 @@ pub struct RunSummary {
     pub eval: Option<EvalReport>,
     /// Where a step's time goes (`train.profile_steps`).
     pub profile: Option<StepProfile>,
+    /// Processes that trained (1 without distribution), and rank 0's time averaging gradients over them.
+    pub world_size: usize,
+    pub grad_allreduce_seconds: f64,
 }
 
 /// The model of a run: variables and the objective (with its backbone, heads and teacher).
@@ -175,14 +178,17 @@ fn backward(opt: &mut Optimizer, loss: &Tensor, clip: f64) -> Tensor {
 
 /// [`backward`] in a process group: the gradients averaged over the ranks before clipping. A collective that
 /// failed (inside the loss's gathers, during backward, or in the averaging) is an error naming it.
-fn backward_dist(opt: &mut Optimizer, loss: &Tensor, clip: f64, dist: &Dist) -> Result<Tensor> {
+/// `allreduce_seconds` accumulates the time spent averaging the gradients (for `--nproc-per-node` benchmarks).
+fn backward_dist(opt: &mut Optimizer, loss: &Tensor, clip: f64, dist: &Dist, allreduce_seconds: &mut f64) -> Result<Tensor> {
     opt.zero_grad();
     let backward = loss.f_backward();
     if let Some(e) = dist.take_error() {
         return Err(dist_stopped(e));
     }
     backward.map_err(|e| Error::Other(format!("backward: {e}")))?;
+    let t = Instant::now();
     opt.average_gradients(dist).map_err(dist_stopped)?;
+    *allreduce_seconds += t.elapsed().as_secs_f64();
     Ok(clip_or_norm(opt, clip))
 }
 
@@ -372,6 +378,8 @@ struct Trainer<'a> {
     fault_nan: Vec<u64>,
     /// The process group (a no-op in one process). Only its main rank writes files and logs.
     dist: Arc<Dist>,
+    /// Time spent averaging gradients over the ranks (host clock; on CUDA it includes waiting for backward).
+    allreduce_seconds: f64,
 }
 
 impl<'a> Trainer<'a> {
@@ -491,6 +499,7 @@ impl<'a> Trainer<'a> {
             interrupted: None,
             fault_nan: fault_nan_steps(),
             dist,
+            allreduce_seconds: 0.0,
         })
     }
 
@@ -673,8 +682,8 @@ impl<'a> Trainer<'a> {
         if self.fault_nan.contains(&self.step) {
             out.loss = &out.loss * f64::NAN;
         }
-        let (opt, dist) = (&mut self.opt, &self.dist);
-        let grad_norm = phases.run(1, || backward_dist(opt, &out.loss, cfg.optimizer.clip_grad, dist))?;
+        let (opt, dist, ar) = (&mut self.opt, &self.dist, &mut self.allreduce_seconds);
+        let grad_norm = phases.run(1, || backward_dist(opt, &out.loss, cfg.optimizer.clip_grad, dist, ar))?;
         // Checked on the device; read back only to skip (`on_nonfinite = "skip"`), else at the next log point or
         // checkpoint.
         let ok = out.loss.detach().isfinite().logical_and(&grad_norm.isfinite());
@@ -932,6 +941,8 @@ impl<'a> Trainer<'a> {
             checkpoint: self.last_checkpoint.clone(),
             eval,
             profile: self.profile.take().map(StepProfile::finish),
+            world_size: self.dist.world(),
+            grad_allreduce_seconds: self.allreduce_seconds,
         })
     }
 }
