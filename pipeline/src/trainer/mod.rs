@@ -179,7 +179,13 @@ fn backward(opt: &mut Optimizer, loss: &Tensor, clip: f64) -> Tensor {
 /// [`backward`] in a process group: the gradients averaged over the ranks before clipping. A collective that
 /// failed (inside the loss's gathers, during backward, or in the averaging) is an error naming it.
 /// `allreduce_seconds` accumulates the time spent averaging the gradients (for `--nproc-per-node` benchmarks).
-fn backward_dist(opt: &mut Optimizer, loss: &Tensor, clip: f64, dist: &Dist, allreduce_seconds: &mut f64) -> Result<Tensor> {
+fn backward_dist(
+    opt: &mut Optimizer,
+    loss: &Tensor,
+    clip: f64,
+    dist: &Dist,
+    allreduce_seconds: &mut f64,
+) -> Result<Tensor> {
     opt.zero_grad();
     let backward = loss.f_backward();
     if let Some(e) = dist.take_error() {
@@ -264,7 +270,18 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
             trainer.clock.wait += wait_start.elapsed().as_secs_f64();
             trainer.tally.add(&batch);
             trainer.batch += 1;
-            // A batch emptied by unreadable samples below 2 has nothing to contrast: skipped.
+            // A batch emptied by unreadable samples below 2 has nothing to contrast: skipped. Not in a process
+            // group, where every rank must take every step: there it ends the run, naming the batch.
+            if batch.len() < 2 && trainer.dist.world() > 1 {
+                return Err(Error::Other(format!(
+                    "rank {}: only {} readable sample(s) in its slice of batch {} of epoch {} (see the unreadable \
+                     samples reported above); a data-parallel step needs at least 2 per rank",
+                    trainer.dist.rank(),
+                    batch.len(),
+                    trainer.batch,
+                    trainer.epoch + 1
+                )));
+            }
             let readout = if batch.len() >= 2 { trainer.step(&batch)? } else { None };
             trainer.clock.time += wait_start.elapsed().as_secs_f64();
             if let Some(readout) = readout {
@@ -589,17 +606,23 @@ impl<'a> Trainer<'a> {
         let can_save = in_epoch && self.step > 0;
         // In a process group the ranks decide together (signals reach the ranks at different moments; rank 0's
         // clock times the minute checkpoints), at log points only: the vote is a collective, read on the host.
-        let voting = self.dist.world() > 1;
-        if voting && !self.step.is_multiple_of(t.log_every as u64) {
-            return Ok(false);
-        }
+        // Step checkpoints need no vote: every rank counts the same steps.
         let by_steps = t.checkpoint_every_steps > 0 && self.step.is_multiple_of(t.checkpoint_every_steps as u64);
-        let by_time = t.checkpoint_every_minutes > 0.0
-            && self.dist.is_main()
-            && self.last_checkpoint_at.elapsed().as_secs_f64() >= 60.0 * t.checkpoint_every_minutes;
-        let stop = signals::stop_requested().filter(|_| in_epoch);
-        let asked = can_save && signals::take_checkpoint_request();
-        let (stop, asked, by_time) = if voting { self.vote(stop, asked, by_time)? } else { (stop, asked, by_time) };
+        let voting = self.dist.world() > 1;
+        let (stop, asked, by_time) = if voting && !self.step.is_multiple_of(t.log_every as u64) {
+            (None, false, false)
+        } else {
+            let by_time = t.checkpoint_every_minutes > 0.0
+                && self.dist.is_main()
+                && self.last_checkpoint_at.elapsed().as_secs_f64() >= 60.0 * t.checkpoint_every_minutes;
+            let stop = signals::stop_requested().filter(|_| in_epoch);
+            let asked = can_save && signals::take_checkpoint_request();
+            if voting {
+                self.vote(stop, asked, by_time)?
+            } else {
+                (stop, asked, by_time)
+            }
+        };
         if let Some(sig) = stop {
             if self.dist.is_main() {
                 eprintln!("\n{} received: stopping after step {} with a checkpoint", signals::name(sig), self.step);
