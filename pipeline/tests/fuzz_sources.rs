@@ -587,7 +587,9 @@ fn a_damaged_global_heap_is_an_error_not_a_hang() {
     setup();
     let bases = hdf5_bases();
     let dir = tempfile::tempdir().unwrap();
-    let damaged = |name: &str, pick: &dyn Fn(&[u8], &[std::ops::Range<usize>]) -> usize| {
+    // Which object to damage, given the file's bytes and its collections.
+    type Pick<'a> = &'a dyn Fn(&[u8], &[std::ops::Range<usize>]) -> usize;
+    let damaged = |name: &str, pick: Pick| {
         let (_, base, _) = bases.iter().find(|(n, _, _)| *n == name).unwrap();
         let mut bytes = base.clone();
         // An object's index and size set to 0, what a walk that lost its way meets in zero padding.

@@ -411,7 +411,7 @@ impl<'a> Trainer<'a> {
             }
             // Each rank takes its share of the machine's cores (torch's intra-op threads; the loader's below).
             tch::set_num_threads(launch.cpu_share() as i32);
-            if cfg.train.batch_size % launch.world != 0 {
+            if !cfg.train.batch_size.is_multiple_of(launch.world) {
                 return Err(Error::Other(format!(
                     "train.batch_size = {} is the global batch and must be divisible by the {} ranks",
                     cfg.train.batch_size, launch.world
