@@ -36,5 +36,30 @@ fn main() {
              build with SELFSUP_NO_GLOO=1 to leave out multi-process training on CPU"
         );
     }
+    // ProcessGroupNCCL, when this libtorch has CUDA and the headers it pulls in are in the venv (nccl.h from the
+    // torch wheel's nvidia-nccl; crt/host_config.h from nvidia-cuda-crt and cccl's from nvidia-cuda-cccl, which
+    // scripts/setup installs). Without them a CUDA run with more than one rank is refused with an error saying so.
+    let nvidia = libtorch.join("../nvidia");
+    let cuda_inc = nvidia.join("cu13/include");
+    let nccl_inc = nvidia.join("nccl/include");
+    let nccl = libtorch.join("lib/libtorch_cuda.so").exists()
+        && nccl_inc.join("nccl.h").exists()
+        && cuda_inc.join("crt/host_config.h").exists()
+        && std::env::var("SELFSUP_NO_NCCL").as_deref() != Ok("1");
+    println!("cargo:rerun-if-env-changed=SELFSUP_NO_NCCL");
+    if nccl {
+        dist.define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None)
+            .define("SELFSUP_NCCL", None)
+            .include(&cuda_inc)
+            .include(cuda_inc.join("cccl"))
+            .include(&nccl_inc);
+    } else {
+        println!("cargo:warning=building without NCCL (no CUDA headers): multi-GPU training is off in this build");
+    }
     dist.compile("selfsup_dist_shim");
+    if nccl {
+        // ProcessGroupNCCL lives in libtorch_cuda (kept linked by link_libtorch) and uses c10_cuda.
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
 }

@@ -37,6 +37,7 @@ void set_error(char** err, const char* what) {
   if (err) *err = strdup(what ? what : "unknown C++ error");
 }
 
+
 // Waits for `work`, turning a timeout into an exception that names it (Gloo and NCCL throw on failures).
 void finish(const c10::intrusive_ptr<c10d::Work>& work, const Group* g, const char* what) {
   if (!work->wait(g->timeout)) {

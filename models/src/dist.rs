@@ -152,7 +152,11 @@ fn take_message(err: *mut c_char) -> String {
     // SAFETY: a NUL-terminated string malloc'ed by the shim, freed here once.
     let s = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
     unsafe { selfsup_dist_free_error(err) };
-    s
+    // torch's errors end with a C++ backtrace ("Exception raised from ...", frames): not for users.
+    match s.find("\nException raised from") {
+        Some(i) => s[..i].trim_end().to_string(),
+        None => s,
+    }
 }
 
 impl Dist {

@@ -196,3 +196,30 @@ fn sync_batch_norm_is_one_batch_norm_over_the_global_batch() {
         close(&g.4, &expected.4, "running variance");
     }
 }
+
+/// NCCL without a GPU (this CPU machine): a clear error from the shim, not a C++ abort. (On a GPU machine this
+/// test has nothing to show and says so.)
+#[test]
+fn nccl_without_a_gpu_is_an_error_not_an_abort() {
+    if tch::Cuda::is_available() {
+        eprintln!("SKIPPED: CUDA is visible; this test checks the error NCCL gives without a GPU");
+        return;
+    }
+    let port = free_port();
+    let errors: Vec<String> = (0..2)
+        .map(|rank| {
+            std::thread::spawn(move || {
+                let mut s = spec(rank, 2, port, 20);
+                s.backend = Backend::Nccl;
+                Dist::connect(&s, Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    for e in &errors {
+        assert!(e.contains("NCCL") || e.contains("GPU") || e.contains("CUDA"), "{e}");
+    }
+    eprintln!("NCCL without a GPU: {}", errors[0]);
+}
