@@ -15,30 +15,23 @@ const BIN: &str = env!("CARGO_BIN_EXE_selfsup");
 
 /// MAE (ViT, layer norm only: no batch statistics, so the only difference between 1 and 2 ranks is the order of
 /// floating-point sums), 20 steps of global batch 32.
-const MAE: [&str; 20] = [
-    "--config",
-    "mae-fmnist-tiny",
-    "--set",
-    "data.limit=640",
-    "--set",
-    "train.batch_size=32",
-    "--set",
-    "train.epochs=1",
-    "--set",
-    "eval.at_end=false",
-    "--set",
-    "train.log_every=2",
-    "--set",
-    "train.checkpoint_every=0",
-    "--set",
-    "train.progress_every_s=0",
-    "--set",
-    "train.threads=1",
-    "--set",
-    "dist.timeout_s=60",
-];
+fn mae() -> Vec<String> {
+    let mut args = vec!["--config".to_string(), "mae-fmnist-tiny".into()];
+    args.extend(sets(&[
+        "data.limit=640",
+        "train.batch_size=32",
+        "train.epochs=1",
+        "eval.at_end=false",
+        "train.log_every=2",
+        "train.checkpoint_every=0",
+        "train.progress_every_s=0",
+        "train.threads=1",
+        "dist.timeout_s=60",
+    ]));
+    args
+}
 
-fn pretrain(out: &Path, nproc: Option<usize>, extra: &[&str]) -> Command {
+fn pretrain(out: &Path, nproc: Option<usize>, extra: &[String]) -> Command {
     let mut c = Command::new(BIN);
     c.args(["pretrain", "--out", out.to_str().unwrap(), "--quiet"]);
     if let Some(n) = nproc {
@@ -46,13 +39,6 @@ fn pretrain(out: &Path, nproc: Option<usize>, extra: &[&str]) -> Command {
     }
     c.args(extra);
     c
-}
-
-fn run_ok(mut c: Command) -> String {
-    let out = c.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{c:?} failed:\n{}\n{err}", String::from_utf8_lossy(&out.stdout));
-    err
 }
 
 fn weights(run: &Path) -> Vec<(String, tch::Tensor)> {
@@ -83,8 +69,8 @@ fn max_curve_diff(a: &[(i64, f64)], b: &[(i64, f64)]) -> f64 {
 fn mae_on_two_ranks_trains_the_weights_of_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    run_ok(pretrain(&one, None, &MAE));
-    let err = run_ok(pretrain(&two, Some(2), &MAE));
+    run_ok(pretrain(&one, None, &mae()));
+    let err = run_ok(pretrain(&two, Some(2), &mae()));
     assert!(err.contains("rank 0 of 2") && err.contains("global batch 32"), "{err}");
     // One run folder: rank 0's files only, one event file, one checkpoint set.
     let events = std::fs::read_dir(&two)
@@ -109,17 +95,17 @@ fn mae_on_two_ranks_trains_the_weights_of_one_process() {
 #[test]
 fn a_global_batch_that_does_not_split_is_refused_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let mut args = MAE.to_vec();
-    args.extend(["--set", "train.batch_size=33"]);
+    let mut args = mae();
+    args.extend(sets(&["train.batch_size=33"]));
     let out = pretrain(&dir.path().join("r"), Some(2), &args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("train.batch_size = 33") && err.contains("2 ranks"), "{err}");
 }
 
-fn long_run() -> Vec<&'static str> {
-    let mut args = MAE.to_vec();
-    args.extend(["--set", "data.limit=6400", "--set", "train.checkpoint_every_steps=4"]);
+fn long_run() -> Vec<String> {
+    let mut args = mae();
+    args.extend(sets(&["data.limit=6400", "train.checkpoint_every_steps=4"]));
     args
 }
 
@@ -166,7 +152,7 @@ fn sigterm_to_the_launcher_leaves_one_checkpoint_and_one_process_resumes_the_cur
     let dir = tempfile::tempdir().unwrap();
     let (whole, split) = (dir.path().join("whole"), dir.path().join("split"));
     let mut args = long_run();
-    args.extend(["--set", "train.max_steps=40"]);
+    args.extend(sets(&["train.max_steps=40"]));
     run_ok(pretrain(&whole, None, &args));
 
     let mut child = pretrain(&split, Some(2), &args).stderr(Stdio::piped()).spawn().unwrap();
@@ -206,11 +192,11 @@ fn torchrun() -> std::path::PathBuf {
 fn torchrun_launches_two_ranks_into_one_run_folder() {
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    run_ok(pretrain(&one, None, &MAE));
+    run_ok(pretrain(&one, None, &mae()));
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut c = Command::new(torchrun());
     c.args(["--no-python", "--nproc-per-node", "2", "--master-port", &port.to_string(), BIN, "pretrain"]);
-    c.args(["--out", two.to_str().unwrap(), "--quiet"]).args(MAE);
+    c.args(["--out", two.to_str().unwrap(), "--quiet"]).args(mae());
     let err = run_ok(c);
     assert!(err.contains("rank 0 of 2 (torchrun)"), "{err}");
     let files: Vec<String> =
@@ -230,36 +216,22 @@ fn torchrun_launches_two_ranks_into_one_run_folder() {
 fn simclr_with_sync_bn_and_gathered_negatives_follows_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    let args = [
-        "--config",
-        "simclr-fmnist-tiny",
-        "--set",
+    let mut args = vec!["--config".to_string(), "simclr-fmnist-tiny".into()];
+    args.extend(sets(&[
         "data.limit=640",
-        "--set",
         "train.batch_size=32",
-        "--set",
         "train.epochs=1",
-        "--set",
         "train.max_steps=20",
-        "--set",
         "model.backbone.width=8",
-        "--set",
         "eval.at_end=false",
-        "--set",
         "train.log_every=1",
-        "--set",
         "train.checkpoint_every=0",
-        "--set",
         "train.threads=1",
-        "--set",
         "model.sync_bn=true",
-        "--set",
         "optimizer.kind=\"adamw\"",
-        "--set",
         "optimizer.base_lr=0.0005",
-        "--set",
         "dist.timeout_s=60",
-    ];
+    ]));
     run_ok(pretrain(&one, None, &args));
     run_ok(pretrain(&two, Some(2), &args));
     let (a, b) = (curve(&one, "train/loss"), curve(&two, "train/loss"));

@@ -50,13 +50,6 @@ fn pretrain_cmd(out: &Path, resume: bool, extra: &[&str]) -> Command {
     c
 }
 
-fn run_ok(mut c: Command) -> String {
-    let out = c.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{c:?} failed:\n{}\n{err}", String::from_utf8_lossy(&out.stdout));
-    err
-}
-
 fn run_err(mut c: Command) -> String {
     let out = c.output().unwrap();
     assert!(!out.status.success(), "{c:?} should fail:\n{}", String::from_utf8_lossy(&out.stdout));

@@ -19,6 +19,19 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `c` and returns its stderr; fails the test (with both outputs) if it does not succeed.
+pub fn run_ok(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{c:?} failed:\n{}\n{err}", String::from_utf8_lossy(&out.stdout));
+    err
+}
+
+/// `--set` arguments: `sets(&["a=1", "b=2"])` is `["--set", "a=1", "--set", "b=2"]`.
+pub fn sets(keys: &[&str]) -> Vec<String> {
+    keys.iter().flat_map(|k| ["--set".to_string(), k.to_string()]).collect()
+}
+
 pub fn read_events(dir: &Path) -> serde_json::Value {
     selfsup_pipeline::tensorboard::read_back(dir).unwrap()
 }
