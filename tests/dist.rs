@@ -179,11 +179,13 @@ fn sigterm_to_the_launcher_leaves_one_checkpoint_and_one_process_resumes_the_cur
     assert!(max_weight_diff(&whole, &split) < 1e-4);
 }
 
-/// The venv's real `torchrun` (scripts/setup installs torch there; it is where libtorch comes from).
+/// The venv's real `torchrun`: beside the torch that `.libtorch` links to (scripts/setup makes both, wherever
+/// `SELFSUP_CACHE` puts the venv).
 fn torchrun() -> std::path::PathBuf {
-    let home = std::env::var("HOME").unwrap_or_default();
-    let cache = std::env::var("XDG_CACHE_HOME").unwrap_or(format!("{home}/.cache"));
-    let path = Path::new(&cache).join("selfsup/venv/bin/torchrun");
+    let torch = std::fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR")).join(".libtorch")).unwrap();
+    // <venv>/lib/python3.X/site-packages/torch
+    let venv = torch.ancestors().nth(4).unwrap();
+    let path = venv.join("bin/torchrun");
     assert!(path.exists(), "{} missing: run scripts/setup", path.display());
     path
 }
