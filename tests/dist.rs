@@ -119,10 +119,21 @@ fn wait_for_checkpoint(run: &Path, child: &mut std::process::Child) {
     }
 }
 
-/// The ranks (children of the launcher `pid`).
+/// The ranks (children of the launcher `pid`), oldest first, from /proc (no procps needed).
 fn children(pid: u32) -> Vec<u32> {
-    let out = Command::new("pgrep").args(["-P", &pid.to_string()]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+    let mut found: Vec<(u64, u32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let child: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // After the parenthesized command name: state, ppid, ...; field 22 is the start time.
+            let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+            (fields.get(1)?.parse::<u32>().ok()? == pid).then(|| Some((fields.get(19)?.parse().ok()?, child)))?
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, c)| c).collect()
 }
 
 #[test]
