@@ -259,3 +259,26 @@ fn simclr_with_sync_bn_and_gathered_negatives_follows_one_process() {
     assert!(first < 1e-5, "{first}");
     assert!(d < 1e-4, "{d}");
 }
+
+/// Ctrl-C at a terminal signals the whole process group: the ranks must still get one SIGINT (the launcher's),
+/// not two (a second one exits at once, without the final checkpoint), and the launcher must wait for them.
+#[test]
+fn ctrl_c_to_the_process_group_stops_every_rank_with_one_checkpoint() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let mut c = pretrain(&run, Some(2), &long_run());
+    c.process_group(0).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_for_checkpoint(&run, &mut child);
+    // The launcher leads its own group, as a shell's foreground job.
+    Command::new("kill").args(["-INT", "--", &format!("-{}", child.id())]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(!err.contains("stopping the other ranks"), "{err}");
+    let summary = json(&run.join("summary.json"));
+    assert_eq!(summary["interrupted"], "SIGINT", "{err}");
+    let ckpt = selfsup_pipeline::checkpoint::resolve(&run).unwrap();
+    assert_eq!(selfsup_pipeline::checkpoint::load_state(&ckpt).unwrap().step, summary["steps"].as_u64().unwrap());
+}

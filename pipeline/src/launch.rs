@@ -198,7 +198,20 @@ pub fn launch_local(nproc: usize, args: &[OsString], grace: Duration) -> Result<
         .collect::<Result<_>>()?;
     let mut children: Vec<Option<Child>> = Vec::with_capacity(nproc);
     for rank in 0..nproc {
-        let child = Command::new(&exe)
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(&exe);
+        // Its own process group: a Ctrl-C at the terminal reaches the launcher only, which forwards it once (the
+        // ranks would otherwise get it twice, and a second SIGINT exits at once, without a checkpoint). And a
+        // SIGTERM when the launcher dies, so that no rank trains on as an orphan.
+        cmd.process_group(0);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(args)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", nproc.to_string())
@@ -218,9 +231,14 @@ pub fn launch_local(nproc: usize, args: &[OsString], grace: Duration) -> Result<
     }
     eprintln!("launched {nproc} ranks (master 127.0.0.1:{port})");
     let mut code = 0;
+    // A stop (SIGINT/SIGTERM) forwarded to the ranks: they exit 130/143 one by one, each after its part of the
+    // final checkpoint; the launcher then waits for all instead of stopping the others (a second signal would
+    // make them exit at once).
+    let mut stopping = false;
     loop {
         for (sig, flag) in &flags {
             if flag.swap(false, Ordering::SeqCst) {
+                stopping |= *sig != libc::SIGUSR1;
                 for c in children.iter().flatten() {
                     // SAFETY: plain kill(2) on our own children's PIDs.
                     unsafe { libc::kill(c.id() as i32, *sig) };
@@ -236,7 +254,9 @@ pub fn launch_local(nproc: usize, args: &[OsString], grace: Duration) -> Result<
                     let c = exit_code(status);
                     if c != 0 && code == 0 {
                         code = c;
-                        eprintln!("rank {rank} exited with {status}: stopping the other ranks");
+                        if !stopping {
+                            eprintln!("rank {rank} exited with {status}: stopping the other ranks");
+                        }
                     }
                 }
                 Ok(None) => running += 1,
@@ -246,7 +266,7 @@ pub fn launch_local(nproc: usize, args: &[OsString], grace: Duration) -> Result<
         if running == 0 {
             return Ok(code);
         }
-        if code != 0 {
+        if code != 0 && !stopping {
             stop_all(&mut children, grace);
             return Ok(code);
         }
