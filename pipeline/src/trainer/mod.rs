@@ -420,7 +420,7 @@ impl<'a> Trainer<'a> {
         }
         let dist = Arc::new(
             Dist::connect(&launch.group_spec(&cfg.dist, device)?, device)
-                .map_err(|e| Error::Other(format!("{} ({}): {e}", launch.by, "dist.timeout_s bounds the wait")))?,
+                .map_err(|e| Error::Other(format!("{}: {e} (dist.timeout_s bounds the wait)", launch.by)))?,
         );
         selfsup_models::dist::set_sync_batch_norm(cfg.model.sync_bn.then(|| dist.clone()));
         let io = |p: &Path| {
