@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 BIN = os.environ.get("SELFSUP_BIN", "target/release/selfsup")
@@ -18,8 +19,10 @@ SEED = int(os.environ.get("SEED", str(int(time.time()))))
 IN_WRITE_MIN = max(2 if SHORT else 5, KILLS // 4) if KILLS >= 4 else 0
 EVERY = 3  # train.checkpoint_every_steps
 PAUSE_MS = 40  # per stage of a checkpoint write (test-only fault injection)
-# 12 steps per epoch; enough epochs that every kill lands in training (about 5 steps of progress per kill).
-EPOCHS = max(3, -(-KILLS * 6 // 12))
+RANDOM_STEPS = 2 * EVERY  # a random kill lands at most this many steps past the process's first step
+# 12 steps per epoch; enough epochs that every kill lands in training, however fast or slow the machine: a kill inside
+# a write is at most 3 checkpoint intervals in, a random one at most RANDOM_STEPS (both counted from the live output).
+EPOCHS = max(3, -(-(IN_WRITE_MIN * (3 * EVERY + 1) + (KILLS - IN_WRITE_MIN) * (RANDOM_STEPS + 1)) // 12))
 SETS = {
     "data.limit": "384",
     "train.batch_size": "32",
@@ -42,6 +45,29 @@ def command(out, mode):
     if mode == "resume":
         return base + ["--resume"]
     return base + ["--config", "byol-fmnist-tiny"] + ARGS + (["--overwrite"] if mode == "overwrite" else [])
+
+
+class Tail:
+    """Reads a process's stderr as it comes: the whole text, the last step reported and when each step came."""
+
+    def __init__(self, pipe):
+        self.text, self.steps, self.times = bytearray(), [], []
+        self.thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe):
+        for line in iter(pipe.readline, b""):
+            self.text += line
+            for m in STEP_RE.finditer(line):
+                self.steps.append(int(m.group(1)))
+                self.times.append(time.time())
+
+    def last(self):
+        return self.steps[-1] if self.steps else None
+
+    def done(self):
+        self.thread.join()
+        return bytes(self.text)
 
 
 def sha256(path):
@@ -94,11 +120,18 @@ def main():
     for d in (ref, run):
         shutil.rmtree(d, ignore_errors=True)
     t0 = time.time()
-    subprocess.run(command(ref, "fresh"), check=True, capture_output=True)
+    p = subprocess.Popen(command(ref, "fresh"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tail = Tail(p.stderr)
+    if p.wait() != 0:
+        sys.exit(f"the uninterrupted run failed:\n{tail.done().decode(errors='replace')}")
+    tail.done()
     ref_seconds = time.time() - t0
     ref_weights = open(os.path.join(latest(ref)[2], "model.safetensors"), "rb").read()
-    step_seconds = max(0.0, ref_seconds - 1.0) / (12 * EPOCHS)  # about a second of it is start-up
-    print(f"uninterrupted run: {12 * EPOCHS} steps in {ref_seconds:.1f} s; seed {SEED}; folder {root}", flush=True)
+    # Start-up and step time as this machine runs them now (from the live progress lines, not guessed).
+    startup = tail.times[0] - t0 if tail.times else 1.0
+    step_seconds = (tail.times[-1] - tail.times[0]) / max(1, len(tail.times) - 1) if tail.times else 0.1
+    print(f"uninterrupted run: {12 * EPOCHS} steps in {ref_seconds:.1f} s (start-up {startup:.1f} s, "
+          f"{step_seconds * 1000:.0f} ms a step); seed {SEED}; folder {root}", flush=True)
 
     env = dict(os.environ, SELFSUP_FAULT_SLOW_CHECKPOINT_MS=str(PAUSE_MS))
     kills = writes = dangling = corrupt = checked = 0
@@ -108,13 +141,20 @@ def main():
         mode = "resume" if latest(run) else ("overwrite" if os.path.exists(run) else "fresh")
         want_write = writes < IN_WRITE_MIN and (kills % 2 == 0 or KILLS - kills <= IN_WRITE_MIN - writes)
         p = subprocess.Popen(command(run, mode), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        tail = Tail(p.stderr)
         start = time.time()
-        # A random kill: anywhere from start-up to a few checkpoint intervals in.
-        deadline = start + (60 if want_write else rng.uniform(0.3, 1.0 + 2 * EVERY * step_seconds))
+        # A random kill: anywhere from start-up to a few checkpoint intervals in, and never more than RANDOM_STEPS
+        # steps past this process's first one (a slow start-up elsewhere must not turn into a long run here).
+        deadline = start + (60 if want_write else rng.uniform(0.3, startup + RANDOM_STEPS * step_seconds))
+        first = None
         caught = False
         # Inside this process's 1st, 2nd or 3rd checkpoint write, so that kills land in writes of later checkpoints.
         nth, seen = rng.randint(1, 3), set()
         while p.poll() is None and time.time() < deadline:
+            if not want_write and tail.steps:
+                first = tail.steps[0] if first is None else first
+                if tail.last() >= first + RANDOM_STEPS:
+                    break
             now = writing(run, p.pid) if want_write else set()
             fresh = {n.split(".tmp-")[0].split(".del-")[0] for n in now} - seen
             seen |= fresh
@@ -124,14 +164,14 @@ def main():
                 break
             time.sleep(0.001)
         if p.poll() is not None:
-            err = p.stderr.read()
+            err = tail.done()
             if p.returncode != 0:
                 sys.exit(f"the run failed by itself (exit {p.returncode}):\n{err.decode(errors='replace')}")
             finished = True
             break
         p.send_signal(signal.SIGKILL)
-        err = p.stderr.read()
         p.wait()
+        err = tail.done()
         kills += 1
         writes += caught and want_write
         steps = [int(m.group(1)) for m in STEP_RE.finditer(err)]
