@@ -419,8 +419,9 @@ fn eval(ckpt: PathBuf, mut set: Vec<String>, out: Option<PathBuf>, teacher: bool
     let dir =
         out.unwrap_or_else(|| ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf));
     let _lock = RunLock::acquire(&dir, "selfsup eval")?;
-    let ctx = EvalContext { cfg: &cfg, device, threads: cfg.train.threads, autocast, projector_dir: Some(&dir) };
-    let report = transfer::evaluate(model.eval_backbone(&cfg), &ctx, &mut NullSink, 0)?;
+    let ctx =
+        EvalContext { cfg: &cfg, device, threads: cfg.train.threads, autocast, projector_dir: Some(&dir), dist: None };
+    let report = transfer::evaluate(model.eval_backbone(&cfg), &ctx, &mut NullSink, 0)?.expect("one process reports");
     out!("{report}");
     transfer::write_report(&report, &dir)?;
     out!("wrote {}", dir.join("eval.json").display());

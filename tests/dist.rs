@@ -65,12 +65,33 @@ fn max_curve_diff(a: &[(i64, f64)], b: &[(i64, f64)]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x.1 - y.1).abs()).fold(0.0, f64::max)
 }
 
+/// The projector's feature rows (`features.tsv`).
+fn projector_rows(run: &Path) -> Vec<Vec<f64>> {
+    let text = std::fs::read_to_string(run.join("projector/features.tsv")).unwrap();
+    text.lines().map(|l| l.split('\t').map(|v| v.parse().unwrap()).collect()).collect()
+}
+
+/// Also the end-of-run evaluation, sharded over the two ranks (each extracts its slice of every batch): the same
+/// report and projector as one process's, to the weights' own difference.
 #[test]
 fn mae_on_two_ranks_trains_the_weights_of_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    run_ok(pretrain(&one, None, &mae()));
-    let err = run_ok(pretrain(&two, Some(2), &mae()));
+    let test = fmnist_test_subset(dir.path(), 2000);
+    let mut args = mae();
+    args.extend(sets(&[&format!("data.test=\"{}\"", test.display())]));
+    // Two epochs of 10 steps: a k-NN after the first (every rank extracts its share), the full evaluation at the end.
+    args.extend(sets(&[
+        "data.limit=320",
+        "train.epochs=2",
+        "eval.knn_every=1",
+        "eval.at_end=true",
+        "eval.train_limit=2000",
+        "eval.probe_epochs=5",
+        "eval.projector_samples=100",
+    ]));
+    run_ok(pretrain(&one, None, &args));
+    let err = run_ok(pretrain(&two, Some(2), &args));
     assert!(err.contains("rank 0 of 2") && err.contains("global batch 32"), "{err}");
     // One run folder: rank 0's files only, one event file, one checkpoint set.
     let events = std::fs::read_dir(&two)
@@ -80,16 +101,43 @@ fn mae_on_two_ranks_trains_the_weights_of_one_process() {
         .count();
     assert_eq!(events, 1);
     let diff = max_weight_diff(&one, &two);
-    let curve = max_curve_diff(&curve(&one, "train/loss"), &curve(&two, "train/loss"));
+    let loss_diff = max_curve_diff(&curve(&one, "train/loss"), &curve(&two, "train/loss"));
     eprintln!(
-        "MAE, 20 steps, 1 process vs 2 ranks: weights differ by at most {diff:.2e}, the loss curve by {curve:.2e}"
+        "MAE, 20 steps, 1 process vs 2 ranks: weights differ by at most {diff:.2e}, the loss curve by {loss_diff:.2e}"
     );
     // Each rank's gradient is the mean over half the batch and the two are averaged: the same sum in another
     // order, a few ulps per step (fp32, ~1e-7 relative) that 20 AdamW steps do not grow past 1e-5.
     assert!(diff < 1e-5, "{diff}");
-    assert!(curve < 1e-5, "{curve}");
+    assert!(loss_diff < 1e-5, "{loss_diff}");
     let s = json(&two.join("summary.json"));
     assert_eq!(s["steps"], 20);
+
+    let (e1, e2) = (json(&one.join("eval.json")), json(&two.join("eval.json")));
+    eprintln!(
+        "eval, 1 process vs 2 ranks: k-NN {} vs {}, linear {} vs {}",
+        e1["knn"]["top1"], e2["knn"]["top1"], e1["linear"]["top1"], e2["linear"]["top1"]
+    );
+    for key in ["train_samples", "test_samples", "feature_dim", "unreadable_samples"] {
+        assert_eq!(e1[key], e2[key], "{key}");
+    }
+    assert_eq!((e2["train_samples"].as_u64(), e2["test_samples"].as_u64()), (Some(2000), Some(2000)));
+    // Features that differ by ~1e-6 may move a vote among 2,000 test images, no more.
+    let (k1, k2) = (curve(&one, "eval/knn_top1"), curve(&two, "eval/knn_top1"));
+    assert_eq!(k1.len(), 2, "a k-NN after epoch 1 and at the end: {k1:?}");
+    assert!(max_curve_diff(&k1, &k2) <= 1e-3, "{k1:?} vs {k2:?}");
+    for probe in ["knn", "linear"] {
+        let (a, b) = (e1[probe]["top1"].as_f64().unwrap(), e2[probe]["top1"].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-3, "{probe}: {a} vs {b}");
+    }
+    let (p1, p2) = (projector_rows(&one), projector_rows(&two));
+    assert_eq!((p1.len(), p1[0].len()), (p2.len(), p2[0].len()));
+    assert_eq!(p1.len(), 100);
+    let d = p1.iter().flatten().zip(p2.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(d < 1e-3, "projector rows (the first 100 test images, in order) differ by {d}");
+    assert_eq!(
+        std::fs::read(one.join("projector/metadata.tsv")).unwrap(),
+        std::fs::read(two.join("projector/metadata.tsv")).unwrap()
+    );
 }
 
 #[test]

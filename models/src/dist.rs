@@ -280,6 +280,10 @@ impl Dist {
         self.all_reduce_sum(&mut counts)?;
         let counts: Vec<i64> = Vec::<i64>::try_from(counts.to_device(Device::Cpu)).unwrap_or_default();
         let most = counts.iter().copied().max().unwrap_or(0);
+        if most == 0 {
+            // No rank has a row (every rank sees the same counts and skips the gather).
+            return Ok(if with_grad { x.shallow_clone() } else { x.detach() });
+        }
         let rows = x.size()[0];
         let mut input = if rows < most {
             let mut shape = x.size();

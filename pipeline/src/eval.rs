@@ -9,7 +9,9 @@ use serde::Serialize;
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
-use crate::loader::{BadSample, Loader, LoaderConfig};
+use selfsup_models::dist::Dist;
+
+use crate::loader::{Loader, LoaderConfig};
 use crate::source::Source;
 
 /// Features (or raw pixels) of a labeled set, on the CPU.
@@ -18,7 +20,8 @@ pub struct Features {
     pub x: Tensor,
     /// `[N]` i64.
     pub y: Tensor,
-    pub bad: Vec<BadSample>,
+    /// Samples that could not be read (over all ranks), left out of `x` and `y`.
+    pub unreadable: usize,
 }
 
 /// The deterministic recipe for evaluation: the whole image resized to the training view size, normalized the
@@ -46,10 +49,14 @@ pub struct ExtractOptions<'a> {
     pub limit: usize,
     /// Run the networks under autocast (bf16, set up by [`prepare_device`](crate::prepare_device)); as training.
     pub autocast: bool,
+    /// A process group to shard the pass over: each rank reads and runs its slice of every batch and every rank
+    /// gets the whole set, in the order one process would give. `None`: this process does it all.
+    pub dist: Option<&'a Dist>,
 }
 
 /// Runs each of `fs` (a frozen network, identity for raw pixels, ...) over the labeled `source` in one pass, so the
 /// data is read and decoded once whatever the number of feature sets; returns one `[N, D_i]` set per function, on CPU.
+/// In a process group ([`ExtractOptions::dist`]) every rank must call it; each does `1/world` of the work.
 pub fn extract(
     source: Arc<dyn Source>,
     opts: &ExtractOptions,
@@ -73,30 +80,54 @@ pub fn extract(
         shuffle: false,
         full_shuffle: false,
         drop_last: false,
-        slice: (0, 1),
+        slice: opts.dist.map_or((0, 1), |d| (d.rank(), d.world())),
+    };
+    // Sharded: every batch's rows gathered from the ranks, in rank order, which is the batch's order (each rank
+    // holds a contiguous slice of it). Every rank takes part in every gather, also with no readable row.
+    let sharded = opts.dist.filter(|d| d.world() > 1);
+    let gather = |t: Tensor| -> Result<Tensor, String> {
+        match sharded {
+            Some(d) => d.all_gather(&t).map_err(|e| format!("gathering evaluation features: {e}")),
+            None => Ok(t),
+        }
     };
     let loader = Loader::new(source, views, cfg).map_err(|e| e.to_string())?;
     let mut xs: Vec<DeviceBuffer> = fs.iter().map(|_| DeviceBuffer::default()).collect();
-    let (mut ys, mut bad) = (Vec::new(), Vec::new());
+    let (mut ys, mut unreadable) = (DeviceBuffer::default(), 0usize);
     for batch in loader.epoch(0) {
-        bad.extend(batch.bad.iter().cloned());
-        if batch.is_empty() {
+        unreadable += batch.bad.len();
+        if batch.is_empty() && sharded.is_none() {
             continue;
         }
-        let labels = batch.labels.as_ref().ok_or("the evaluation data has no labels")?;
-        let dims = [batch.len() as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64];
-        let x = selfsup_models::device::host_to_device(&batch.views[0], &dims, opts.device);
+        let labels: &[i64] = match &batch.labels {
+            Some(l) => l,
+            None if batch.is_empty() => &[],
+            None => return Err("the evaluation data has no labels".into()),
+        };
+        // A rank with no readable row runs one blank image to learn the feature sizes, and sends no row.
+        let rows = batch.len().max(1) as i64;
+        let dims = [rows, shape[0] as i64, shape[1] as i64, shape[2] as i64];
+        let x = if batch.is_empty() {
+            Tensor::zeros(dims, (Kind::Float, opts.device))
+        } else {
+            selfsup_models::device::host_to_device(&batch.views[0], &dims, opts.device)
+        };
         for (f, out) in fs.iter().zip(xs.iter_mut()) {
             let feats = tch::no_grad(|| selfsup_models::device::autocast(opts.autocast, || f(&x)));
-            out.push(feats.to_kind(Kind::Float));
+            out.push(gather(feats.to_kind(Kind::Float).narrow(0, 0, batch.len() as i64))?);
         }
-        ys.push(Tensor::from_slice(labels));
+        ys.push(gather(Tensor::from_slice(labels).to_device(opts.device))?);
     }
-    if ys.is_empty() {
+    if let Some(d) = sharded {
+        let mut n = Tensor::from_slice(&[unreadable as i64]).to_device(opts.device);
+        d.all_reduce_sum(&mut n).map_err(|e| format!("counting unreadable evaluation samples: {e}"))?;
+        unreadable = n.int64_value(&[0]) as usize;
+    }
+    let y = ys.finish();
+    if y.numel() == 0 {
         return Err("no readable evaluation samples".into());
     }
-    let y = Tensor::cat(&ys, 0);
-    Ok(xs.into_iter().map(|x| Features { x: x.finish(), y: y.shallow_clone(), bad: bad.clone() }).collect())
+    Ok(xs.into_iter().map(|x| Features { x: x.finish(), y: y.shallow_clone(), unreadable }).collect())
 }
 
 /// Features collected batch by batch: kept on the device up to [`DeviceBuffer::BUDGET`] bytes, then moved to the
@@ -127,9 +158,12 @@ impl DeviceBuffer {
         }
     }
 
-    /// Everything pushed, in order, as one CPU tensor.
+    /// Everything pushed, in order, as one CPU tensor (none pushed: an empty one).
     fn finish(mut self) -> Tensor {
         self.flush();
+        if self.host.is_empty() {
+            return Tensor::zeros([0], (Kind::Float, Device::Cpu));
+        }
         if self.host.len() == 1 {
             return self.host.pop().expect("one tensor");
         }
@@ -275,7 +309,7 @@ mod tests {
     use super::*;
 
     fn features(x: &[f32], d: i64, y: &[i64]) -> Features {
-        Features { x: Tensor::from_slice(x).view([-1, d]), y: Tensor::from_slice(y), bad: vec![] }
+        Features { x: Tensor::from_slice(x).view([-1, d]), y: Tensor::from_slice(y), unreadable: 0 }
     }
 
     #[test]
@@ -301,7 +335,7 @@ mod tests {
         let y = Tensor::arange(n, tch::kind::INT64_CPU).remainder(3);
         let centers = Tensor::from_slice(&[3f32, 0., 0., 3., -3., -3.]).view([3, 2]);
         let x = centers.index_select(0, &y) + Tensor::randn([n, 2], tch::kind::FLOAT_CPU) * 0.5;
-        let f = Features { x, y, bad: vec![] };
+        let f = Features { x, y, unreadable: 0 };
         let o = ProbeOptions { epochs: 10, lr: 0.1, batch_size: 64, weight_decay: 0.0, seed: 0, device: Device::Cpu };
         let pred = linear_probe_predict(&f, &f, 3, &o);
         let r = ClassReport::new(&pred, &f.y, &[], 3);

@@ -250,6 +250,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         device,
         limit: f.test_limit,
         autocast,
+        dist: None,
     };
     let mut progress = Progress::new(total_steps, 0, opts.quiet);
     let mut curve = Vec::new();
@@ -346,7 +347,7 @@ fn evaluate(
     let out = extract(test, opts, &[&logits]).map_err(Error::Other)?.swap_remove(0);
     let pred = out.x.argmax(1, false);
     let n = out.y.size()[0] as usize;
-    Ok((ClassReport::new(&pred, &out.y, names, classes as usize), n, out.bad.len()))
+    Ok((ClassReport::new(&pred, &out.y, names, classes as usize), n, out.unreadable))
 }
 
 fn backbone_name(cfg: &Config) -> String {

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use selfsup_models::dist::Dist;
 use selfsup_models::Backbone;
 use serde::Serialize;
 use tch::{Device, Tensor};
@@ -59,6 +60,15 @@ pub struct EvalContext<'a> {
     pub autocast: bool,
     /// The run folder (holding the event file): where the embedding projector's files go; `None` = not written.
     pub projector_dir: Option<&'a Path>,
+    /// A process group: feature extraction is sharded over its ranks and gathered; the main rank alone fits the
+    /// probes, reports and writes (the others get `None`). Every rank must call the same evaluations.
+    pub dist: Option<&'a Dist>,
+}
+
+impl EvalContext<'_> {
+    fn is_main(&self) -> bool {
+        self.dist.is_none_or(Dist::is_main)
+    }
 }
 
 fn labeled(path: &Path, options: source::OpenOptions) -> Result<Arc<dyn Source>> {
@@ -94,10 +104,10 @@ fn knn_report(train: &Features, test: &Features, classes: i64, names: &[String],
     ClassReport::new(&pred, &test.y, names, classes as usize)
 }
 
-/// k-NN only (cheap enough to run during training).
-pub fn knn_only(backbone: &dyn Backbone, ctx: &EvalContext) -> Result<f64> {
+/// k-NN only (cheap enough to run during training); `None` on the ranks other than the main one.
+pub fn knn_only(backbone: &dyn Backbone, ctx: &EvalContext) -> Result<Option<f64>> {
     let sets = features(backbone, ctx, false)?;
-    Ok(knn_report(&sets.train, &sets.test, sets.classes, &[], ctx).top1)
+    Ok(ctx.is_main().then(|| knn_report(&sets.train, &sets.test, sets.classes, &[], ctx).top1))
 }
 
 /// Frozen features of the labeled train and test sets, and optionally their raw pixels.
@@ -127,6 +137,7 @@ fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<Eva
         device: ctx.device,
         limit,
         autocast: ctx.autocast,
+        dist: ctx.dist,
     };
     let net = |x: &Tensor| backbone.features(x, false);
     let pixels = |x: &Tensor| x.flatten(1, -1);
@@ -138,12 +149,21 @@ fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<Eva
     Ok(EvalSets { train, test, classes, names, raw, test_src })
 }
 
-/// Full evaluation: k-NN, linear probe, and (if configured) the raw-pixel probe baseline.
-pub fn evaluate(backbone: &dyn Backbone, ctx: &EvalContext, sink: &mut dyn Sink, step: i64) -> Result<EvalReport> {
+/// Full evaluation: k-NN, linear probe, and (if configured) the raw-pixel probe baseline. `None` on the ranks
+/// other than the main one (they only extract their share of the features).
+pub fn evaluate(
+    backbone: &dyn Backbone,
+    ctx: &EvalContext,
+    sink: &mut dyn Sink,
+    step: i64,
+) -> Result<Option<EvalReport>> {
     let t0 = Instant::now();
     let cfg = ctx.cfg;
     let e = &cfg.eval;
     let EvalSets { train, test, classes, names, raw, test_src } = features(backbone, ctx, e.raw_pixel_baseline)?;
+    if !ctx.is_main() {
+        return Ok(None);
+    }
     if let (Some(dir), true) = (ctx.projector_dir, e.projector_samples > 0) {
         let k = (e.projector_samples as i64).min(test.x.size()[0]);
         let labels: Vec<i64> = Vec::try_from(test.y.narrow(0, 0, k)).unwrap_or_default();
@@ -170,7 +190,7 @@ pub fn evaluate(backbone: &dyn Backbone, ctx: &EvalContext, sink: &mut dyn Sink,
         sink.scalar("eval/raw_pixels_linear_top1", step, r.top1);
     }
     sink.flush();
-    Ok(EvalReport {
+    Ok(Some(EvalReport {
         train_samples: train.x.size()[0] as usize,
         test_samples: test.x.size()[0] as usize,
         feature_dim: train.x.size()[1],
@@ -179,9 +199,9 @@ pub fn evaluate(backbone: &dyn Backbone, ctx: &EvalContext, sink: &mut dyn Sink,
         knn,
         linear,
         raw_pixels_linear,
-        unreadable_samples: train.bad.len() + test.bad.len(),
+        unreadable_samples: train.unreadable + test.unreadable,
         seconds: t0.elapsed().as_secs_f64(),
-    })
+    }))
 }
 
 /// Writes `eval.json` into `dir` (temporary file, synced, then renamed).

@@ -842,15 +842,11 @@ impl<'a> Trainer<'a> {
         if t.recon_every > 0 && (epoch % t.recon_every == 0 || epoch == t.epochs) {
             log_reconstruction(self.model.objective.as_mut(), self.recon.as_ref(), cfg, sink, self.step as i64);
         }
-        let main = self.dist.is_main();
-        if main
-            && cfg.eval.knn_every > 0
-            && epoch % cfg.eval.knn_every == 0
-            && epoch < t.epochs
-            && cfg.data.test.is_some()
-        {
-            let top1 = transfer::knn_only(self.model.eval_backbone(cfg), &self.eval_context())?;
-            sink.scalar("eval/knn_top1", self.step as i64, top1);
+        // Every rank extracts its share of the features; the main one scores and logs.
+        if cfg.eval.knn_every > 0 && epoch % cfg.eval.knn_every == 0 && epoch < t.epochs && cfg.data.test.is_some() {
+            if let Some(top1) = transfer::knn_only(self.model.eval_backbone(cfg), &self.eval_context())? {
+                sink.scalar("eval/knn_top1", self.step as i64, top1);
+            }
         }
         sink.flush();
         Ok(())
@@ -909,6 +905,7 @@ impl<'a> Trainer<'a> {
             threads: cfg.train.threads,
             autocast: self.autocast,
             projector_dir: Some(self.out),
+            dist: Some(&self.dist),
         }
     }
 
@@ -926,14 +923,20 @@ impl<'a> Trainer<'a> {
             self.checkpoint(&name)?;
         }
         let seconds = self.run_start.elapsed().as_secs_f64();
-        // A stop requested during training (or since) skips the evaluation: the user wants the process gone.
+        // A stop requested during training (or since) skips the evaluation: the user wants the process gone. In a
+        // process group the ranks agree on it first (each extracts its share of the features, or none does).
         self.interrupted = self.interrupted.or_else(signals::stop_requested);
-        // Rank 0 evaluates (the other ranks are done once the last checkpoint is agreed on).
-        let eval = if cfg.eval.at_end && cfg.data.test.is_some() && self.interrupted.is_none() && self.dist.is_main() {
+        if self.dist.world() > 1 && self.interrupted.is_none() {
+            self.interrupted = self.vote(signals::stop_requested(), false, false)?.0;
+        }
+        let evaluating = cfg.eval.at_end && cfg.data.test.is_some() && self.interrupted.is_none();
+        let eval = if evaluating {
             let report =
                 transfer::evaluate(self.model.eval_backbone(cfg), &self.eval_context(), sink, self.step as i64)?;
-            transfer::write_report(&report, self.out)?;
-            Some(report)
+            if let Some(r) = &report {
+                transfer::write_report(r, self.out)?;
+            }
+            report
         } else {
             None
         };
