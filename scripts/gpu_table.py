@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """The tables of scripts/gpu-check from what its runs left in a folder (python >= 3.11, no torch needed):
 SimCLR (ours/summary.json, torch.json), MAE (mae/summary.json, mae-ft/*/finetune.json, mae-torch.json) and the
-joint-embedding family (methods/<preset>/summary.json, byol-torch.json, dino-torch.json), each printed when its
-files are there, with the targets. Results of several device commands can be put into one folder first (their
+joint-embedding family (methods/<preset>/summary.json, byol-torch.json, dino-torch.json) and data parallel through
+NCCL (dist/{none,nccl}-<i>/: summary.json and the event file's train/loss), each printed when its files are there,
+with the targets. Results of several device commands can be put into one folder first (their
 files do not overlap).
     python3 scripts/gpu_table.py OUT [SMOKE]
 """
+import glob
 import json
 import os
+import statistics
+import struct
 import sys
 import tomllib
 
@@ -278,10 +282,114 @@ def methods_table(after_another):
     return True
 
 
+def varint(b, i):
+    v = shift = 0
+    while True:
+        c = b[i]
+        i += 1
+        v |= (c & 0x7F) << shift
+        shift += 7
+        if c < 0x80:
+            return v, i
+
+
+def fields(b):
+    """(field number, wire type, value) of one protobuf message: enough of the format for TensorBoard events."""
+    i = 0
+    while i < len(b):
+        key, i = varint(b, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = varint(b, i)
+        elif wire == 1:
+            v, i = b[i:i + 8], i + 8
+        elif wire == 2:
+            n, i = varint(b, i)
+            v, i = b[i:i + n], i + n
+        elif wire == 5:
+            v, i = b[i:i + 4], i + 4
+        else:
+            raise ValueError(f"wire type {wire}")
+        yield num, wire, v
+
+
+def scalars(run, tag):
+    """[(step, value)] of scalar `tag` in the run folder's event files (TFRecord framing, Event.step = 2,
+    Event.summary = 5, Summary.value = 1, Value.tag = 1, Value.simple_value = 2)."""
+    points = []
+    for path in sorted(glob.glob(os.path.join(out, run, "events.out.tfevents.*"))):
+        data = open(path, "rb").read()
+        i = 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack_from("<Q", data, i)
+            record = data[i + 12:i + 12 + n]
+            i += 12 + n + 4
+            step, summary = 0, None
+            for num, _, v in fields(record):
+                if num == 2:
+                    step = v
+                elif num == 5:
+                    summary = v
+            for num, _, value in fields(summary or b""):
+                if num != 1:
+                    continue
+                got = dict((k, x) for k, _, x in fields(value))
+                if got.get(1) == tag.encode() and 2 in got:
+                    points.append((step, struct.unpack("<f", got[2])[0]))
+    return points
+
+
+def curve_gap(a, b):
+    """The largest difference between two loss curves at their common steps (None without any)."""
+    db = dict(b)
+    gaps = [abs(v - db[s]) for s, v in a if s in db]
+    return max(gaps) if gaps else None
+
+
+def dist_table(after_another):
+    runs = {}
+    for mode in ("none", "nccl"):
+        for path in sorted(glob.glob(os.path.join(out, "dist", f"{mode}-*", "summary.json"))):
+            s = read(os.path.relpath(path, out))
+            if s and s.get("steps"):
+                runs.setdefault(mode, []).append((os.path.basename(os.path.dirname(path)), s))
+    if not runs:
+        return False
+    if after_another:
+        print()
+    device = next((s["device"] for rs in runs.values() for _, s in rs), "?")
+    print(f"== data parallel through NCCL, world size 1 (our SimCLR preset, no evaluation; {device})")
+    ms = {}
+    for mode, rs in runs.items():
+        for name, s in rs:
+            step = 1000 * s["train_seconds"] / s["steps"]
+            ms.setdefault(mode, []).append(step)
+            print(f"{name:<8} backend {s.get('dist_backend') or '-':<5} world {s.get('world_size')}  steps {s['steps']}  "
+                  f"{step:7.2f} ms/step  {s['images_per_s']:8.0f} img/s  wait {pct(s.get('data_wait_fraction'))}  "
+                  f"all-reduce {1000 * s.get('grad_allreduce_seconds', 0) / s['steps']:.2f} ms/step  "
+                  f"final loss {s['final_loss']:.4f}")
+    if "none" in ms and "nccl" in ms:
+        ratio = statistics.median(ms["nccl"]) / statistics.median(ms["none"])
+        print(f"target: step time with the NCCL group within 2% of none: {'PASS' if ratio <= 1.02 else 'FAIL'} "
+              f"(median {statistics.median(ms['nccl']):.2f} vs {statistics.median(ms['none']):.2f} ms/step, "
+              f"ratio {ratio:.3f})")
+        none = [scalars(f"dist/{name}", "train/loss") for name, _ in runs["none"]]
+        nccl = [scalars(f"dist/{name}", "train/loss") for name, _ in runs["nccl"]]
+        gap = curve_gap(none[0], nccl[0])
+        noise = curve_gap(none[0], none[1]) if len(none) > 1 else None
+        if gap is not None:
+            bar = max(noise or 0.0, 1e-3)
+            print(f"target: the same loss curve: {'PASS' if gap <= bar else 'FAIL'} (largest difference "
+                  f"{gap:.2e} over {len(none[0])} points; two runs without distribution differ by "
+                  f"{'-' if noise is None else format(noise, '.2e')}; bar {bar:.1e})")
+    return True
+
+
 simclr = simclr_table()
 mae = mae_table(after_another=simclr)
 methods = methods_table(after_another=simclr or mae)
-if not (simclr or mae or methods):
+dist = dist_table(after_another=simclr or mae or methods)
+if not (simclr or mae or methods or dist):
     print(f"no results in {out} (every run failed or was skipped; see the logs)")
 if smoke:
     print("(SMOKE=1: tiny models and a few steps; the targets are not expected to pass)")

@@ -309,7 +309,7 @@ fn pretrain(
     selfsup_pipeline::signals::install().context("installing the signal handlers")?;
     let mut tb = TensorBoard::create(&out).with_context(|| format!("creating the event file in {}", out.display()))?;
     eprintln!("run folder: {}", out.display());
-    if launch.world > 1 {
+    if launch.launched() {
         eprintln!("rank 0 of {} ({}): global batch {}", launch.world, launch.by, cfg.train.batch_size);
     }
     let opts = RunOptions { out: out.clone(), resume, quiet, launch };

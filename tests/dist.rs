@@ -293,8 +293,17 @@ fn simclr_with_sync_bn_and_gathered_negatives_follows_one_process() {
         "optimizer.base_lr=0.0005",
         "dist.timeout_s=60",
     ]));
+    let alone = dir.path().join("alone");
     run_ok(pretrain(&one, None, &args));
     run_ok(pretrain(&two, Some(2), &args));
+    // A group of one (`--nproc-per-node 1`: every gather, all-reduce and broadcast through Gloo) is the
+    // one-process run, bit for bit.
+    let err = run_ok(pretrain(&alone, Some(1), &args));
+    assert!(err.contains("rank 0 of 1"), "{err}");
+    assert_eq!(curve(&one, "train/loss"), curve(&alone, "train/loss"));
+    assert_eq!(max_weight_diff(&one, &alone), 0.0);
+    let seconds = |run: &Path| json(&run.join("summary.json"))["grad_allreduce_seconds"].as_f64().unwrap();
+    assert!(seconds(&alone) > seconds(&one), "the group of one all-reduces: {} vs {}", seconds(&alone), seconds(&one));
     let (a, b) = (curve(&one, "train/loss"), curve(&two, "train/loss"));
     assert_eq!(a.len(), 20);
     let first = (a[0].1 - b[0].1).abs();

@@ -127,6 +127,7 @@ pub struct DistError {
 /// trainer's), which the mutex makes sure of.
 pub struct Dist {
     group: Option<Mutex<GroupPtr>>,
+    backend: Option<Backend>,
     rank: usize,
     world: usize,
     device: Device,
@@ -162,7 +163,7 @@ fn take_message(err: *mut c_char) -> String {
 impl Dist {
     /// One process: every collective is the identity.
     pub fn single(device: Device) -> Dist {
-        Dist { group: None, rank: 0, world: 1, device, failed: Mutex::new(None) }
+        Dist { group: None, backend: None, rank: 0, world: 1, device, failed: Mutex::new(None) }
     }
 
     /// A shared one-process group (for batches made outside a trainer).
@@ -172,11 +173,9 @@ impl Dist {
     }
 
     /// Meets the other ranks (blocks until all `spec.world` have joined, or `spec.timeout`). Tensors given to the
-    /// collectives live on `device` (CPU for Gloo, this rank's GPU for NCCL).
+    /// collectives live on `device` (CPU for Gloo, this rank's GPU for NCCL). A world of one is a real group too
+    /// (its collectives go through the backend: what `--nproc-per-node 1` measures); [`Dist::single`] is none.
     pub fn connect(spec: &GroupSpec, device: Device) -> Result<Dist, DistError> {
-        if spec.world <= 1 {
-            return Ok(Dist::single(device));
-        }
         let err_of = |message: String| DistError {
             what: format!("joining the process group at {}:{}", spec.master_addr, spec.master_port),
             rank: spec.rank,
@@ -208,6 +207,7 @@ impl Dist {
         }
         Ok(Dist {
             group: Some(Mutex::new(GroupPtr(ptr))),
+            backend: Some(spec.backend),
             rank: spec.rank,
             world: spec.world,
             device,
@@ -217,6 +217,16 @@ impl Dist {
 
     pub fn rank(&self) -> usize {
         self.rank
+    }
+
+    /// A process group (of any size), not [`Dist::single`].
+    pub fn in_group(&self) -> bool {
+        self.group.is_some()
+    }
+
+    /// The backend of the group; `None` for [`Dist::single`].
+    pub fn backend(&self) -> Option<Backend> {
+        self.backend
     }
 
     pub fn world(&self) -> usize {

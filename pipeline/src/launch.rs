@@ -115,6 +115,12 @@ impl Launch {
         self.rank == 0
     }
 
+    /// Started by a launcher (ours, torchrun, SLURM with more than one task): the process joins its group, also
+    /// a group of one (as torch.distributed does), so that `--nproc-per-node 1` runs the data-parallel path.
+    pub fn launched(&self) -> bool {
+        self.by != Launch::single().by
+    }
+
     /// The process group to join for `cfg` on `device`.
     pub fn group_spec(&self, cfg: &DistConfig, device: Device) -> Result<GroupSpec> {
         let backend = match (cfg.backend, device.is_cuda()) {

@@ -247,7 +247,7 @@ impl Optimizer {
     /// buckets; never one per parameter). Every rank must have gradients for the same parameters (the same model
     /// and objective: they do).
     pub fn average_gradients(&mut self, dist: &Dist) -> Result<(), DistError> {
-        if dist.world() <= 1 {
+        if !dist.in_group() {
             return Ok(());
         }
         tch::no_grad(|| {

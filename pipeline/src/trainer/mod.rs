@@ -82,8 +82,10 @@ pub struct RunSummary {
     pub eval: Option<EvalReport>,
     /// Where a step's time goes (`train.profile_steps`).
     pub profile: Option<StepProfile>,
-    /// Processes that trained (1 without distribution), and rank 0's time averaging gradients over them.
+    /// Processes that trained (1 without distribution), their c10d backend (`"gloo"`, `"nccl"`; none without a
+    /// launcher), and rank 0's time averaging gradients over them.
     pub world_size: usize,
+    pub dist_backend: Option<String>,
     pub grad_allreduce_seconds: f64,
 }
 
@@ -404,7 +406,7 @@ impl<'a> Trainer<'a> {
     fn build(cfg: &'a Config, opts: &'a RunOptions) -> Result<Self> {
         let launch = &opts.launch;
         let (mut device, autocast) = prepare_device(cfg.train.device, cfg.train.bf16)?;
-        if launch.world > 1 {
+        if launch.launched() {
             if device.is_cuda() {
                 // Each rank binds the GPU of its local rank.
                 device = Device::Cuda(launch.local_rank);
@@ -418,10 +420,12 @@ impl<'a> Trainer<'a> {
                 )));
             }
         }
-        let dist = Arc::new(
+        let dist = Arc::new(if launch.launched() {
             Dist::connect(&launch.group_spec(&cfg.dist, device)?, device)
-                .map_err(|e| Error::Other(format!("{}: {e} (dist.timeout_s bounds the wait)", launch.by)))?,
-        );
+                .map_err(|e| Error::Other(format!("{}: {e} (dist.timeout_s bounds the wait)", launch.by)))?
+        } else {
+            Dist::single(device)
+        });
         selfsup_models::dist::set_sync_batch_norm(cfg.model.sync_bn.then(|| dist.clone()));
         let io = |p: &Path| {
             let p = p.to_path_buf();
@@ -551,7 +555,7 @@ impl<'a> Trainer<'a> {
     /// Every rank starts from rank 0's parameters and buffers (built from the same seed, or resumed from the
     /// same checkpoint, they already agree: this makes sure), one broadcast per variable, sorted by name.
     fn broadcast_model(&mut self) -> Result<()> {
-        if self.dist.world() <= 1 {
+        if !self.dist.in_group() {
             return Ok(());
         }
         let mut vars: Vec<(String, Tensor)> = self.model.vs.variables().into_iter().collect();
@@ -968,6 +972,7 @@ impl<'a> Trainer<'a> {
             eval,
             profile: self.profile.take().map(StepProfile::finish),
             world_size: self.dist.world(),
+            dist_backend: self.dist.backend().map(|b| format!("{b:?}").to_lowercase()),
             grad_allreduce_seconds: self.allreduce_seconds,
         })
     }
