@@ -28,6 +28,9 @@ namespace {
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
+  // Host numbers (row counts, votes) without touching the GPU stream: the Gloo backend itself, or for NCCL a
+  // Gloo group of its own beside it; null when there is none (the numbers then go through `backend`).
+  c10::intrusive_ptr<c10d::Backend> host;
   int rank = 0;
   int world = 1;
   std::chrono::milliseconds timeout{0};
@@ -158,6 +161,20 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
   }
 };
 
+#ifdef SELFSUP_GLOO
+// A Gloo backend over `store`: on interface `iface` if given, else on the address `bind_host`.
+c10::intrusive_ptr<c10d::Backend> new_gloo(const c10::intrusive_ptr<c10d::Store>& store, int rank, int world,
+                                           std::chrono::milliseconds timeout, const char* iface, const char* bind_host) {
+  auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+  if (iface && *iface) {
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
+  } else {
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(bind_host));
+  }
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+}
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -182,9 +199,10 @@ void selfsup_dist_free_error(char* err) { free(err); }
 // A process group of `world` ranks, this one being `rank`, meeting at host:port (rank 0 serves the TCPStore there).
 // backend: 0 = Gloo (CPU tensors), 1 = NCCL (CUDA tensors). `iface` (may be empty): the network interface Gloo
 // binds (GLOO_SOCKET_IFNAME); otherwise Gloo binds the address `bind_host`. Null on error (`*err` set).
-// `serve`: this rank serves the TCPStore (rank 0, unless torchrun's agent already serves it).
+// `serve`: this rank serves the TCPStore (rank 0, unless torchrun's agent already serves it). `host_channel`
+// (NCCL only, with Gloo built in): also a Gloo group for host numbers (see Group::host), on `iface` / `bind_host`.
 void* selfsup_dist_new(int backend, const char* host, int port, int rank, int world, long timeout_ms,
-                       const char* iface, const char* bind_host, int serve, char** err) {
+                       const char* iface, const char* bind_host, int serve, int host_channel, char** err) {
   try {
     auto g = new Group();
     g->rank = rank;
@@ -201,13 +219,8 @@ void* selfsup_dist_new(int backend, const char* host, int port, int rank, int wo
     auto store = c10::make_intrusive<c10d::PrefixStore>("selfsup/0/", tcp);
     if (backend == 0) {
 #ifdef SELFSUP_GLOO
-      auto opts = c10d::ProcessGroupGloo::Options::create(g->timeout);
-      if (iface && *iface) {
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
-      } else {
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(bind_host));
-      }
-      g->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+      g->backend = new_gloo(store, rank, world, g->timeout, iface, bind_host);
+      g->host = g->backend;
 #else
       delete g;
       set_error(err, "this selfsup was built without Gloo (SELFSUP_NO_GLOO=1): no multi-process training on CPU");
@@ -218,6 +231,12 @@ void* selfsup_dist_new(int backend, const char* host, int port, int rank, int wo
       auto opts = c10d::ProcessGroupNCCL::Options::create();
       opts->timeout = g->timeout;
       g->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
+#ifdef SELFSUP_GLOO
+      if (host_channel) {
+        auto host_store = c10::make_intrusive<c10d::PrefixStore>("selfsup/host/", tcp);
+        g->host = new_gloo(host_store, rank, world, g->timeout, iface, bind_host);
+      }
+#endif
 #else
       delete g;
       set_error(err, "this selfsup was built without NCCL (no CUDA headers at build time): use dist.backend = \"gloo\"");
@@ -252,6 +271,25 @@ int selfsup_dist_broadcast(void* group, void* tensor, int root, char** err) {
     c10d::BroadcastOptions o;
     o.rootRank = root;
     finish(g->backend->broadcast(v, o), g, "broadcast");
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return 1;
+  }
+}
+
+// 1 when the group has a host channel (see Group::host).
+int selfsup_dist_has_host_channel(void* group) { return static_cast<Group*>(group)->host ? 1 : 0; }
+
+// In place: `values[0..n]` summed over the ranks through the host channel (no GPU work). 0 on success.
+int selfsup_dist_allreduce_host(void* group, int64_t* values, int n, char** err) {
+  try {
+    Group* g = static_cast<Group*>(group);
+    if (!g->host) throw std::runtime_error("this group has no host channel");
+    std::vector<at::Tensor> v{at::from_blob(values, {n}, at::kLong)};
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    finish(g->host->allreduce(v, o), g, "all-reduce of host numbers");
     return 0;
   } catch (const std::exception& e) {
     set_error(err, e.what());

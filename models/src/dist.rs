@@ -26,8 +26,11 @@ extern "C" {
         iface: *const c_char,
         bind_host: *const c_char,
         serve: c_int,
+        host_channel: c_int,
         err: *mut *mut c_char,
     ) -> *mut c_void;
+    fn selfsup_dist_has_host_channel(group: *mut c_void) -> c_int;
+    fn selfsup_dist_allreduce_host(group: *mut c_void, values: *mut i64, n: c_int, err: *mut *mut c_char) -> c_int;
     fn selfsup_dist_free(group: *mut c_void);
     fn selfsup_dist_free_error(err: *mut c_char);
     fn selfsup_dist_allreduce_sum(group: *mut c_void, tensor: *mut torch_sys::C_tensor, err: *mut *mut c_char)
@@ -111,6 +114,10 @@ pub struct GroupSpec {
     /// The TCPStore is already served by the launcher (torchrun's agent: `TORCHELASTIC_USE_AGENT_STORE=True`);
     /// otherwise rank 0 serves it.
     pub agent_store: bool,
+    /// NCCL: also a Gloo group beside it for host numbers (the row counts of every gather, the trainer's votes),
+    /// so that they need no GPU synchronization. Gloo binds as above: set it where that works without asking
+    /// (every rank on this machine, or `GLOO_SOCKET_IFNAME` given). Gloo groups always have it (themselves).
+    pub host_channel: bool,
 }
 
 /// A c10d error: what failed and what c10d said.
@@ -128,6 +135,8 @@ pub struct DistError {
 pub struct Dist {
     group: Option<Mutex<GroupPtr>>,
     backend: Option<Backend>,
+    /// The group has a host channel ([`GroupSpec::host_channel`]).
+    host: bool,
     rank: usize,
     world: usize,
     device: Device,
@@ -163,7 +172,7 @@ fn take_message(err: *mut c_char) -> String {
 impl Dist {
     /// One process: every collective is the identity.
     pub fn single(device: Device) -> Dist {
-        Dist { group: None, backend: None, rank: 0, world: 1, device, failed: Mutex::new(None) }
+        Dist { group: None, backend: None, host: false, rank: 0, world: 1, device, failed: Mutex::new(None) }
     }
 
     /// A shared one-process group (for batches made outside a trainer).
@@ -199,15 +208,19 @@ impl Dist {
                 iface.as_ptr(),
                 bind_host.as_ptr(),
                 c_int::from(spec.rank == 0 && !spec.agent_store),
+                c_int::from(spec.host_channel),
                 &mut err,
             )
         };
         if ptr.is_null() {
             return Err(err_of(take_message(err)));
         }
+        // SAFETY: a live group, made just above.
+        let host = unsafe { selfsup_dist_has_host_channel(ptr) } != 0;
         Ok(Dist {
             group: Some(Mutex::new(GroupPtr(ptr))),
             backend: Some(spec.backend),
+            host,
             rank: spec.rank,
             world: spec.world,
             device,
@@ -264,6 +277,31 @@ impl Dist {
         r.unwrap_or(Ok(())).map_err(|m| self.error("all-reduce", m))
     }
 
+    /// In place: the sum of `values` over the ranks, for numbers the host needs (row counts, votes): through the
+    /// host channel when there is one (no GPU work, no synchronization), else through the backend and read back.
+    pub fn all_reduce_host(&self, values: &mut [i64]) -> Result<(), DistError> {
+        self.check()?;
+        if self.group.is_none() || values.is_empty() {
+            return Ok(());
+        }
+        if self.host {
+            let r = self.with_group(|g| {
+                let mut err = std::ptr::null_mut();
+                // SAFETY: `values` is a live slice of `values.len()` i64 that the shim sums in place.
+                let rc =
+                    unsafe { selfsup_dist_allreduce_host(g, values.as_mut_ptr(), values.len() as c_int, &mut err) };
+                (rc == 0).then_some(()).ok_or_else(|| take_message(err))
+            });
+            return r.unwrap_or(Ok(())).map_err(|m| self.error("all-reduce of host numbers", m));
+        }
+        let mut t = Tensor::from_slice(values).to_device(self.device);
+        self.all_reduce_sum(&mut t)?;
+        let sums = Vec::<i64>::try_from(t.to_device(Device::Cpu))
+            .map_err(|e| self.error("all-reduce of host numbers", e.to_string()))?;
+        values.copy_from_slice(&sums);
+        Ok(())
+    }
+
     /// In place: `t` takes rank `root`'s value.
     pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), DistError> {
         self.check()?;
@@ -284,11 +322,10 @@ impl Dist {
             return Ok(if with_grad { x.shallow_clone() } else { x.detach() });
         }
         self.check()?;
-        // Row counts first: pad every slice to the largest, gather, then keep the real rows.
-        let mut counts = Tensor::zeros([self.world as i64], (Kind::Int64, self.device));
-        let _ = counts.get(self.rank as i64).fill_(x.size()[0]);
-        self.all_reduce_sum(&mut counts)?;
-        let counts: Vec<i64> = Vec::<i64>::try_from(counts.to_device(Device::Cpu)).unwrap_or_default();
+        // Row counts first (host numbers): pad every slice to the largest, gather, then keep the real rows.
+        let mut counts = vec![0i64; self.world];
+        counts[self.rank] = x.size()[0];
+        self.all_reduce_host(&mut counts)?;
         let most = counts.iter().copied().max().unwrap_or(0);
         if most == 0 {
             // No rank has a row (every rank sees the same counts and skips the gather).

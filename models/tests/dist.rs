@@ -22,6 +22,7 @@ fn spec(rank: usize, world: usize, port: u16, timeout_s: u64) -> GroupSpec {
         timeout: Duration::from_secs(timeout_s),
         gloo_iface: String::new(),
         agent_store: false,
+        host_channel: false,
     }
 }
 
@@ -50,6 +51,10 @@ fn all_reduce_broadcast_and_gathers_of_unequal_slices() {
         // Rank r holds r + 1 rows of [r, r].
         let x = Tensor::full([rank as i64 + 1, 2], rank as f64, (Kind::Float, Device::Cpu));
         let g = d.all_gather(&x).unwrap();
+        // Host numbers (through Gloo itself here; beside NCCL, a Gloo group of their own).
+        let mut h = [rank as i64, 1, -(1 << 40)];
+        d.all_reduce_host(&mut h).unwrap();
+        assert_eq!(h, [3, 3, -3 << 40]);
         d.barrier().unwrap();
         (Vec::<f32>::try_from(t).unwrap(), b.double_value(&[0]), Vec::<f32>::try_from(g.flatten(0, -1)).unwrap())
     });

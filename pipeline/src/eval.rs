@@ -119,9 +119,9 @@ pub fn extract(
         ys.push(gather(Tensor::from_slice(labels).to_device(opts.device))?);
     }
     if let Some(d) = sharded {
-        let mut n = Tensor::from_slice(&[unreadable as i64]).to_device(opts.device);
-        d.all_reduce_sum(&mut n).map_err(|e| format!("counting unreadable evaluation samples: {e}"))?;
-        unreadable = n.int64_value(&[0]) as usize;
+        let mut n = [unreadable as i64];
+        d.all_reduce_host(&mut n).map_err(|e| format!("counting unreadable evaluation samples: {e}"))?;
+        unreadable = n[0] as usize;
     }
     let y = ys.finish();
     if y.numel() == 0 {

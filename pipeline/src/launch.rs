@@ -139,6 +139,9 @@ impl Launch {
             timeout: Duration::from_secs_f64(cfg.timeout_s),
             gloo_iface: std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default(),
             agent_store: std::env::var("TORCHELASTIC_USE_AGENT_STORE").is_ok_and(|v| v.eq_ignore_ascii_case("true")),
+            // One machine: Gloo's loopback always works. Across machines only where the user named Gloo's
+            // interface (a hostname resolving to 127.0.1.1, Debian's default, would leave it unreachable).
+            host_channel: self.local_world >= self.world || std::env::var_os("GLOO_SOCKET_IFNAME").is_some(),
         })
     }
 

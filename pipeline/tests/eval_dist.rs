@@ -79,6 +79,7 @@ fn sharded_extraction_equals_one_process_for_2_and_3_ranks() {
                         timeout: Duration::from_secs(30),
                         gloo_iface: String::new(),
                         agent_store: false,
+                        host_channel: false,
                     };
                     let d = Dist::connect(&spec, Device::Cpu).expect("joining the group");
                     let f = run(&dir, Some(&d));

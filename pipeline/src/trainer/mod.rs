@@ -649,26 +649,23 @@ impl<'a> Trainer<'a> {
     }
 
     /// The ranks' vote between two batches: a stop if any rank was asked to stop (SIGTERM before SIGINT), a
-    /// checkpoint if any rank got SIGUSR1 or rank 0's clock says so. One all-reduce of four numbers.
+    /// checkpoint if any rank got SIGUSR1 or rank 0's clock says so. One all-reduce of four host numbers.
     fn vote(&self, stop: Option<i32>, asked: bool, by_time: bool) -> Result<(Option<i32>, bool, bool)> {
-        let mine = [
-            f32::from(stop == Some(libc::SIGINT)),
-            f32::from(stop == Some(libc::SIGTERM)),
-            f32::from(asked),
-            f32::from(by_time),
+        let mut v = [
+            i64::from(stop == Some(libc::SIGINT)),
+            i64::from(stop == Some(libc::SIGTERM)),
+            i64::from(asked),
+            i64::from(by_time),
         ];
-        let mut votes = Tensor::from_slice(&mine).to_device(self.device);
-        self.dist.all_reduce_sum(&mut votes).map_err(dist_stopped)?;
-        let v: Vec<f32> =
-            Vec::try_from(votes.to_device(Device::Cpu)).map_err(|e: tch::TchError| Error::Other(e.to_string()))?;
-        let stop = if v[1] > 0.0 {
+        self.dist.all_reduce_host(&mut v).map_err(dist_stopped)?;
+        let stop = if v[1] > 0 {
             Some(libc::SIGTERM)
-        } else if v[0] > 0.0 {
+        } else if v[0] > 0 {
             Some(libc::SIGINT)
         } else {
             None
         };
-        Ok((stop, v[2] > 0.0, v[3] > 0.0))
+        Ok((stop, v[2] > 0, v[3] > 0))
     }
 
     /// `epoch-0003` at an epoch boundary, `epoch-0003-step-1234` within epoch 3 (0-based: 3 epochs done).
