@@ -293,9 +293,19 @@ fn simclr_with_sync_bn_and_gathered_negatives_follows_one_process() {
         "optimizer.base_lr=0.0005",
         "dist.timeout_s=60",
     ]));
-    let alone = dir.path().join("alone");
+    let (alone, after) = (dir.path().join("alone"), dir.path().join("after"));
     run_ok(pretrain(&one, None, &args));
+    // Small buckets (50 KB: several for this model), averaged while backward runs (the default) ...
+    args.extend(sets(&["dist.bucket_mb=0.05"]));
     run_ok(pretrain(&two, Some(2), &args));
+    // ... or after it: the same sums, bit for bit.
+    let mut later = args.clone();
+    later.extend(sets(&["dist.overlap=false"]));
+    run_ok(pretrain(&after, Some(2), &later));
+    assert_eq!(max_weight_diff(&two, &after), 0.0, "averaging during backward changed the result");
+    let early = |run: &Path| json(&run.join("summary.json"))["grad_buckets_started_in_backward"].as_f64().unwrap();
+    assert!(early(&two) >= 1.0, "no bucket started during backward: {}", early(&two));
+    assert_eq!(early(&after), 0.0);
     // A group of one (`--nproc-per-node 1`: every gather, all-reduce and broadcast through Gloo) is the
     // one-process run, bit for bit.
     let err = run_ok(pretrain(&alone, Some(1), &args));

@@ -6,6 +6,9 @@
 // the symbols are libtorch_cpu's) and, for CUDA builds, -DSELFSUP_NCCL.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -19,6 +22,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -161,6 +166,83 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
   }
 };
 
+// Gradients averaged while backward runs (what DDP's Reducer does, in a few lines): the parameters in buckets of
+// about `bucket_numel` elements, in reverse order (backward produces the last layers' gradients first); a hook on
+// each parameter's gradient accumulator marks it ready; a bucket whose parameters are all ready is flattened and
+// its all-reduce started at once, in bucket order, so that every rank issues the same collectives in the same
+// order. finish() starts what is left (a parameter without a gradient counts as zeros), waits, and copies the
+// averages back. Hooks do nothing unless armed (evaluation and other backward passes are not touched).
+struct Overlap {
+  Group* g = nullptr;
+  std::vector<at::Tensor> params;
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;  // kept alive: they hold the hooks
+  std::vector<std::vector<size_t>> buckets;                          // parameter indices
+  std::vector<size_t> bucket_of;
+  std::vector<size_t> pending;  // per bucket: parameters not ready yet this step
+  std::vector<bool> ready;
+  std::vector<at::Tensor> flat;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  size_t next = 0;  // the next bucket to start
+  size_t early = 0;  // buckets started during the last backward pass (before finish)
+  bool armed = false;
+  std::string error;  // the first failure inside a hook, reported by finish()
+  std::mutex m;
+
+  at::Tensor flatten(size_t b) {
+    std::vector<at::Tensor> parts;
+    for (size_t i : buckets[b]) {
+      const at::Tensor& p = params[i];
+      at::Tensor grad = p.grad();
+      parts.push_back(grad.defined() ? grad.reshape({-1}) : at::zeros({p.numel()}, p.options()));
+    }
+    return at::cat(parts);
+  }
+
+  // Starts every complete bucket from `next` on, in order (`all`: the incomplete ones too). Caller holds m.
+  void launch(bool all) {
+    while (next < buckets.size() && (all || pending[next] == 0)) {
+      flat[next] = flatten(next);
+      std::vector<at::Tensor> v{flat[next]};
+      c10d::AllreduceOptions o;
+      o.reduceOp = c10d::ReduceOp::SUM;
+      works[next] = g->backend->allreduce(v, o);
+      ++next;
+    }
+  }
+
+  void mark(size_t i) {
+    std::lock_guard<std::mutex> lock(m);
+    if (!armed || !error.empty()) return;
+    try {
+      if (ready[i]) {
+        error = "a parameter's gradient was produced twice in one backward pass (set dist.overlap = false)";
+        return;
+      }
+      ready[i] = true;
+      size_t b = bucket_of[i];
+      if (b < next) {
+        error = "a parameter's gradient came after its bucket was sent (set dist.overlap = false)";
+        return;
+      }
+      --pending[b];
+      launch(false);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+};
+
+struct ReadyHook : public torch::autograd::FunctionPostHook {
+  Overlap* ov;
+  size_t index;
+  ReadyHook(Overlap* o, size_t i) : ov(o), index(i) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                            const torch::autograd::variable_list& /*inputs*/) override {
+    ov->mark(index);
+    return outputs;
+  }
+};
+
 #ifdef SELFSUP_GLOO
 // A Gloo backend over `store`: on interface `iface` if given, else on the address `bind_host`.
 c10::intrusive_ptr<c10d::Backend> new_gloo(const c10::intrusive_ptr<c10d::Store>& store, int rank, int world,
@@ -276,6 +358,118 @@ int selfsup_dist_broadcast(void* group, void* tensor, int root, char** err) {
     set_error(err, e.what());
     return 1;
   }
+}
+
+// An Overlap (see there) over the `n` parameters `params` (at::Tensor*, leaves that require grad), buckets of
+// about `bucket_numel` elements of one dtype and device. Null on error.
+void* selfsup_dist_overlap_new(void* group, void** params, int n, long bucket_numel, char** err) {
+  try {
+    auto ov = new Overlap();
+    ov->g = static_cast<Group*>(group);
+    for (int i = 0; i < n; ++i) ov->params.push_back(*static_cast<at::Tensor*>(params[i]));
+    ov->bucket_of.assign(n, 0);
+    long numel = 0;
+    for (int i = n - 1; i >= 0; --i) {
+      const at::Tensor& p = ov->params[i];
+      // A new bucket when this one is full (a parameter larger than a bucket is one alone) or of another kind.
+      bool fresh = ov->buckets.empty() || (numel > 0 && numel + p.numel() > bucket_numel) ||
+                   ov->params[ov->buckets.back().front()].scalar_type() != p.scalar_type() ||
+                   ov->params[ov->buckets.back().front()].device() != p.device();
+      if (fresh) {
+        ov->buckets.emplace_back();
+        numel = 0;
+      }
+      ov->buckets.back().push_back(i);
+      ov->bucket_of[i] = ov->buckets.size() - 1;
+      numel += p.numel();
+    }
+    size_t nb = ov->buckets.size();
+    ov->pending.assign(nb, 0);
+    ov->flat.resize(nb);
+    ov->works.resize(nb);
+    ov->ready.assign(n, false);
+    for (int i = 0; i < n; ++i) {
+      auto acc = ov->params[i].requires_grad() ? torch::autograd::impl::grad_accumulator(ov->params[i]) : nullptr;
+      if (!acc) {
+        delete ov;
+        throw std::runtime_error("a parameter to average is not a leaf that requires grad");
+      }
+      ov->accumulators.push_back(acc);
+    }
+    for (int i = 0; i < n; ++i) ov->accumulators[i]->add_post_hook(std::make_unique<ReadyHook>(ov, i));
+    return ov;
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return nullptr;
+  }
+}
+
+// Before a backward pass: every parameter not ready, no bucket sent.
+void selfsup_dist_overlap_arm(void* overlap) {
+  auto ov = static_cast<Overlap*>(overlap);
+  std::lock_guard<std::mutex> lock(ov->m);
+  std::fill(ov->ready.begin(), ov->ready.end(), false);
+  for (size_t b = 0; b < ov->buckets.size(); ++b) {
+    ov->pending[b] = ov->buckets[b].size();
+    ov->flat[b] = at::Tensor();
+    ov->works[b].reset();
+  }
+  ov->next = 0;
+  ov->error.clear();
+  ov->armed = true;
+}
+
+// After the backward pass: sends what is left, waits for every bucket, writes the averages into the gradients
+// (a parameter without one gets none). 0 on success.
+int selfsup_dist_overlap_finish(void* overlap, char** err) {
+  auto ov = static_cast<Overlap*>(overlap);
+  try {
+    std::lock_guard<std::mutex> lock(ov->m);
+    ov->armed = false;
+    if (!ov->error.empty()) throw std::runtime_error(ov->error);
+    ov->early = ov->next;
+    ov->launch(true);
+    at::NoGradGuard no_grad;
+    for (size_t b = 0; b < ov->buckets.size(); ++b) {
+      finish(ov->works[b], ov->g, "all-reduce of gradients");
+      ov->flat[b].div_(ov->g->world);
+      long offset = 0;
+      for (size_t i : ov->buckets[b]) {
+        at::Tensor& p = ov->params[i];
+        long k = p.numel();
+        at::Tensor grad = p.grad();
+        if (grad.defined()) grad.copy_(ov->flat[b].narrow(0, offset, k).view(p.sizes()));
+        offset += k;
+      }
+      ov->flat[b] = at::Tensor();
+      ov->works[b].reset();
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return 1;
+  }
+}
+
+// How many buckets the last backward pass started before finish().
+int selfsup_dist_overlap_early(void* overlap) { return static_cast<int>(static_cast<Overlap*>(overlap)->early); }
+
+// Removes the hooks' effect (they stay on the accumulators, disarmed) and frees the Overlap.
+void selfsup_dist_overlap_free(void* overlap) {
+  auto ov = static_cast<Overlap*>(overlap);
+  {
+    std::lock_guard<std::mutex> lock(ov->m);
+    ov->armed = false;
+  }
+  // The hooks hold a raw pointer: they must not outlive it. Remove them from the accumulators.
+  for (auto& acc : ov->accumulators) {
+    auto& hooks = acc->post_hooks();
+    for (auto it = hooks.begin(); it != hooks.end();) {
+      auto h = dynamic_cast<ReadyHook*>(it->get());
+      it = (h && h->ov == ov) ? hooks.erase(it) : it + 1;
+    }
+  }
+  delete ov;
 }
 
 // 1 when the group has a host channel (see Group::host).

@@ -30,6 +30,17 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> *mut c_void;
     fn selfsup_dist_has_host_channel(group: *mut c_void) -> c_int;
+    fn selfsup_dist_overlap_new(
+        group: *mut c_void,
+        params: *mut *mut torch_sys::C_tensor,
+        n: c_int,
+        bucket_numel: c_long,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn selfsup_dist_overlap_arm(overlap: *mut c_void);
+    fn selfsup_dist_overlap_finish(overlap: *mut c_void, err: *mut *mut c_char) -> c_int;
+    fn selfsup_dist_overlap_free(overlap: *mut c_void);
+    fn selfsup_dist_overlap_early(overlap: *mut c_void) -> c_int;
     fn selfsup_dist_allreduce_host(group: *mut c_void, values: *mut i64, n: c_int, err: *mut *mut c_char) -> c_int;
     fn selfsup_dist_free(group: *mut c_void);
     fn selfsup_dist_free_error(err: *mut c_char);
@@ -118,6 +129,54 @@ pub struct GroupSpec {
     /// so that they need no GPU synchronization. Gloo binds as above: set it where that works without asking
     /// (every rank on this machine, or `GLOO_SOCKET_IFNAME` given). Gloo groups always have it (themselves).
     pub host_channel: bool,
+}
+
+/// Gradient averaging overlapped with backward, as DDP's Reducer: hooks on the parameters' gradient accumulators
+/// start each bucket's all-reduce once all its gradients are there (buckets in reverse parameter order, started
+/// in order on every rank). [`Overlap::arm`] before backward, [`Overlap::finish`] after it.
+pub struct Overlap {
+    ptr: *mut c_void,
+    /// The group the hooks use, kept alive as long as they are.
+    dist: Arc<Dist>,
+}
+
+// SAFETY: the shim's Overlap locks its own mutex; it is used from the trainer's thread.
+unsafe impl Send for Overlap {}
+
+impl Overlap {
+    /// Before a backward pass whose gradients are to be averaged.
+    pub fn arm(&mut self) {
+        // SAFETY: a live Overlap.
+        unsafe { selfsup_dist_overlap_arm(self.ptr) }
+    }
+
+    /// After it: waits for every bucket and writes the averages into the gradients.
+    pub fn finish(&mut self) -> Result<(), DistError> {
+        self.dist.check()?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: a live Overlap.
+        let rc = unsafe { selfsup_dist_overlap_finish(self.ptr, &mut err) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(self.dist.error("averaging gradients", take_message(err)))
+        }
+    }
+}
+
+impl Overlap {
+    /// Buckets whose all-reduce the last backward pass started while it ran (the rest started in `finish`).
+    pub fn started_during_backward(&self) -> usize {
+        // SAFETY: a live Overlap.
+        unsafe { selfsup_dist_overlap_early(self.ptr) as usize }
+    }
+}
+
+impl Drop for Overlap {
+    fn drop(&mut self) {
+        // SAFETY: made by selfsup_dist_overlap_new, freed once (the hooks are removed first).
+        unsafe { selfsup_dist_overlap_free(self.ptr) }
+    }
 }
 
 /// A c10d error: what failed and what c10d said.
@@ -275,6 +334,29 @@ impl Dist {
             (rc == 0).then_some(()).ok_or_else(|| take_message(err))
         });
         r.unwrap_or(Ok(())).map_err(|m| self.error("all-reduce", m))
+    }
+
+    /// Gradients of `params` (leaves that require grad, the same list on every rank) averaged while backward runs,
+    /// in buckets of about `bucket_numel` elements (see [`Overlap`]). `None` without a group.
+    pub fn overlap(self: &Arc<Self>, params: &[Tensor], bucket_numel: i64) -> Result<Option<Overlap>, DistError> {
+        let mut ptrs: Vec<*mut torch_sys::C_tensor> = params.iter().map(|t| t.as_ptr() as *mut _).collect();
+        let r = self.with_group(|g| {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: `ptrs` are live tensors for the call (the shim keeps its own references).
+            let ptr = unsafe {
+                selfsup_dist_overlap_new(g, ptrs.as_mut_ptr(), ptrs.len() as c_int, bucket_numel as c_long, &mut err)
+            };
+            if ptr.is_null() {
+                Err(take_message(err))
+            } else {
+                Ok(ptr)
+            }
+        });
+        match r {
+            None => Ok(None),
+            Some(Err(m)) => Err(self.error("setting up the gradient averaging", m)),
+            Some(Ok(ptr)) => Ok(Some(Overlap { ptr, dist: self.clone() })),
+        }
     }
 
     /// In place: the sum of `values` over the ranks, for numbers the host needs (row counts, votes): through the

@@ -3,6 +3,7 @@
 //! gradient reaches each rank's own rows (checked against the same loss on one process), and a dead rank turning
 //! into an error instead of a hang.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use selfsup_models::dist::{Backend, Dist, GroupSpec};
@@ -27,13 +28,13 @@ fn spec(rank: usize, world: usize, port: u16, timeout_s: u64) -> GroupSpec {
 }
 
 /// Runs `f(rank, dist)` on `world` threads, one group per thread, and returns their results in rank order.
-fn ranks<T: Send + 'static>(world: usize, f: fn(usize, &Dist) -> T) -> Vec<T> {
+fn ranks<T: Send + 'static>(world: usize, f: fn(usize, &Arc<Dist>) -> T) -> Vec<T> {
     let port = free_port();
     let handles: Vec<_> = (0..world)
         .map(|rank| {
             std::thread::spawn(move || {
                 let dist = Dist::connect(&spec(rank, world, port, 30), Device::Cpu).expect("joining the group");
-                f(rank, &dist)
+                f(rank, &Arc::new(dist))
             })
         })
         .collect();
@@ -95,6 +96,74 @@ fn gather_gradients_reach_the_rows_owner() {
     let got: Vec<f32> = per_rank.concat();
     for (a, b) in got.iter().zip(&expected) {
         assert!((a - b).abs() < 1e-6, "{got:?} vs {expected:?}");
+    }
+}
+
+/// Gradients averaged while backward runs (hooks on the gradient accumulators, small buckets so that there are
+/// several): every rank ends with the mean of the ranks' gradients, exactly what averaging after backward gives,
+/// with a parameter used twice in the graph, one that gets no gradient (it keeps none) and a second step after
+/// the first (the hooks re-armed); a gradient produced twice while armed is an error, not a wrong average.
+#[test]
+fn gradients_averaged_during_backward_equal_averaging_after_it() {
+    fn params() -> Vec<Tensor> {
+        let w1 = (Tensor::arange(12, (Kind::Float, Device::Cpu)).reshape([4, 3]) / 10.0).set_requires_grad(true);
+        let unused = Tensor::ones([5], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let w3 = Tensor::from_slice(&[0.5f32, -1.0, 2.0]).set_requires_grad(true);
+        // Buckets of 8 in reverse order: [w3] and [w1] start during backward, [unused] in finish.
+        vec![unused, w1, w3]
+    }
+    fn loss(p: &[Tensor], rank: usize, step: usize) -> Tensor {
+        let x = Tensor::from_slice(&[1.0f32, 2.0 - rank as f32, 0.5 * step as f32 + 0.25]).reshape([1, 3]);
+        // w1 twice, w3 once; nothing of p[0].
+        let h = x.matmul(&p[1].tr()).tanh().matmul(&p[1]);
+        (&h * &p[2]).sum(Kind::Float).square()
+    }
+    fn grads(p: &[Tensor]) -> Vec<Option<Vec<f32>>> {
+        p.iter().map(|t| t.grad().defined().then(|| Vec::try_from(t.grad().flatten(0, -1)).unwrap())).collect()
+    }
+    let out = ranks(2, |rank, d| {
+        let mut p = params();
+        let mut ov = d.overlap(&p, 8).unwrap().expect("a group");
+        let mut steps = Vec::new();
+        for step in 0..2 {
+            for t in p.iter_mut() {
+                t.zero_grad();
+            }
+            ov.arm();
+            loss(&p, rank, step).backward();
+            ov.finish().unwrap();
+            assert_eq!(ov.started_during_backward(), 2);
+            // What one process would compute: the mean of both ranks' gradients, from fresh copies.
+            let mut expected: Vec<Vec<f32>> = Vec::new();
+            for r in 0..2 {
+                let q: Vec<Tensor> = params();
+                loss(&q, r, step).backward();
+                let g: Vec<f32> =
+                    Vec::try_from(Tensor::cat(&[q[1].grad().flatten(0, -1), q[2].grad().flatten(0, -1)], 0)).unwrap();
+                expected.push(g);
+            }
+            let mean: Vec<f32> = expected[0].iter().zip(&expected[1]).map(|(a, b)| (a + b) / 2.0).collect();
+            steps.push((grads(&p), mean));
+        }
+        // Twice while armed: refused.
+        for t in p.iter_mut() {
+            t.zero_grad();
+        }
+        ov.arm();
+        loss(&p, rank, 0).backward();
+        loss(&p, rank, 1).backward();
+        let twice = ov.finish().err().map(|e| e.to_string()).unwrap_or_default();
+        (steps, twice)
+    });
+    for (steps, twice) in out {
+        for (got, mean) in steps {
+            assert!(got[0].is_none(), "the unused parameter got a gradient: {:?}", got[0]);
+            let flat: Vec<f32> = [got[1].clone().unwrap(), got[2].clone().unwrap()].concat();
+            for (a, b) in flat.iter().zip(&mean) {
+                assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{flat:?} vs {mean:?}");
+            }
+        }
+        assert!(twice.contains("twice in one backward"), "{twice}");
     }
 }
 

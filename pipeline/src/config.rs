@@ -54,14 +54,26 @@ pub struct DistConfig {
     /// `auto`: NCCL on CUDA, Gloo on CPU.
     pub backend: DistBackend,
     /// How long the rendezvous and any collective wait for the slowest rank before the run stops with an error
-    /// naming it (a dead or hung rank). torch's default is 30 minutes; rank 0's k-NN evaluations between epochs
-    /// must fit in it.
+    /// naming it (a dead or hung rank). torch's default is 30 minutes; what rank 0 does alone between two steps
+    /// (fitting the k-NN on the gathered features, writing a checkpoint) must fit in it.
     pub timeout_s: f64,
+    /// Average the gradients while backward runs (each bucket's all-reduce starts as soon as its gradients are
+    /// ready, as DDP does); `false`: all buckets after backward.
+    pub overlap: bool,
+    /// Gradient bucket size in MB of fp32 (DDP's `bucket_cap_mb`): one all-reduce per bucket.
+    pub bucket_mb: f64,
+}
+
+impl DistConfig {
+    /// [`DistConfig::bucket_mb`] in fp32 elements (at least 1).
+    pub fn bucket_numel(&self) -> i64 {
+        ((self.bucket_mb * 1024.0 * 1024.0 / 4.0) as i64).max(1)
+    }
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
-        DistConfig { backend: DistBackend::Auto, timeout_s: 1800.0 }
+        DistConfig { backend: DistBackend::Auto, timeout_s: 1800.0, overlap: true, bucket_mb: 25.0 }
     }
 }
 
@@ -440,6 +452,9 @@ impl Config {
         let t = &self.train;
         check(file, "dist.timeout_s", self.dist.timeout_s.is_finite() && self.dist.timeout_s > 0.0, || {
             format!("must be > 0 seconds, got {}", self.dist.timeout_s)
+        })?;
+        check(file, "dist.bucket_mb", self.dist.bucket_mb.is_finite() && self.dist.bucket_mb > 0.0, || {
+            format!("must be > 0 MB, got {}", self.dist.bucket_mb)
         })?;
         check(file, "train.epochs", t.epochs >= 1, || "must be >= 1".into())?;
         check(file, "train.batch_size", t.batch_size >= 2, || format!("must be >= 2, got {}", t.batch_size))?;

@@ -151,9 +151,6 @@ struct Param {
     buffers: Buffers,
 }
 
-/// Gradient elements per all-reduce bucket in [`Optimizer::average_gradients`]: 25 MB of fp32, DDP's default.
-pub const BUCKET_NUMEL: i64 = 25 * 1024 * 1024 / 4;
-
 pub struct Optimizer {
     cfg: OptimizerConfig,
     params: Vec<Param>,
@@ -243,10 +240,10 @@ impl Optimizer {
     }
 
     /// Data parallelism: every gradient replaced by its mean over the ranks of `dist` (a no-op in one process),
-    /// summed in flat buckets of at most [`BUCKET_NUMEL`] elements (one all-reduce per bucket, as DDP's 25 MB
-    /// buckets; never one per parameter). Every rank must have gradients for the same parameters (the same model
-    /// and objective: they do).
-    pub fn average_gradients(&mut self, dist: &Dist) -> Result<(), DistError> {
+    /// summed in flat buckets of at most `bucket_numel` elements (one all-reduce per bucket, as DDP's 25 MB
+    /// buckets; never one per parameter; a larger gradient is a bucket alone). Every rank must have gradients for
+    /// the same parameters (the same model and objective: they do).
+    pub fn average_gradients(&mut self, dist: &Dist, bucket_numel: i64) -> Result<(), DistError> {
         if !dist.in_group() {
             return Ok(());
         }
@@ -261,7 +258,7 @@ impl Optimizer {
                 while end < grads.len()
                     && grads[end].kind() == kind
                     && grads[end].device() == device
-                    && (end == start || numel + grads[end].numel() as i64 <= BUCKET_NUMEL)
+                    && (end == start || numel + grads[end].numel() as i64 <= bucket_numel)
                 {
                     numel += grads[end].numel() as i64;
                     end += 1;
@@ -316,6 +313,11 @@ impl Optimizer {
 
     /// The state buffers by name (`momentum.<param>`; AdamW: `exp_avg.<param>`, `exp_avg_sq.<param>` and the step
     /// count `adamw.step`, a 0-dim int64 CPU tensor), for checkpoints. The buffers are not copied.
+    /// The parameters it updates, in its order (the same on every rank built from the same config).
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.params.iter().map(|p| p.tensor.shallow_clone()).collect()
+    }
+
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut out: Vec<(String, Tensor)> =
             self.params.iter().flat_map(|p| p.buffers()).map(|(k, t)| (k, t.shallow_clone())).collect();

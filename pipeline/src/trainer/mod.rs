@@ -26,7 +26,7 @@ use crate::source::{self, Source};
 use crate::tensorboard::Sink;
 use crate::transfer::{self, EvalContext, EvalReport};
 use crate::{prepare_device, signals, Error, Result};
-use selfsup_models::dist::{Dist, DistError};
+use selfsup_models::dist::{Dist, DistError, Overlap};
 
 mod monitor;
 mod probe;
@@ -86,6 +86,9 @@ pub struct RunSummary {
     /// launcher), and rank 0's time averaging gradients over them.
     pub world_size: usize,
     pub dist_backend: Option<String>,
+    /// With `dist.overlap`: gradient buckets whose all-reduce started while backward ran, per step (the rest
+    /// waited for its end; DINO's frozen last layer, for one, holds back the buckets after its own).
+    pub grad_buckets_started_in_backward: f64,
     pub grad_allreduce_seconds: f64,
 }
 
@@ -178,25 +181,39 @@ fn backward(opt: &mut Optimizer, loss: &Tensor, clip: f64) -> Tensor {
     clip_or_norm(opt, clip)
 }
 
+/// How the gradients are averaged over the ranks: while backward runs (`dist.overlap`), or after it.
+struct Averaging<'a> {
+    dist: &'a Dist,
+    overlap: Option<&'a mut Overlap>,
+    bucket_numel: i64,
+    /// Accumulates the time spent waiting for the averages after backward (for `--nproc-per-node` benchmarks).
+    seconds: &'a mut f64,
+    /// Accumulates the buckets started during backward.
+    early: &'a mut u64,
+}
+
 /// [`backward`] in a process group: the gradients averaged over the ranks before clipping. A collective that
 /// failed (inside the loss's gathers, during backward, or in the averaging) is an error naming it.
-/// `allreduce_seconds` accumulates the time spent averaging the gradients (for `--nproc-per-node` benchmarks).
-fn backward_dist(
-    opt: &mut Optimizer,
-    loss: &Tensor,
-    clip: f64,
-    dist: &Dist,
-    allreduce_seconds: &mut f64,
-) -> Result<Tensor> {
+fn backward_dist(opt: &mut Optimizer, loss: &Tensor, clip: f64, avg: Averaging) -> Result<Tensor> {
     opt.zero_grad();
+    let mut overlap = avg.overlap;
+    if let Some(o) = overlap.as_mut() {
+        o.arm();
+    }
     let backward = loss.f_backward();
-    if let Some(e) = dist.take_error() {
+    if let Some(e) = avg.dist.take_error() {
         return Err(dist_stopped(e));
     }
     backward.map_err(|e| Error::Other(format!("backward: {e}")))?;
     let t = Instant::now();
-    opt.average_gradients(dist).map_err(dist_stopped)?;
-    *allreduce_seconds += t.elapsed().as_secs_f64();
+    match overlap {
+        Some(o) => {
+            o.finish().map_err(dist_stopped)?;
+            *avg.early += o.started_during_backward() as u64;
+        }
+        None => opt.average_gradients(avg.dist, avg.bucket_numel).map_err(dist_stopped)?,
+    }
+    *avg.seconds += t.elapsed().as_secs_f64();
     Ok(clip_or_norm(opt, clip))
 }
 
@@ -397,7 +414,12 @@ struct Trainer<'a> {
     fault_nan: Vec<u64>,
     /// The process group (a no-op in one process). Only its main rank writes files and logs.
     dist: Arc<Dist>,
-    /// Time spent averaging gradients over the ranks (host clock; on CUDA it includes waiting for backward).
+    /// Hooks that average the gradients while backward runs (`dist.overlap`, in a group), and how many buckets
+    /// they started during backward passes.
+    overlap: Option<Overlap>,
+    early_buckets: u64,
+    /// Time spent averaging gradients over the ranks after backward (host clock; on CUDA it includes waiting for
+    /// backward).
     allreduce_seconds: f64,
 }
 
@@ -476,6 +498,11 @@ impl<'a> Trainer<'a> {
             &cfg.optimizer,
             param_spec(model.objective.backbone(), cfg.optimizer.layer_decay),
         )?;
+        let overlap = if cfg.dist.overlap {
+            dist.overlap(&opt.parameters(), cfg.dist.bucket_numel()).map_err(dist_stopped)?
+        } else {
+            None
+        };
         let recon = recon_batch(cfg, source.as_ref(), device, 8);
         let total_steps = steps_per_epoch * t.epochs as u64;
         let max_steps = if t.max_steps > 0 { (t.max_steps as u64).min(total_steps) } else { total_steps };
@@ -520,6 +547,8 @@ impl<'a> Trainer<'a> {
             interrupted: None,
             fault_nan: fault_nan_steps(),
             dist,
+            overlap,
+            early_buckets: 0,
             allreduce_seconds: 0.0,
         })
     }
@@ -706,8 +735,15 @@ impl<'a> Trainer<'a> {
         if self.fault_nan.contains(&self.step) {
             out.loss = &out.loss * f64::NAN;
         }
-        let (opt, dist, ar) = (&mut self.opt, &self.dist, &mut self.allreduce_seconds);
-        let grad_norm = phases.run(1, || backward_dist(opt, &out.loss, cfg.optimizer.clip_grad, dist, ar))?;
+        let avg = Averaging {
+            dist: &self.dist,
+            overlap: self.overlap.as_mut(),
+            bucket_numel: cfg.dist.bucket_numel(),
+            seconds: &mut self.allreduce_seconds,
+            early: &mut self.early_buckets,
+        };
+        let opt = &mut self.opt;
+        let grad_norm = phases.run(1, || backward_dist(opt, &out.loss, cfg.optimizer.clip_grad, avg))?;
         // Checked on the device; read back only to skip (`on_nonfinite = "skip"`), else at the next log point or
         // checkpoint.
         let ok = out.loss.detach().isfinite().logical_and(&grad_norm.isfinite());
@@ -970,6 +1006,7 @@ impl<'a> Trainer<'a> {
             profile: self.profile.take().map(StepProfile::finish),
             world_size: self.dist.world(),
             dist_backend: self.dist.backend().map(|b| format!("{b:?}").to_lowercase()),
+            grad_buckets_started_in_backward: self.early_buckets as f64 / (self.step - self.first_step).max(1) as f64,
             grad_allreduce_seconds: self.allreduce_seconds,
         })
     }
