@@ -285,6 +285,16 @@ void selfsup_dist_free_error(char* err) { free(err); }
 // (NCCL only, with Gloo built in): also a Gloo group for host numbers (see Group::host), on `iface` / `bind_host`.
 void* selfsup_dist_new(int backend, const char* host, int port, int rank, int world, long timeout_ms,
                        const char* iface, const char* bind_host, int serve, int host_channel, char** err) {
+  // c10d's flight recorder (a process-wide log of every collective, with a stack trace each) inserts into a map
+  // outside its own lock (FlightRecorder::recordWithResetEnabled, torch 2.11): two groups recording at once, as
+  // ranks-as-threads do, crash in it. Off unless the user asks for it (TORCH_FR_BUFFER_SIZE or the older
+  // TORCH_NCCL_TRACE_BUFFER_SIZE); it also saves the stack capture per collective. Read once, at first use.
+  static std::once_flag recorder;
+  std::call_once(recorder, [] {
+    if (!std::getenv("TORCH_FR_BUFFER_SIZE") && !std::getenv("TORCH_NCCL_TRACE_BUFFER_SIZE")) {
+      setenv("TORCH_FR_BUFFER_SIZE", "0", 0);
+    }
+  });
   try {
     auto g = new Group();
     g->rank = rank;
