@@ -345,10 +345,16 @@ fn mae_pretrain_reconstructs_and_finetune_works_on_mae_and_simclr_checkpoints() 
     assert!(ft.join("finetuned.safetensors").is_file());
     let fev = read_events(&ft);
     assert_eq!(fev["scalars"]["finetune/test_top1"].as_array().unwrap().len(), 3);
-    // One confusion matrix per evaluation: 10 classes of 16 px cells on a 1 px grid = 171 x 171.
+    // One confusion matrix per evaluation: 10 classes of 48 px cells, the names (class indices here: one 8 px
+    // glyph) left of and above the matrix after an 8+6 px axis title and a 6 px gap: 28 + 480 + 8 wide, and a
+    // 14 px colour bar with its 8 px legend under it: 28 + 480 + 8 + 14 + 8 + 12 high.
     let cm = fev["images"]["finetune/confusion_matrix"].as_array().unwrap();
     assert_eq!(cm.len(), 3);
-    assert_eq!((cm[2][1].as_i64(), cm[2][2].as_i64()), (Some(171), Some(171)));
+    assert_eq!((cm[2][1].as_i64(), cm[2][2].as_i64()), (Some(516), Some(550)));
+    // The curves have a point every epoch, and the report is in the Text tab.
+    assert_eq!(fev["scalars"]["finetune/lr"].as_array().unwrap().len(), 3);
+    let text = fev["text"]["finetune/report"][0][1].as_str().unwrap();
+    assert!(text.contains("| Ankle boot |") && text.contains("Worst class"), "{text}");
     let conf = r["test"]["confusion"].as_array().unwrap();
     let total: u64 = conf.iter().flat_map(|row| row.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(total, 500, "every test image in the confusion matrix once");

@@ -16,7 +16,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_selfsup");
 
 /// BYOL (momentum teacher, predictor, online probe: every piece of state a resume must restore), shrunk: 12 steps
 /// per epoch of batch 32, 2 epochs, a width-8 ResNet.
-const SMALL: [&str; 18] = [
+const SMALL: [&str; 20] = [
     "--set",
     "data.limit=384",
     "--set",
@@ -27,6 +27,8 @@ const SMALL: [&str; 18] = [
     "train.epochs=2",
     "--set",
     "eval.at_end=false",
+    "--set",
+    "eval.knn_every=0",
     "--set",
     "train.log_every=3",
     "--set",

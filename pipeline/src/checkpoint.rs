@@ -75,6 +75,8 @@ pub struct WindowState {
     /// The fp32 sums, exactly (f32 round-trips through JSON).
     pub loss: f32,
     pub terms: Vec<(String, f32)>,
+    /// The sum of the steps' gradient norms (`train/grad_norm`).
+    pub grad_norm: f32,
     /// Online probe: correct predictions and images since the last log point.
     pub probe_hits: i64,
     pub probe_seen: u64,

@@ -45,6 +45,27 @@ pub struct Config {
     pub finetune: FinetuneConfig,
     /// More than one process (launched by `torchrun`, SLURM's `srun`, or `selfsup pretrain --nproc-per-node`).
     pub dist: DistConfig,
+    /// What goes to TensorBoard besides the curves of every log point.
+    pub log: LogConfig,
+}
+
+/// TensorBoard extras (the curves themselves follow `train.log_every`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Histograms of every trainable parameter's values and gradient (`weights/*`, `gradients/*`) and of the
+    /// per-parameter gradient norms (`grad_norm/per_parameter`), at the first log point and then at the first log
+    /// point at or after every this many steps (0 = never). Computed on the device (one small read per
+    /// parameter); see the README for the measured cost.
+    pub histogram_every: usize,
+    /// Buckets per histogram (equal width between the tensor's min and max).
+    pub histogram_bins: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { histogram_every: 500, histogram_bins: 30 }
+    }
 }
 
 /// Data-parallel training (see README, "More GPUs, more machines"). `train.batch_size` stays the global batch.
@@ -349,8 +370,13 @@ impl Default for TrainConfig {
 pub struct EvalConfig {
     /// Evaluate (k-NN and linear probe) at the end of pretraining.
     pub at_end: bool,
-    /// Also run k-NN every this many epochs during pretraining (0 = never).
+    /// The validation curve `val/knn_top1`: a k-NN top-1 every this many epochs during pretraining (and after
+    /// the last), on the subset `val_bank_size` / `val_test_size` (0 = never).
     pub knn_every: usize,
+    /// The validation k-NN's bank: the first this many labeled training images (0 = all).
+    pub val_bank_size: usize,
+    /// The validation k-NN's queries: the first this many test images (0 = all).
+    pub val_test_size: usize,
     pub knn_k: usize,
     pub knn_temperature: f64,
     pub probe_epochs: usize,
@@ -378,7 +404,9 @@ impl Default for EvalConfig {
     fn default() -> Self {
         EvalConfig {
             at_end: true,
-            knn_every: 0,
+            knn_every: 1,
+            val_bank_size: 10_000,
+            val_test_size: 2_000,
             knn_k: 200,
             knn_temperature: 0.1,
             probe_epochs: 30,
@@ -410,6 +438,7 @@ impl Default for Config {
             eval: EvalConfig::default(),
             finetune: FinetuneConfig::default(),
             dist: DistConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -459,6 +488,9 @@ impl Config {
         check(file, "train.epochs", t.epochs >= 1, || "must be >= 1".into())?;
         check(file, "train.batch_size", t.batch_size >= 2, || format!("must be >= 2, got {}", t.batch_size))?;
         check(file, "train.log_every", t.log_every >= 1, || "must be >= 1".into())?;
+        check(file, "log.histogram_bins", (1..=10_000).contains(&self.log.histogram_bins), || {
+            format!("must be in 1..=10000, got {}", self.log.histogram_bins)
+        })?;
         check(file, "train.progress_every_s", t.progress_every_s.is_finite() && t.progress_every_s >= 0.0, || {
             "must be >= 0".into()
         })?;

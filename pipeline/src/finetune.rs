@@ -257,6 +257,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
     let mut step = 0u64;
     let mut unreadable = 0usize;
     let mut last_report = None;
+    let mut last_lr = 0.0;
     for epoch in 0..f.epochs {
         let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
         let (mut n_steps, mut seen, mut bad) = (0u64, 0usize, Vec::new());
@@ -277,9 +278,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
             step += 1;
             n_steps += 1;
             loss_acc += loss.detach();
-            if step % cfg.train.log_every as u64 == 0 {
-                sink.scalar("finetune/lr", step as i64, lr);
-            }
+            last_lr = lr;
         }
         report_bad(epoch, &bad, 0, seen, cfg.data.max_bad_fraction)?;
         unreadable += bad.len();
@@ -289,14 +288,16 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
             return Err(Error::Other(msg));
         }
         let ips = (seen - bad.len()) as f64 / win_start.elapsed().as_secs_f64().max(1e-9);
+        // Once per epoch, however few steps it has.
         sink.scalar("finetune/train_loss", step as i64, train_loss);
+        sink.scalar("finetune/lr", step as i64, last_lr);
         let line = Line { epoch, epochs: f.epochs, done: step, loss: train_loss, img_per_s: ips, ..Default::default() };
         progress.update(&line, epoch + 1 == f.epochs);
         let last = epoch + 1 == f.epochs;
         let test_top1 = if last || (f.eval_every > 0 && (epoch + 1) % f.eval_every == 0) {
             let report = evaluate(&model, test_src.clone(), &eval_opts, classes, &names, frozen)?;
             sink.scalar("finetune/test_top1", step as i64, report.0.top1);
-            sink.image("finetune/confusion_matrix", step as i64, &confusion_image(&report.0.confusion, 16));
+            sink.image("finetune/confusion_matrix", step as i64, &confusion_image(&report.0.confusion, &names));
             let top1 = report.0.top1;
             last_report = Some(report);
             Some(top1)
@@ -313,7 +314,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         checkpoint: opts.checkpoint.clone(),
         pretrained: opts.checkpoint.is_some(),
         mode: f.mode,
-        backbone: backbone_name(cfg),
+        backbone: crate::trainer::report::backbone_name(cfg),
         train_data: f.train.clone().unwrap_or_else(|| cfg.data.train.clone()),
         test_data: f.test.clone().or_else(|| cfg.data.test.clone()).unwrap_or_default(),
         train_samples: train_src.len(),
@@ -331,6 +332,15 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         recipe: f.clone(),
     };
     write_json_atomic(&opts.out.join("finetune.json"), &report)?;
+    let summary = format!(
+        "{}\n\nWorst class: **{}** at {:.2}%.\n\n{}",
+        report.to_string().lines().next().unwrap_or_default(),
+        report.test.worst_class,
+        100.0 * report.test.worst_accuracy,
+        crate::trainer::report::class_table(&[("fine-tuned", &report.test)])
+    );
+    sink.text("finetune/report", step as i64, &summary);
+    sink.flush();
     Ok(report)
 }
 
@@ -348,15 +358,6 @@ fn evaluate(
     let pred = out.x.argmax(1, false);
     let n = out.y.size()[0] as usize;
     Ok((ClassReport::new(&pred, &out.y, names, classes as usize), n, out.unreadable))
-}
-
-fn backbone_name(cfg: &Config) -> String {
-    match &cfg.model.backbone {
-        selfsup_models::BackboneConfig::Resnet(r) => format!("ResNet(layers {:?}, width {})", r.layers, r.width),
-        selfsup_models::BackboneConfig::Vit(v) => {
-            format!("ViT(depth {}, width {}, heads {}, patch {})", v.depth(), v.width(), v.heads(), v.patch_size)
-        }
-    }
 }
 
 fn save_weights(vs: &VarStore, dir: &Path) -> Result<()> {

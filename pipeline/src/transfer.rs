@@ -104,9 +104,10 @@ fn knn_report(train: &Features, test: &Features, classes: i64, names: &[String],
     ClassReport::new(&pred, &test.y, names, classes as usize)
 }
 
-/// k-NN only (cheap enough to run during training); `None` on the ranks other than the main one.
-pub fn knn_only(backbone: &dyn Backbone, ctx: &EvalContext) -> Result<Option<f64>> {
-    let sets = features(backbone, ctx, false)?;
+/// k-NN only (cheap enough to run during training) with a bank of the first `subset.0` labeled training images
+/// and the first `subset.1` test images (0 = all); `None` on the ranks other than the main one.
+pub fn knn_only(backbone: &dyn Backbone, ctx: &EvalContext, subset: (usize, usize)) -> Result<Option<f64>> {
+    let sets = features(backbone, ctx, false, subset)?;
     Ok(ctx.is_main().then(|| knn_report(&sets.train, &sets.test, sets.classes, &[], ctx).top1))
 }
 
@@ -120,7 +121,8 @@ struct EvalSets {
     test_src: Arc<dyn Source>,
 }
 
-fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<EvalSets> {
+/// `limits`: the first this many (train, test) images (0 = all).
+fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool, limits: (usize, usize)) -> Result<EvalSets> {
     let cfg = ctx.cfg;
     let test_path =
         cfg.data.test.as_ref().ok_or_else(|| Error::Other("data.test is not set: nothing to evaluate on".into()))?;
@@ -142,8 +144,8 @@ fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool) -> Result<Eva
     let net = |x: &Tensor| backbone.features(x, false);
     let pixels = |x: &Tensor| x.flatten(1, -1);
     let fs: Vec<&dyn Fn(&Tensor) -> Tensor> = if raw { vec![&net, &pixels] } else { vec![&net] };
-    let mut tr = extract(train_src, &opts(cfg.eval.train_limit), &fs).map_err(Error::Other)?.into_iter();
-    let mut te = extract(test_src.clone(), &opts(0), &fs).map_err(Error::Other)?.into_iter();
+    let mut tr = extract(train_src, &opts(limits.0), &fs).map_err(Error::Other)?.into_iter();
+    let mut te = extract(test_src.clone(), &opts(limits.1), &fs).map_err(Error::Other)?.into_iter();
     let (train, test) = (tr.next().expect("one set per function"), te.next().expect("one set per function"));
     let raw = tr.next().zip(te.next());
     Ok(EvalSets { train, test, classes, names, raw, test_src })
@@ -160,7 +162,8 @@ pub fn evaluate(
     let t0 = Instant::now();
     let cfg = ctx.cfg;
     let e = &cfg.eval;
-    let EvalSets { train, test, classes, names, raw, test_src } = features(backbone, ctx, e.raw_pixel_baseline)?;
+    let EvalSets { train, test, classes, names, raw, test_src } =
+        features(backbone, ctx, e.raw_pixel_baseline, (e.train_limit, 0))?;
     if !ctx.is_main() {
         return Ok(None);
     }
@@ -185,7 +188,8 @@ pub fn evaluate(
     });
     sink.scalar("eval/knn_top1", step, knn.top1);
     sink.scalar("eval/linear_top1", step, linear.top1);
-    sink.image("eval/linear_confusion_matrix", step, &crate::tensorboard::confusion_image(&linear.confusion, 16));
+    sink.scalar("eval/linear_worst_class_top1", step, linear.worst_accuracy);
+    sink.image("eval/linear_confusion_matrix", step, &crate::tensorboard::confusion_image(&linear.confusion, &names));
     if let Some(r) = &raw_pixels_linear {
         sink.scalar("eval/raw_pixels_linear_top1", step, r.top1);
     }

@@ -1,7 +1,7 @@
 //! The TensorBoard sink, checked with TensorBoard's own reader (EventAccumulator from the setup venv).
 
 use selfsup_augment::Image;
-use selfsup_pipeline::tensorboard::{grid, upscale, Sink, TensorBoard};
+use selfsup_pipeline::tensorboard::{grid, upscale, HParam, HValue, Histogram, Metric, Session, Sink, TensorBoard};
 
 #[test]
 fn scalars_images_and_histograms_read_back_with_tensorboard() {
@@ -15,7 +15,26 @@ fn scalars_images_and_histograms_read_back_with_tensorboard() {
             (0..6).map(|i| Image { width: 28, height: 20, channels: 1, data: vec![i * 40; 28 * 20] }).collect();
         tb.image("views/pairs", 0, &grid(&tiles, 4));
         tb.image("rgb", 3, &Image { width: 7, height: 5, channels: 3, data: (0..105).map(|x| x as u8).collect() });
-        tb.histogram("weights", 2, &[0.5, 1.0, 1.5, 2.0]);
+        tb.histogram("weights", 2, &Histogram::of_values(&[0.5, 1.0, 1.5, 2.0], 30));
+        tb.text("config/resolved", 0, "```toml\nseed = 0\n```");
+        tb.text("config/resolved", 5, "| a | b |\n|---|---|\n| 1 | 2 |");
+        let session = Session {
+            hparams: vec![
+                HParam { name: "objective", description: "d", value: HValue::Text("dino".into()) },
+                HParam { name: "lr", description: "d", value: HValue::Number(0.5) },
+                HParam { name: "bf16", description: "d", value: HValue::Bool(true) },
+            ],
+            metrics: vec![Metric {
+                tag: "eval/knn_top1",
+                group: "",
+                display_name: "k-NN",
+                description: "d",
+                validation: true,
+            }],
+            start_time_secs: 1.0,
+        };
+        tb.hparams(&session);
+        tb.hparams_end(true);
         tb.flush();
     }
     let ev = selfsup_pipeline::tensorboard::read_back(dir.path()).unwrap();
@@ -27,6 +46,21 @@ fn scalars_images_and_histograms_read_back_with_tensorboard() {
     assert_eq!(ev["images"]["views/pairs"][0], serde_json::json!([0, 122, 46]));
     assert_eq!(ev["images"]["rgb"][0], serde_json::json!([3, 7, 5]));
     assert_eq!(ev["histograms"]["weights"][0], serde_json::json!([2, 4.0]));
+    // Text: both values of the tag, Markdown as written.
+    let text = &ev["text"]["config/resolved"];
+    assert_eq!(text[0], serde_json::json!([0, "```toml\nseed = 0\n```"]));
+    assert_eq!(text[1][0], 5);
+    assert_eq!(ev["plugins"]["config/resolved"], "text");
+    // HParams: the values with their types, the experiment's names and metrics, the end status (1 = success).
+    let h = &ev["hparams"];
+    assert_eq!(h["hparams"], serde_json::json!({"objective": "dino", "lr": 0.5, "bf16": true}));
+    assert_eq!(h["hparam_names"], serde_json::json!(["objective", "lr", "bf16"]));
+    assert_eq!(h["metrics"], serde_json::json!([["", "eval/knn_top1"]]));
+    assert_eq!(h["status"], 1);
+    // Descriptions from the one table, on the first value of each described tag.
+    assert!(ev["descriptions"]["train/loss"].as_str().unwrap().contains("backpropagated"));
+    assert!(ev["descriptions"]["config/resolved"].as_str().unwrap().contains("resolved"));
+    assert_eq!(ev["descriptions"]["rgb"], "", "an undescribed tag has none");
 }
 
 #[test]

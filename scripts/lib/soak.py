@@ -29,6 +29,7 @@ SETS = {
     "model.backbone.width": "8",
     "train.epochs": str(EPOCHS),
     "eval.at_end": "false",
+    "eval.knn_every": "0",
     "train.log_every": "1",
     "train.progress_every_s": "0",
     "train.checkpoint_every": "0",

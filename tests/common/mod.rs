@@ -109,6 +109,8 @@ pub fn resume_at_epoch_boundary_reproduces(preset: &str, dir: &Path) {
             "--set",
             "eval.at_end=false",
             "--set",
+            "eval.knn_every=0",
+            "--set",
             "optimizer.warmup_epochs=0.5",
             "--set",
             &max_steps,

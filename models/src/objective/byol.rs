@@ -83,7 +83,8 @@ impl Objective for Byol {
         let loss = crate::device::autocast(false, || {
             byol_loss(&p[0], &target.outputs[1]) + byol_loss(&p[1], &target.outputs[0])
         });
-        Step { loss, features: online.features[0].detach(), embedding: online.outputs[0].detach(), terms: Vec::new() }
+        let terms = vec![("normalized_mse", loss.detach())];
+        Step { loss, features: online.features[0].detach(), embedding: online.outputs[0].detach(), terms }
     }
 
     fn after_step(&mut self, progress: &TrainProgress) {

@@ -146,6 +146,10 @@ impl Mae {
 }
 
 impl MaskedImageModel for Mae {
+    fn loss_term(&self) -> &'static str {
+        "pixel_mse"
+    }
+
     fn forward(&self, imgs: &Tensor, train: bool, dist: &Dist) -> MaskedForward {
         Mae::forward(self, imgs, train, dist)
     }

@@ -166,6 +166,8 @@ pub trait MaskedImageModel {
     fn forward(&self, imgs: &Tensor, train: bool, dist: &Dist) -> MaskedForward;
     /// The ViT being pretrained.
     fn encoder(&self) -> &dyn Backbone;
+    /// The name of the reconstruction loss, logged as `train/loss/<name>`.
+    fn loss_term(&self) -> &'static str;
     /// Predicted patches (fp32, `[N, L, p*p*C]`) back to pixels, given the target patches: the identity unless
     /// the targets were normalized.
     fn to_pixels(&self, pred: Tensor, _target: &Tensor) -> Tensor {
@@ -179,7 +181,8 @@ impl<T: MaskedImageModel> Objective for T {
     fn loss(&mut self, batch: &Batch, train: bool) -> Step {
         let out = self.forward(&batch.views[0], train, &batch.dist);
         let features = out.features.detach();
-        Step { loss: out.loss, embedding: features.shallow_clone(), features, terms: Vec::new() }
+        let terms = vec![(self.loss_term(), out.loss.detach())];
+        Step { loss: out.loss, embedding: features.shallow_clone(), features, terms }
     }
 
     fn backbone(&self) -> &dyn Backbone {

@@ -110,7 +110,8 @@ impl Objective for MocoV3 {
         let loss = crate::device::autocast(false, || infonce(&q[0], &k[1], t) + infonce(&q[1], &k[0], t));
         let embedding =
             q[0].narrow(0, d.rank() as i64 * online.features[0].size()[0], online.features[0].size()[0]).detach();
-        Step { loss, features: online.features[0].detach(), embedding, terms: Vec::new() }
+        let terms = vec![("infonce", loss.detach())];
+        Step { loss, features: online.features[0].detach(), embedding, terms }
     }
 
     fn after_step(&mut self, progress: &TrainProgress) {

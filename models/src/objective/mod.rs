@@ -92,7 +92,9 @@ pub struct Step {
     /// The embeddings of the first view that the loss compares (projector / predictor outputs; backbone
     /// features for objectives without a projector), detached, for the collapse monitor: `[N, D]`.
     pub embedding: Tensor,
-    /// The loss's terms, unweighted, each a scalar, logged as `train/loss/<name>` (empty when the loss is one term).
+    /// The loss's terms, unweighted, each a scalar, logged as `train/loss/<name>`: every objective names its terms
+    /// (a single-term loss too: `nt_xent`, `pixel_mse`, ...), so that runs of different objectives are not compared
+    /// on one `train/loss` of incompatible scales.
     pub terms: Vec<(&'static str, Tensor)>,
 }
 

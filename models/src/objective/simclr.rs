@@ -64,7 +64,8 @@ impl Objective for SimClr {
         // despite the fp32 inputs.
         let (z1, z2) = (batch.dist.gather(&z.narrow(0, 0, n)), batch.dist.gather(&z.narrow(0, n, n)));
         let loss = crate::device::autocast(false, || nt_xent(&z1, &z2, self.temperature));
-        Step { loss, features: h.narrow(0, 0, n).detach(), embedding: z.narrow(0, 0, n).detach(), terms: Vec::new() }
+        let terms = vec![("nt_xent", loss.detach())];
+        Step { loss, features: h.narrow(0, 0, n).detach(), embedding: z.narrow(0, 0, n).detach(), terms }
     }
 
     fn backbone(&self) -> &dyn Backbone {

@@ -84,6 +84,10 @@ impl SimMim {
 }
 
 impl MaskedImageModel for SimMim {
+    fn loss_term(&self) -> &'static str {
+        "pixel_l1"
+    }
+
     fn forward(&self, imgs: &Tensor, train: bool, dist: &Dist) -> MaskedForward {
         SimMim::forward(self, imgs, train, dist)
     }

@@ -31,6 +31,7 @@ use selfsup_models::dist::{Dist, DistError, Overlap};
 mod monitor;
 mod probe;
 mod profile;
+pub mod report;
 mod visuals;
 
 pub use monitor::collapse_metrics;
@@ -277,6 +278,9 @@ pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<
     if !opts.resume && opts.launch.is_main() {
         trainer.preview(sink);
     }
+    if opts.launch.is_main() {
+        trainer.describe(sink);
+    }
     trainer.start(resumed)?;
     'epochs: while trainer.epoch < cfg.train.epochs && trainer.step < trainer.max_steps {
         let mut batches = trainer.loader.epoch_from(trainer.epoch as u64, trainer.batch as usize);
@@ -421,6 +425,8 @@ struct Trainer<'a> {
     /// Time spent averaging gradients over the ranks after backward (host clock; on CUDA it includes waiting for
     /// backward).
     allreduce_seconds: f64,
+    /// The step of the last parameter histograms (`log.histogram_every`).
+    last_histogram: Option<u64>,
 }
 
 impl<'a> Trainer<'a> {
@@ -550,6 +556,7 @@ impl<'a> Trainer<'a> {
             overlap,
             early_buckets: 0,
             allreduce_seconds: 0.0,
+            last_histogram: None,
         })
     }
 
@@ -597,12 +604,22 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// The grid of augmented views at step 0.
+    /// The grid of augmented views at step 0 (`views/pairs`; `views/single` for single-view objectives), and the
+    /// run's description: hyperparameters (HParams tab), resolved config and command line (Text tab).
     fn preview(&self, sink: &mut dyn Sink) {
         let (source, cfg) = (self.source.as_ref(), self.cfg);
         if let Some(img) = preview(source, &self.views, &self.loader.order(0), cfg.seed, cfg.train.preview_pairs) {
-            sink.image("views/pairs", 0, &img);
+            let tag = if self.views.recipes.len() > 1 { "views/pairs" } else { "views/single" };
+            sink.image(tag, 0, &img);
         }
+    }
+
+    /// What a run says about itself at its start (a resume too: its command line is its own).
+    fn describe(&self, sink: &mut dyn Sink) {
+        sink.hparams(&report::session(self.cfg, self.dist.world()));
+        sink.text("config/resolved", self.step as i64, &report::config_markdown(self.cfg));
+        sink.text("config/command_line", self.step as i64, &report::command_line_markdown());
+        sink.flush();
     }
 
     /// Starts the clock and the online probe (drawn from torch's RNG after the model, so its weights do not
@@ -780,7 +797,7 @@ impl<'a> Trainer<'a> {
                     Ok(())
                 })?;
             }
-            self.window.add(&out, &ok, at);
+            self.window.add(&out, &grad_norm, &ok, at);
         }
         if !(self.step.is_multiple_of(t.log_every as u64) || self.step >= self.max_steps) {
             return Ok(None);
@@ -826,6 +843,8 @@ impl<'a> Trainer<'a> {
             sink.scalar(&format!("train/{name}"), step, v);
         }
         sink.scalar("train/lr", step, self.lr);
+        sink.scalar("train/epoch", step, self.train_progress().epoch());
+        sink.scalar("train/grad_norm", step, r.grad_norm);
         sink.scalar("train/images_per_s", step, ips);
         sink.scalar("train/data_wait_fraction", step, wait);
         if let Some((std, rank)) = r.collapse {
@@ -837,6 +856,11 @@ impl<'a> Trainer<'a> {
         }
         if cfg.train.on_nonfinite == OnNonFinite::Skip {
             sink.scalar("train/skipped_steps", step, self.skipped as f64);
+        }
+        let every = cfg.log.histogram_every as u64;
+        if every > 0 && self.last_histogram.is_none_or(|last| self.step / every > last / every) {
+            self.last_histogram = Some(self.step);
+            log_histograms(&self.model.vs, cfg.log.histogram_bins, sink, step);
         }
         let note = collapse_warning(cfg, r).map(|w| format!("WARNING {w}")).unwrap_or_default();
         let line = Line {
@@ -879,10 +903,13 @@ impl<'a> Trainer<'a> {
         if t.recon_every > 0 && (epoch % t.recon_every == 0 || epoch == t.epochs) {
             log_reconstruction(self.model.objective.as_mut(), self.recon.as_ref(), cfg, sink, self.step as i64);
         }
-        // Every rank extracts its share of the features; the main one scores and logs.
-        if cfg.eval.knn_every > 0 && epoch % cfg.eval.knn_every == 0 && epoch < t.epochs && cfg.data.test.is_some() {
-            if let Some(top1) = transfer::knn_only(self.model.eval_backbone(cfg), &self.eval_context())? {
-                sink.scalar("eval/knn_top1", self.step as i64, top1);
+        // The validation curve, after the last epoch too. Every rank extracts its share of the features; the main
+        // one scores and logs.
+        let e = &cfg.eval;
+        if e.knn_every > 0 && (epoch % e.knn_every == 0 || epoch == t.epochs) && cfg.data.test.is_some() {
+            let subset = (e.val_bank_size, e.val_test_size);
+            if let Some(top1) = transfer::knn_only(self.model.eval_backbone(cfg), &self.eval_context(), subset)? {
+                sink.scalar("val/knn_top1", self.step as i64, top1);
             }
         }
         sink.flush();
@@ -950,8 +977,12 @@ impl<'a> Trainer<'a> {
     fn finish(mut self, sink: &mut dyn Sink) -> Result<RunSummary> {
         let cfg = self.cfg;
         self.progress.finish();
-        if cfg.train.recon_every > 0 && self.cut_short {
-            // Cut short by train.max_steps: still show what the model reconstructs.
+        let every = cfg.train.recon_every;
+        // The last epoch end logged one if training stopped right there.
+        let at_boundary = !self.cut_short && self.batch == 0 && self.epoch > 0;
+        let logged_at_epoch_end = at_boundary && (self.epoch % every.max(1) == 0 || self.epoch == cfg.train.epochs);
+        if every > 0 && !logged_at_epoch_end {
+            // Stopped early (train.max_steps, a signal): still show what the model reconstructs.
             log_reconstruction(self.model.objective.as_mut(), self.recon.as_ref(), cfg, sink, self.step as i64);
         }
         if self.last_saved != Some(self.step) {
@@ -972,11 +1003,15 @@ impl<'a> Trainer<'a> {
                 transfer::evaluate(self.model.eval_backbone(cfg), &self.eval_context(), sink, self.step as i64)?;
             if let Some(r) = &report {
                 transfer::write_report(r, self.out)?;
+                sink.text("eval/report", self.step as i64, &report::eval_markdown(r));
             }
             report
         } else {
             None
         };
+        if self.dist.is_main() {
+            sink.hparams_end(self.interrupted.is_none());
+        }
         sink.flush();
         let collapse_warning = collapse_warning(cfg, &self.last);
         if let Some(w) = &collapse_warning {
@@ -1010,6 +1045,29 @@ impl<'a> Trainer<'a> {
             grad_allreduce_seconds: self.allreduce_seconds,
         })
     }
+}
+
+/// Histograms of every trainable parameter's values and gradient, and of the per-parameter gradient norms, each
+/// computed on the device (a few numbers per tensor come back).
+fn log_histograms(vs: &VarStore, bins: usize, sink: &mut dyn Sink, step: i64) {
+    use crate::tensorboard::Histogram;
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut norms = Vec::new();
+    tch::no_grad(|| {
+        for (name, t) in &vars {
+            sink.histogram(&format!("weights/{name}"), step, &Histogram::of_tensor(t, bins));
+            let g = t.grad();
+            if g.defined() {
+                sink.histogram(&format!("gradients/{name}"), step, &Histogram::of_tensor(&g, bins));
+                norms.push(g.to_kind(tch::Kind::Float).norm());
+            }
+        }
+        if !norms.is_empty() {
+            let norms: Vec<f32> = Vec::try_from(Tensor::stack(&norms, 0).to_device(Device::Cpu)).unwrap_or_default();
+            sink.histogram("grad_norm/per_parameter", step, &Histogram::of_values(&norms, bins));
+        }
+    });
 }
 
 /// The collapse monitor's verdict on a readout: `Some(message)` when the embeddings' spread or effective rank is

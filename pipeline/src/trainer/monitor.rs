@@ -42,6 +42,8 @@ pub fn collapse_metrics(embedding: &Tensor) -> Tensor {
 pub(super) struct Readout {
     pub loss: f64,
     pub terms: Vec<(&'static str, f64)>,
+    /// The mean gradient norm before clipping (`train/grad_norm`).
+    pub grad_norm: f64,
     /// `train/embedding_std`, `train/effective_rank` of the window's last step.
     pub collapse: Option<(f64, f64)>,
     /// The first step of the window whose loss or gradient norm was not finite, if any.
@@ -53,6 +55,7 @@ pub(super) struct Window {
     device: Device,
     loss: Tensor,
     terms: Vec<(&'static str, Tensor)>,
+    grad_norm: Tensor,
     embedding: Option<Tensor>,
     pub steps: u64,
     /// The first step with a non-finite loss or gradient norm (-1: none yet), 0-dim int64 on the device.
@@ -76,6 +79,7 @@ impl Window {
             device,
             loss: Tensor::zeros([], (Kind::Float, device)),
             terms: Vec::new(),
+            grad_norm: Tensor::zeros([], (Kind::Float, device)),
             embedding: None,
             steps: 0,
             first_bad: Tensor::full([], -1, (Kind::Int64, device)),
@@ -83,11 +87,12 @@ impl Window {
         }
     }
 
-    /// Adds one step's loss and terms (device additions only) and keeps its embedding for the monitor. `ok` (a
-    /// 0-dim bool on the device: the loss and gradient norm were finite) marks step `global_step` as the
-    /// window's first non-finite one if it is, without a sync.
-    pub fn add(&mut self, step: &Step, ok: &Tensor, global_step: u64) {
+    /// Adds one step's loss, terms and gradient norm (device additions only) and keeps its embedding for the
+    /// monitor. `ok` (a 0-dim bool on the device: the loss and gradient norm were finite) marks step
+    /// `global_step` as the window's first non-finite one if it is, without a sync.
+    pub fn add(&mut self, step: &Step, grad_norm: &Tensor, ok: &Tensor, global_step: u64) {
         self.loss += step.loss.detach().to_kind(Kind::Float);
+        self.grad_norm += grad_norm.detach().to_kind(Kind::Float);
         for (name, t) in &step.terms {
             let t = t.detach().to_kind(Kind::Float);
             match self.terms.iter_mut().find(|(n, _)| n == name) {
@@ -117,14 +122,15 @@ impl Window {
         if dist.world() <= 1 {
             return Ok(());
         }
-        let mut parts = vec![self.loss.reshape([1])];
+        let mut parts = vec![self.loss.reshape([1]), self.grad_norm.reshape([1])];
         parts.extend(self.terms.iter().map(|(_, t)| t.reshape([1])));
         let mut flat = Tensor::cat(&parts, 0).to_kind(Kind::Float);
         dist.all_reduce_sum(&mut flat)?;
         let flat = flat / dist.world() as f64;
         self.loss = flat.get(0);
+        self.grad_norm = flat.get(1);
         for (i, (_, t)) in self.terms.iter_mut().enumerate() {
-            *t = flat.get(i as i64 + 1);
+            *t = flat.get(i as i64 + 2);
         }
         if let Some(e) = &self.embedding {
             self.embedding = Some(dist.all_gather(e)?);
@@ -141,13 +147,21 @@ impl Window {
         let f = |t: &Tensor| t.to_kind(Kind::Float).double_value(&[]) as f32;
         let mut terms: Vec<(String, f32)> = self.terms.iter().map(|(n, t)| (n.to_string(), f(t))).collect();
         terms.extend(self.pending.iter().cloned());
-        WindowState { steps: self.steps, images, loss: f(&self.loss), terms, ..Default::default() }
+        WindowState {
+            steps: self.steps,
+            images,
+            loss: f(&self.loss),
+            terms,
+            grad_norm: f(&self.grad_norm),
+            ..Default::default()
+        }
     }
 
     /// Continues the window saved by [`Window::snapshot`].
     pub fn restore(&mut self, saved: &WindowState) {
         *self = Window::new(self.device);
         self.loss = Tensor::from(saved.loss).to_device(self.device);
+        self.grad_norm = Tensor::from(saved.grad_norm).to_device(self.device);
         self.steps = saved.steps;
         self.pending = saved.terms.clone();
     }
@@ -155,7 +169,8 @@ impl Window {
     /// Means over the window, and the collapse metrics of its last embedding, in one read from the device; then
     /// starts a new window.
     pub fn read(&mut self) -> Readout {
-        let mut values = vec![self.first_bad.shallow_clone(), self.loss.shallow_clone()];
+        let mut values =
+            vec![self.first_bad.shallow_clone(), self.loss.shallow_clone(), self.grad_norm.shallow_clone()];
         values.extend(self.terms.iter().map(|(_, t)| t.shallow_clone()));
         let monitored = self.embedding.as_ref().filter(|e| e.dim() == 2 && e.size()[0] >= 2);
         if let Some(e) = monitored {
@@ -167,7 +182,8 @@ impl Window {
         let n = self.steps.max(1) as f64;
         let readout = Readout {
             loss: host[1] / n,
-            terms: self.terms.iter().zip(&host[2..]).map(|((name, _), v)| (*name, v / n)).collect(),
+            grad_norm: host[2] / n,
+            terms: self.terms.iter().zip(&host[3..]).map(|((name, _), v)| (*name, v / n)).collect(),
             collapse: monitored.map(|_| (host[host.len() - 2], host[host.len() - 1])),
             first_nonfinite: (host[0] >= 0.0).then_some(host[0] as u64),
         };
@@ -215,12 +231,13 @@ mod tests {
                 embedding: Tensor::from_slice(&[1f32, 0., 0., 1.]).view([2, 2]),
                 terms: vec![("a", Tensor::from(a as f32)), ("b", Tensor::from(1f32))],
             };
-            w.add(&step, &Tensor::from(true), 0);
+            w.add(&step, &Tensor::from(2f32 * l as f32), &Tensor::from(true), 0);
         }
         assert_eq!(w.steps, 2);
         let r = w.read();
         assert_eq!(r.loss, 2.0);
         assert_eq!(r.terms, vec![("a", 15.0), ("b", 1.0)]);
+        assert_eq!(r.grad_norm, 4.0);
         let (std, rank) = r.collapse.unwrap();
         assert!((std - 1.0).abs() < 1e-5 && (rank - 2.0).abs() < 1e-4, "{std} {rank}");
         assert_eq!(w.steps, 0, "a new window starts");

@@ -23,7 +23,9 @@ pub(super) fn preview(source: &dyn Source, views: &Views, order: &[usize], seed:
             tiles.push(upscale(&view, factor));
         }
     }
-    let per_row = views.recipes.len() * 4;
+    // About 8 tiles a row: 4 pairs, 8 single views, or one multi-crop sample (all its views) per row.
+    let n = views.recipes.len().max(1);
+    let per_row = n * (8 / n).max(1);
     (!tiles.is_empty()).then(|| grid(&tiles, per_row))
 }
 
