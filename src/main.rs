@@ -2,6 +2,7 @@
 
 mod bench;
 mod info;
+mod presets;
 
 use std::path::{Path, PathBuf};
 
@@ -96,6 +97,14 @@ enum Command {
     },
     /// Versions, devices, threads, and which datasets are installed where.
     Info,
+    /// Every built-in preset (usable as `--config NAME`) with a one-line description.
+    Presets,
+    /// Print a shell completion script, e.g. `selfsup completions bash > /etc/bash_completion.d/selfsup`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// What a dataset holds: counts, image sizes, unreadable files, exact duplicates, class balance.
     Inspect {
         /// An IDX file, a CIFAR batch or folder, or a folder of images.
@@ -109,10 +118,13 @@ enum Command {
     },
     /// Measure the data stage alone: pairs (samples with all their views) per second.
     BenchLoader {
+        /// A TOML file or a built-in preset name (`selfsup presets`): its data and views are measured.
         #[arg(long)]
         config: String,
+        /// Override a config key, e.g. `--set train.batch_size=256` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// How long to measure, after a short warm-up.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
         /// Loader threads (default: the config's train.threads; 0 = all cores).
@@ -168,19 +180,8 @@ pub fn load_config(spec: &str, overrides: &[String]) -> Result<Config> {
 
 /// `YYYYmmdd-HHMMSS` in UTC, for default run folder names.
 fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, (rem % 3600) / 60, rem % 60)
+    let t = time::OffsetDateTime::now_utc();
+    format!("{:04}{:02}{:02}-{:02}{:02}{:02}", t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute(), t.second())
 }
 
 /// What a run folder holds that `pretrain --overwrite` replaces (and whose presence means "a run is here").
@@ -272,7 +273,17 @@ fn pretrain(
     }
     let cfg = if resume {
         let out = out.as_ref().expect("clap requires --out with --resume");
-        Config::load(&out.join("config.toml"), &set)?
+        let file = out.join("config.toml");
+        if !file.is_file() {
+            bail!(
+                "--resume --out {}: no run to resume there (no config.toml); start one with `selfsup pretrain --out {}`",
+                out.display(),
+                out.display()
+            );
+        }
+        let cfg = Config::load(&file, &set)?;
+        eprintln!("resuming run {} ({}, with its own config.toml)", out.display(), cfg.name);
+        cfg
     } else {
         load_config(&config.unwrap_or_else(default_preset), &set)?
     };
@@ -419,8 +430,15 @@ fn eval(ckpt: PathBuf, mut set: Vec<String>, out: Option<PathBuf>, teacher: bool
     let dir =
         out.unwrap_or_else(|| ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf));
     let _lock = RunLock::acquire(&dir, "selfsup eval")?;
-    let ctx =
-        EvalContext { cfg: &cfg, device, threads: cfg.train.threads, autocast, projector_dir: Some(&dir), dist: None };
+    let ctx = EvalContext {
+        cfg: &cfg,
+        device,
+        threads: cfg.train.threads,
+        autocast,
+        projector_dir: Some(&dir),
+        dist: None,
+        progress: true,
+    };
     let report = transfer::evaluate(model.eval_backbone(&cfg), &ctx, &mut NullSink, 0)?.expect("one process reports");
     out!("{report}");
     transfer::write_report(&report, &dir)?;
@@ -461,6 +479,7 @@ struct FinetuneArgs {
     /// Keep this many labeled images per class (a fixed subset drawn with the run's seed).
     #[arg(long)]
     labels_per_class: Option<usize>,
+    /// Fine-tuning epochs (default: the config's finetune.epochs).
     #[arg(long)]
     epochs: Option<usize>,
     /// Train only a linear head on the frozen backbone (default: full fine-tuning).
@@ -534,7 +553,7 @@ fn export(ckpt: &Path, out: &Path, teacher: bool) -> Result<()> {
 
 fn inspect(data: &Path, channels: u8, json: Option<PathBuf>) -> Result<()> {
     let source = selfsup_pipeline::source::open(data, channels)?;
-    let report = selfsup_pipeline::inspect::inspect(source.as_ref(), &data.display().to_string());
+    let report = selfsup_pipeline::inspect::inspect(source.as_ref(), &data.display().to_string(), true);
     out!("{report}");
     let json = json.unwrap_or_else(|| {
         let name = data.file_name().map_or("data".into(), |n| n.to_string_lossy().into_owned());
@@ -556,6 +575,14 @@ fn main() {
         Command::Finetune(args) => finetune(args),
         Command::Export { checkpoint, out, teacher } => export(&checkpoint, &out, teacher),
         Command::Info => info::print(),
+        Command::Presets => {
+            out!("{}", presets::list(&PRESETS).trim_end());
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            presets::completions(shell, &mut <Cli as clap::CommandFactory>::command());
+            Ok(())
+        }
         Command::Inspect { data, channels, json } => inspect(&data, channels, json),
         Command::BenchLoader { config, set, seconds, threads, gpu_img_per_s } => {
             bench::run(&config, &set, bench::Options { seconds, threads, gpu_img_per_s })

@@ -144,6 +144,34 @@ fn bench_loader_and_info() {
 }
 
 #[test]
+fn presets_completions_and_resume_messages() {
+    // Every configs/*.toml, each with its description and the facts that tell presets apart.
+    let list = ok(&["presets"]);
+    let files: Vec<String> = std::fs::read_dir("configs")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".toml").map(str::to_string))
+        .collect();
+    assert!(files.len() >= 16);
+    for name in &files {
+        let line = list.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("{name}"));
+        assert!(line.len() > name.len() + 20, "{name} has no description: {line:?}");
+    }
+    assert!(list.contains("dino ViT(") || list.contains("dino ResNet("), "{list}");
+    assert!(!list.contains("does not load"), "{list}");
+    // Completion scripts name the subcommands and their flags.
+    let bash = ok(&["completions", "bash"]);
+    assert!(bash.contains("_selfsup()") && bash.contains("--nproc-per-node") && bash.contains("presets"));
+    assert!(ok(&["completions", "zsh"]).contains("#compdef selfsup"));
+    // --resume of a folder with no run names the folder, not a missing --config.
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::selfsup(&["pretrain", "--resume", "--out", dir.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no run to resume there"), "{err}");
+    assert!(!err.contains("no --config given"), "{err}");
+}
+
+#[test]
 fn inspect_reports_sizes_duplicates_unreadable_and_classes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("pets");

@@ -52,6 +52,8 @@ pub struct ExtractOptions<'a> {
     /// A process group to shard the pass over: each rank reads and runs its slice of every batch and every rank
     /// gets the whole set, in the order one process would give. `None`: this process does it all.
     pub dist: Option<&'a Dist>,
+    /// A progress bar with this label on stderr (`None`: silent).
+    pub progress: Option<&'a str>,
 }
 
 /// Runs each of `fs` (a frozen network, identity for raw pixels, ...) over the labeled `source` in one pass, so the
@@ -91,10 +93,14 @@ pub fn extract(
             None => Ok(t),
         }
     };
+    let mut task =
+        crate::progress::Task::new(opts.progress.unwrap_or(""), "images", source.len() as u64, opts.progress.is_some());
     let loader = Loader::new(source, views, cfg).map_err(|e| e.to_string())?;
     let mut xs: Vec<DeviceBuffer> = fs.iter().map(|_| DeviceBuffer::default()).collect();
     let (mut ys, mut unreadable) = (DeviceBuffer::default(), 0usize);
     for batch in loader.epoch(0) {
+        // This rank's share, counted as the whole batch (every rank reads its slice of every batch).
+        task.inc(((batch.len() + batch.bad.len()) * sharded.map_or(1, |d| d.world())) as u64);
         unreadable += batch.bad.len();
         if batch.is_empty() && sharded.is_none() {
             continue;
@@ -123,6 +129,7 @@ pub fn extract(
         d.all_reduce_host(&mut n).map_err(|e| format!("counting unreadable evaluation samples: {e}"))?;
         unreadable = n[0] as usize;
     }
+    task.finish();
     let y = ys.finish();
     if y.numel() == 0 {
         return Err("no readable evaluation samples".into());
@@ -216,6 +223,8 @@ pub struct ProbeOptions {
     pub weight_decay: f64,
     pub seed: i64,
     pub device: Device,
+    /// A progress bar over the epochs on stderr.
+    pub progress: bool,
 }
 
 /// Fits a linear classifier on standardized `train` features with SGD (momentum 0.9, cosine learning rate)
@@ -235,6 +244,7 @@ pub fn linear_probe_predict(train: &Features, test: &Features, classes: i64, o: 
         .expect("building SGD for the probe");
     let n = x.size()[0];
     let bs = o.batch_size as i64;
+    let mut task = crate::progress::Task::new("linear probe", "epochs", o.epochs as u64, o.progress);
     for epoch in 0..o.epochs {
         let lr = 0.5 * o.lr * (1.0 + (std::f64::consts::PI * epoch as f64 / o.epochs as f64).cos());
         opt.set_lr(lr);
@@ -244,7 +254,9 @@ pub fn linear_probe_predict(train: &Features, test: &Features, classes: i64, o: 
             let loss = lin.forward(&x.index_select(0, &idx)).cross_entropy_for_logits(&y.index_select(0, &idx));
             opt.backward_step(&loss);
         }
+        task.inc(1);
     }
+    task.finish();
     tch::no_grad(|| lin.forward(&xt).argmax(1, false).to_device(Device::Cpu))
 }
 
@@ -336,7 +348,15 @@ mod tests {
         let centers = Tensor::from_slice(&[3f32, 0., 0., 3., -3., -3.]).view([3, 2]);
         let x = centers.index_select(0, &y) + Tensor::randn([n, 2], tch::kind::FLOAT_CPU) * 0.5;
         let f = Features { x, y, unreadable: 0 };
-        let o = ProbeOptions { epochs: 10, lr: 0.1, batch_size: 64, weight_decay: 0.0, seed: 0, device: Device::Cpu };
+        let o = ProbeOptions {
+            epochs: 10,
+            lr: 0.1,
+            batch_size: 64,
+            weight_decay: 0.0,
+            seed: 0,
+            device: Device::Cpu,
+            progress: false,
+        };
         let pred = linear_probe_predict(&f, &f, 3, &o);
         let r = ClassReport::new(&pred, &f.y, &[], 3);
         assert!(r.top1 > 0.97, "{r:?}");

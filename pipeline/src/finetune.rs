@@ -251,6 +251,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         limit: f.test_limit,
         autocast,
         dist: None,
+        progress: None,
     };
     let mut progress = Progress::new(total_steps, 0, opts.quiet);
     let mut curve = Vec::new();

@@ -52,20 +52,28 @@ pub fn content_hash(image: &Image) -> u64 {
     fnv1a64(fnv1a64(FNV_OFFSET, header.as_flattened()), &image.data)
 }
 
-/// Reads every sample of `source` once, in parallel on the current rayon pool.
-pub fn inspect(source: &dyn Source, path: &str) -> InspectReport {
+/// Reads every sample of `source` once, in parallel on the current rayon pool (`progress`: a bar on stderr).
+pub fn inspect(source: &dyn Source, path: &str, progress: bool) -> InspectReport {
     let t0 = Instant::now();
     let n = source.len();
     type Seen = Result<(u32, u32, u8, u64), BadSample>;
-    let seen: Vec<Seen> = (0..n)
-        .into_par_iter()
-        .map(|i| {
-            source
-                .get(i)
-                .map(|s| (s.image.width, s.image.height, s.image.channels, content_hash(&s.image)))
-                .map_err(|e| BadSample { index: i, location: source.describe(i), error: e.to_string() })
-        })
-        .collect();
+    let mut task = crate::progress::Task::new("inspect", "images", n as u64, progress);
+    let mut seen: Vec<Seen> = Vec::with_capacity(n);
+    // In blocks, so the bar moves; each block in parallel.
+    for block in (0..n).collect::<Vec<_>>().chunks(4096) {
+        let part: Vec<Seen> = block
+            .par_iter()
+            .map(|&i| {
+                source
+                    .get(i)
+                    .map(|s| (s.image.width, s.image.height, s.image.channels, content_hash(&s.image)))
+                    .map_err(|e| BadSample { index: i, location: source.describe(i), error: e.to_string() })
+            })
+            .collect();
+        task.inc(part.len() as u64);
+        seen.extend(part);
+    }
+    task.finish();
     let mut sizes: HashMap<(u32, u32, u8), usize> = HashMap::new();
     let mut by_hash: HashMap<u64, Vec<usize>> = HashMap::new();
     let mut unreadable = Vec::new();

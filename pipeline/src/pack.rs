@@ -338,7 +338,7 @@ fn write_file(
     let (mut kept_index, mut kept_labels, mut kept_sums, mut skipped) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut hash = FNV_OFFSET;
-    let mut last_report = Instant::now();
+    let mut task = crate::progress::Task::new("packing", "samples", src.len() as u64, opts.progress);
     for idx in order.chunks(chunk_len) {
         let rows: Vec<Result<Row, DataError>> = idx.par_iter().map(|&i| read_row(input, i, opts.channels)).collect();
         let mut good = Vec::with_capacity(rows.len());
@@ -371,14 +371,12 @@ fn write_file(
         if let Some((ds, shape)) = &data {
             append(ds, *shape, kept_index.len() - good.len(), &good).map_err(h5)?;
         }
-        if opts.progress && last_report.elapsed().as_secs_f64() >= 1.0 {
-            last_report = Instant::now();
-            eprint!("\rpacking: {} of {} rows, {} skipped", kept_index.len() + skipped.len(), src.len(), skipped.len());
+        task.inc(idx.len() as u64);
+        if !skipped.is_empty() {
+            task.set_message(format!("{} skipped", skipped.len()));
         }
     }
-    if opts.progress {
-        eprint!("\r\x1b[K");
-    }
+    task.finish();
     let Some((_, shape)) = data else {
         return Err(DataError::Invalid {
             path: name.into(),

@@ -63,6 +63,8 @@ pub struct EvalContext<'a> {
     /// A process group: feature extraction is sharded over its ranks and gathered; the main rank alone fits the
     /// probes, reports and writes (the others get `None`). Every rank must call the same evaluations.
     pub dist: Option<&'a Dist>,
+    /// Progress bars for feature extraction and the linear probe (on the main rank).
+    pub progress: bool,
 }
 
 impl EvalContext<'_> {
@@ -107,7 +109,7 @@ fn knn_report(train: &Features, test: &Features, classes: i64, names: &[String],
 /// k-NN only (cheap enough to run during training) with a bank of the first `subset.0` labeled training images
 /// and the first `subset.1` test images (0 = all); `None` on the ranks other than the main one.
 pub fn knn_only(backbone: &dyn Backbone, ctx: &EvalContext, subset: (usize, usize)) -> Result<Option<f64>> {
-    let sets = features(backbone, ctx, false, subset)?;
+    let sets = features(backbone, ctx, false, subset, false)?;
     Ok(ctx.is_main().then(|| knn_report(&sets.train, &sets.test, sets.classes, &[], ctx).top1))
 }
 
@@ -121,8 +123,14 @@ struct EvalSets {
     test_src: Arc<dyn Source>,
 }
 
-/// `limits`: the first this many (train, test) images (0 = all).
-fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool, limits: (usize, usize)) -> Result<EvalSets> {
+/// `limits`: the first this many (train, test) images (0 = all); `show`: progress bars.
+fn features(
+    backbone: &dyn Backbone,
+    ctx: &EvalContext,
+    raw: bool,
+    limits: (usize, usize),
+    show: bool,
+) -> Result<EvalSets> {
     let cfg = ctx.cfg;
     let test_path =
         cfg.data.test.as_ref().ok_or_else(|| Error::Other("data.test is not set: nothing to evaluate on".into()))?;
@@ -132,7 +140,7 @@ fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool, limits: (usiz
     let names = class_names(cfg, test_src.as_ref());
     // Evaluation sees whole images at the first (global) view's size and normalization.
     let recipe = cfg.view_recipes().swap_remove(0);
-    let opts = |limit| ExtractOptions {
+    let opts = |limit, label| ExtractOptions {
         recipe: &recipe,
         batch_size: 512,
         threads: ctx.threads,
@@ -140,12 +148,13 @@ fn features(backbone: &dyn Backbone, ctx: &EvalContext, raw: bool, limits: (usiz
         limit,
         autocast: ctx.autocast,
         dist: ctx.dist,
+        progress: show.then_some(label),
     };
     let net = |x: &Tensor| backbone.features(x, false);
     let pixels = |x: &Tensor| x.flatten(1, -1);
     let fs: Vec<&dyn Fn(&Tensor) -> Tensor> = if raw { vec![&net, &pixels] } else { vec![&net] };
-    let mut tr = extract(train_src, &opts(limits.0), &fs).map_err(Error::Other)?.into_iter();
-    let mut te = extract(test_src.clone(), &opts(limits.1), &fs).map_err(Error::Other)?.into_iter();
+    let mut tr = extract(train_src, &opts(limits.0, "features: labeled train"), &fs).map_err(Error::Other)?.into_iter();
+    let mut te = extract(test_src.clone(), &opts(limits.1, "features: test"), &fs).map_err(Error::Other)?.into_iter();
     let (train, test) = (tr.next().expect("one set per function"), te.next().expect("one set per function"));
     let raw = tr.next().zip(te.next());
     Ok(EvalSets { train, test, classes, names, raw, test_src })
@@ -163,7 +172,7 @@ pub fn evaluate(
     let cfg = ctx.cfg;
     let e = &cfg.eval;
     let EvalSets { train, test, classes, names, raw, test_src } =
-        features(backbone, ctx, e.raw_pixel_baseline, (e.train_limit, 0))?;
+        features(backbone, ctx, e.raw_pixel_baseline, (e.train_limit, 0), ctx.progress && ctx.is_main())?;
     if !ctx.is_main() {
         return Ok(None);
     }
@@ -179,6 +188,7 @@ pub fn evaluate(
         weight_decay: e.probe_weight_decay,
         seed: cfg.seed as i64,
         device: ctx.device,
+        progress: ctx.progress,
     };
     let knn = knn_report(&train, &test, classes, &names, ctx);
     let linear =

@@ -31,7 +31,16 @@ fn folder(dir: &Path) {
 }
 
 fn opts<'a>(recipe: &'a RecipeConfig, dist: Option<&'a Dist>) -> ExtractOptions<'a> {
-    ExtractOptions { recipe, batch_size: 4, threads: 1, device: Device::Cpu, limit: 0, autocast: false, dist }
+    ExtractOptions {
+        recipe,
+        batch_size: 4,
+        threads: 1,
+        device: Device::Cpu,
+        limit: 0,
+        autocast: false,
+        dist,
+        progress: None,
+    }
 }
 
 /// Two feature sets per pass (as evaluation's network and raw pixels): the pixels and a per-row statistic.

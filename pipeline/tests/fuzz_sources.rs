@@ -553,7 +553,7 @@ fn fuzz_images(format: image::ImageFormat, ext: &str, seed: u64) {
             }
         }
     }
-    let report = catch_unwind(AssertUnwindSafe(|| selfsup_pipeline::inspect::inspect(src.as_ref(), "fuzz")))
+    let report = catch_unwind(AssertUnwindSafe(|| selfsup_pipeline::inspect::inspect(src.as_ref(), "fuzz", false)))
         .unwrap_or_else(|p| panic!("inspect panicked: {}", panic_message(p)));
     assert_eq!((report.count, report.readable + report.unreadable.len()), (counts.cases, counts.cases));
     assert_eq!(report.unreadable.len(), counts.samples_bad, "inspect counts what get refused");

@@ -250,7 +250,7 @@ fn folder_links_list_each_real_file_once_and_cycles_are_reported() {
     assert!(skipped.iter().any(|s| s.path.ends_with("sub/up") && s.detail.contains("cycle")), "{skipped:#?}");
 
     // `inspect` reports the cycles and names the dangling link as unreadable.
-    let report = selfsup_pipeline::inspect::inspect(src.as_ref(), "data");
+    let report = selfsup_pipeline::inspect::inspect(src.as_ref(), "data", false);
     assert_eq!((report.count, report.readable, report.skipped.len()), (5, 4, 7));
     assert!(report.unreadable[0].location.ends_with("dangling.png"));
     let text = report.to_string();
@@ -295,7 +295,7 @@ fn truncated_jpegs_and_pngs_are_unreadable_with_their_path() {
     trailing.extend_from_slice(b"APPENDED DATA");
     std::fs::write(dir.path().join("trailing.jpg"), &trailing).unwrap();
     let src = source::open(dir.path(), 3).unwrap();
-    let report = selfsup_pipeline::inspect::inspect(src.as_ref(), "cut");
+    let report = selfsup_pipeline::inspect::inspect(src.as_ref(), "cut", false);
     assert_eq!((report.count, report.readable), (6, 3), "{report}");
     let bad: std::collections::BTreeMap<String, String> = report
         .unreadable

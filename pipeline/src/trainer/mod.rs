@@ -970,6 +970,7 @@ impl<'a> Trainer<'a> {
             autocast: self.autocast,
             projector_dir: Some(self.out),
             dist: Some(&self.dist),
+            progress: !self.quiet && self.dist.is_main(),
         }
     }
 
