@@ -203,8 +203,7 @@ pub fn evaluate(
     if let Some(r) = &raw_pixels_linear {
         sink.scalar("eval/raw_pixels_linear_top1", step, r.top1);
     }
-    sink.flush();
-    Ok(Some(EvalReport {
+    let report = EvalReport {
         train_samples: train.x.size()[0] as usize,
         test_samples: test.x.size()[0] as usize,
         feature_dim: train.x.size()[1],
@@ -215,7 +214,10 @@ pub fn evaluate(
         raw_pixels_linear,
         unreadable_samples: train.unreadable + test.unreadable,
         seconds: t0.elapsed().as_secs_f64(),
-    }))
+    };
+    sink.text("eval/report", step, &crate::trainer::report::eval_markdown(&report));
+    sink.flush();
+    Ok(Some(report))
 }
 
 /// Writes `eval.json` into `dir` (temporary file, synced, then renamed).

@@ -185,6 +185,17 @@ impl TensorBoard {
         })
     }
 
+    /// An hparams plugin record: all of it is in the metadata (which every record carries; TensorBoard reads only
+    /// that), the value an empty float tensor.
+    fn write_hparams(&mut self, tag: &str, content: Vec<u8>) {
+        let m = SummaryMetadata {
+            plugin_data: Some(PluginData { plugin_name: hparams::PLUGIN.into(), content }),
+            ..Default::default()
+        };
+        let empty = TensorProto { dtype: DataType::DtFloat as i32, ..Default::default() };
+        self.write(tag, 0, Some(m), TbValue::Tensor(empty));
+    }
+
     fn write(&mut self, tag: &str, step: i64, metadata: Option<SummaryMetadata>, value: TbValue) {
         let value = SummaryValue { node_name: String::new(), tag: tag.to_string(), metadata, value: Some(value) };
         let event = Event {
@@ -246,32 +257,14 @@ impl Sink for TensorBoard {
 
     fn hparams(&mut self, session: &Session) {
         for (tag, content) in session.encode() {
-            let m = SummaryMetadata {
-                plugin_data: Some(PluginData { plugin_name: hparams::PLUGIN.into(), content }),
-                ..Default::default()
-            };
-            self.write(
-                tag,
-                0,
-                Some(m),
-                TbValue::Tensor(TensorProto { dtype: DataType::DtFloat as i32, ..Default::default() }),
-            );
+            self.write_hparams(tag, content);
         }
         self.flush();
     }
 
     fn hparams_end(&mut self, ok: bool) {
         let (tag, content) = hparams::end(ok);
-        let m = SummaryMetadata {
-            plugin_data: Some(PluginData { plugin_name: hparams::PLUGIN.into(), content }),
-            ..Default::default()
-        };
-        self.write(
-            tag,
-            0,
-            Some(m),
-            TbValue::Tensor(TensorProto { dtype: DataType::DtFloat as i32, ..Default::default() }),
-        );
+        self.write_hparams(tag, content);
     }
 
     fn flush(&mut self) {

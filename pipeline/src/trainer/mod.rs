@@ -1004,7 +1004,6 @@ impl<'a> Trainer<'a> {
                 transfer::evaluate(self.model.eval_backbone(cfg), &self.eval_context(), sink, self.step as i64)?;
             if let Some(r) = &report {
                 transfer::write_report(r, self.out)?;
-                sink.text("eval/report", self.step as i64, &report::eval_markdown(r));
             }
             report
         } else {
