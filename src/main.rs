@@ -64,6 +64,14 @@ enum Command {
         /// `train.batch_size` stays the global batch. (Under torchrun or srun, leave it out: they start the ranks.)
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
         nproc_per_node: Option<u32>,
+        /// Start the backbone from a public model's weights instead of random ones: a safetensors file with
+        /// torchvision ResNet names (`conv1.weight`, `layer1.0.bn1.running_mean`) or timm ViT names (`cls_token`,
+        /// `pos_embed`, `blocks.0.attn.qkv.weight`), or a `selfsup export`. Classifier (`fc.*`, `head.*`) and
+        /// `num_batches_tracked` are left out; a ViT's position table is resampled to the config's grid and an RGB
+        /// stem summed for 1-channel data, as timm does; anything else that does not fit is an error listing it.
+        /// Heads (projector, predictor, decoder) start as usual; a momentum teacher starts as the backbone.
+        #[arg(long, value_name = "W.safetensors", conflicts_with = "resume")]
+        init_from: Option<PathBuf>,
     },
     /// Evaluate a checkpoint: k-NN and linear probe on its data's labeled train/test split.
     Eval {
@@ -81,7 +89,8 @@ enum Command {
         teacher: bool,
     },
     /// Fine-tune a pretrained backbone (or the same one from scratch) on labeled data and report top-1,
-    /// per-class and worst-class accuracy. The recipe is the checkpoint's `[finetune]` section (plus --set).
+    /// per-class and worst-class accuracy. The recipe is the checkpoint's `[finetune]` section (plus --set); or
+    /// fine-tune a public torchvision / timm backbone with --init-from W.safetensors --config C.
     Finetune(FinetuneArgs),
     /// Write a checkpoint's backbone alone, under torchvision (ResNet) or timm (ViT) names, for PyTorch.
     Export {
@@ -259,6 +268,7 @@ fn pretrain(
     resume: bool,
     overwrite: bool,
     quiet: bool,
+    init_from: Option<PathBuf>,
 ) -> Result<()> {
     let launch = selfsup_pipeline::launch::Launch::from_env()?;
     if launch.world > 1 && out.is_none() {
@@ -269,7 +279,7 @@ fn pretrain(
         );
     }
     if !launch.is_main() {
-        return pretrain_rank(config, set, out.expect("checked above"), resume, launch);
+        return pretrain_rank(config, set, out.expect("checked above"), resume, launch, init_from);
     }
     let cfg = if resume {
         let out = out.as_ref().expect("clap requires --out with --resume");
@@ -287,6 +297,10 @@ fn pretrain(
     } else {
         load_config(&config.unwrap_or_else(default_preset), &set)?
     };
+    if let Some(file) = &init_from {
+        // Before the run folder is touched: a file that does not fit leaves nothing to --overwrite.
+        selfsup_pipeline::pretrained::check_backbone_file(file, &cfg).context("--init-from")?;
+    }
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", cfg.name, utc_stamp())));
     let what = if resume { "selfsup pretrain --resume" } else { "selfsup pretrain" };
     let _lock = RunLock::acquire(&out, what)?;
@@ -323,7 +337,7 @@ fn pretrain(
     if launch.launched() {
         eprintln!("rank 0 of {} ({}): global batch {}", launch.world, launch.by, cfg.train.batch_size);
     }
-    let opts = RunOptions { out: out.clone(), resume, quiet, launch };
+    let opts = RunOptions { out: out.clone(), resume, quiet, launch, init_from };
     let Some(summary) = trainer::pretrain(&cfg, &opts, &mut tb)? else {
         return Ok(()); // --resume of a finished run: nothing to do (said on stderr)
     };
@@ -392,6 +406,7 @@ fn pretrain_rank(
     out: PathBuf,
     resume: bool,
     launch: selfsup_pipeline::launch::Launch,
+    init_from: Option<PathBuf>,
 ) -> Result<()> {
     let rank = launch.rank;
     let cfg = if resume {
@@ -406,7 +421,7 @@ fn pretrain_rank(
         }
     }
     selfsup_pipeline::signals::install().context("installing the signal handlers")?;
-    let opts = RunOptions { out, resume, quiet: true, launch };
+    let opts = RunOptions { out, resume, quiet: true, launch, init_from };
     let summary = trainer::pretrain(&cfg, &opts, &mut NullSink).with_context(|| format!("rank {rank}"))?;
     if summary.is_some() {
         exit_if_interrupted();
@@ -467,9 +482,24 @@ fn tensorboard_in(dir: &Path) -> Result<TensorBoard> {
 
 #[derive(clap::Args)]
 struct FinetuneArgs {
-    /// A checkpoint folder, a run folder or its checkpoints folder (the latest is used).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    /// A checkpoint folder, a run folder or its checkpoints folder (the latest is used): its backbone and its
+    /// config (`[finetune]` is the recipe).
+    #[arg(long, required_unless_present = "init_from")]
+    checkpoint: Option<PathBuf>,
+    /// Fine-tune a public backbone instead of a checkpoint: a safetensors file with torchvision ResNet or timm ViT
+    /// names (or a `selfsup export`), loaded as `pretrain --init-from` loads it. The backbone, data and recipe
+    /// come from --config, which must describe the file's network (e.g. `model.backbone.cifar_stem = false` for
+    /// torchvision's stem; a ViT's position table is resampled to `image_size`, an RGB stem summed for gray data).
+    #[arg(
+        long,
+        value_name = "W.safetensors",
+        conflicts_with_all = ["checkpoint", "teacher", "from_scratch"],
+        requires = "config"
+    )]
+    init_from: Option<PathBuf>,
+    /// With --init-from: a TOML file or a built-in preset name giving the backbone, data and `[finetune]` recipe.
+    #[arg(long, conflicts_with = "checkpoint")]
+    config: Option<String>,
     /// Labeled training images (default: the checkpoint's finetune.train, else data.train).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -497,7 +527,7 @@ struct FinetuneArgs {
     /// Override keys of the checkpoint's config (e.g. `finetune.base_lr=5e-4`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Output folder (default: <run>/finetune-<UTC time>).
+    /// Output folder (default: <run>/finetune-<UTC time>; with --init-from, runs/<name>-finetune-<UTC time>).
     #[arg(long)]
     out: Option<PathBuf>,
     #[arg(long)]
@@ -505,10 +535,24 @@ struct FinetuneArgs {
 }
 
 fn finetune(a: FinetuneArgs) -> Result<()> {
-    let ckpt = checkpoint::resolve(&a.checkpoint)?;
-    let base = checkpoint::load_config(&ckpt)?;
-    let file = ckpt.join("config.toml").display().to_string();
-    let mut cfg = Config::from_toml(&base.to_toml(), &file, &a.set)?;
+    // The backbone's source (a checkpoint folder or a weights file), the config, where the config came from, and
+    // the folder the default output goes under.
+    let (ckpt, mut cfg, file, run_dir) = match (&a.checkpoint, &a.init_from) {
+        (Some(c), _) => {
+            let ckpt = checkpoint::resolve(c)?;
+            let base = checkpoint::load_config(&ckpt)?;
+            let file = ckpt.join("config.toml").display().to_string();
+            let cfg = Config::from_toml(&base.to_toml(), &file, &a.set)?;
+            let run_dir = ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf);
+            (ckpt, cfg, file, run_dir)
+        }
+        (None, Some(w)) => {
+            let spec = a.config.clone().expect("clap requires --config with --init-from");
+            let cfg = load_config(&spec, &a.set)?;
+            (w.clone(), cfg, spec, PathBuf::from("runs"))
+        }
+        (None, None) => bail!("--checkpoint or --init-from is required"),
+    };
     // The flags are shorthands for finetune.* keys; validated again with them applied.
     let f = &mut cfg.finetune;
     f.train = a.data.or(f.train.take());
@@ -520,8 +564,10 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     }
     f.teacher |= a.teacher;
     cfg.validate(&file)?;
-    let run_dir = ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf);
-    let out = a.out.unwrap_or_else(|| run_dir.join(format!("finetune-{}", utc_stamp())));
+    let out = a.out.unwrap_or_else(|| match a.init_from {
+        Some(_) => run_dir.join(format!("{}-finetune-{}", cfg.name, utc_stamp())),
+        None => run_dir.join(format!("finetune-{}", utc_stamp())),
+    });
     let _lock = RunLock::acquire(&out, "selfsup finetune")?;
     if a.compare {
         return run_compare(&cfg, &ckpt, &out, a.quiet, true);
@@ -567,10 +613,12 @@ fn inspect(data: &Path, channels: u8, json: Option<PathBuf>) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Pretrain { config, set, out, resume, overwrite, quiet, nproc_per_node } => match nproc_per_node {
-            Some(n) => launch_ranks(n as usize, out),
-            None => pretrain(config, set, out, resume, overwrite, quiet),
-        },
+        Command::Pretrain { config, set, out, resume, overwrite, quiet, nproc_per_node, init_from } => {
+            match nproc_per_node {
+                Some(n) => launch_ranks(n as usize, out),
+                None => pretrain(config, set, out, resume, overwrite, quiet, init_from),
+            }
+        }
         Command::Eval { checkpoint, set, out, teacher } => eval(checkpoint, set, out, teacher),
         Command::Finetune(args) => finetune(args),
         Command::Export { checkpoint, out, teacher } => export(&checkpoint, &out, teacher),

@@ -26,7 +26,8 @@ use crate::{checkpoint, prepare_device, write_json_atomic, Error, Result};
 pub struct FinetuneOptions {
     /// Where `finetune.json`, the event file and the fine-tuned weights go.
     pub out: PathBuf,
-    /// The pretrained checkpoint; `None` = the same backbone from scratch (random initialisation).
+    /// The pretrained checkpoint (a folder), or a backbone weights file (`.safetensors` with torchvision / timm
+    /// names, read by [`crate::pretrained::load_backbone_file`]); `None` = the same backbone from scratch.
     pub checkpoint: Option<PathBuf>,
     pub quiet: bool,
 }
@@ -195,7 +196,10 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
     let channels = train_src.channels();
 
     let model = build_classifier(cfg, channels, classes, device)?;
-    if let Some(ckpt) = &opts.checkpoint {
+    if let Some(file) = opts.checkpoint.as_ref().filter(|p| p.is_file()) {
+        // A backbone weights file (torchvision / timm names), not a checkpoint folder: `finetune --init-from`.
+        eprintln!("{}", crate::pretrained::load_backbone_file(&model.vs, file, &cfg.model.backbone)?);
+    } else if let Some(ckpt) = &opts.checkpoint {
         let which = checkpoint::Which::from_teacher(f.teacher);
         let n = checkpoint::load_backbone(&model.vs, ckpt, which)?;
         let whose = if f.teacher { "teacher " } else { "" };

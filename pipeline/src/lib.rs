@@ -9,6 +9,7 @@ pub mod inspect;
 pub mod launch;
 pub mod loader;
 pub mod pack;
+pub mod pretrained;
 pub mod progress;
 pub mod projector;
 pub mod runlock;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::Tensor;
 
-pub use pos_embed::{resample_pos_embed, sincos_2d};
+pub use pos_embed::{resample_pos_embed, resample_pos_embed_antialiased, sincos_2d};
 pub(crate) use resnet::bn_config;
 pub use resnet::{ResNet, ResNetBlock, ResNetConfig};
 pub use transformer::{drop_path, Block};

@@ -50,6 +50,9 @@ pub struct RunOptions {
     pub quiet: bool,
     /// This process's place in a multi-process run ([`Launch::single`] for one process).
     pub launch: Launch,
+    /// Start the backbone (and a momentum teacher's) from this weights file, torchvision / timm names
+    /// ([`crate::pretrained`]); the heads start as usual. Not with `resume`.
+    pub init_from: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -481,6 +484,12 @@ impl<'a> Trainer<'a> {
         }
         let channels = source.channels();
         let model = build_model(cfg, channels, device)?;
+        if let Some(file) = opts.init_from.as_ref().filter(|_| !opts.resume) {
+            let imported = crate::pretrained::load_backbone_file(&model.vs, file, &cfg.model.backbone)?;
+            if dist.is_main() {
+                eprintln!("{imported}");
+            }
+        }
         let recipes = cfg.view_recipes().iter().map(|r| r.build(channels)).collect::<Result<Vec<_>, _>>()?;
         let views = Arc::new(Views::new(recipes));
         let t = &cfg.train;
