@@ -530,6 +530,7 @@ struct FinetuneArgs {
     /// Output folder (default: <run>/finetune-<UTC time>; with --init-from, runs/<name>-finetune-<UTC time>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// No progress bar.
     #[arg(long)]
     quiet: bool,
 }

@@ -382,7 +382,11 @@ fn mae_pretrain_reconstructs_and_finetune_works_on_mae_and_simclr_checkpoints() 
     // The curves have a point every epoch, and the report is in the Text tab.
     assert_eq!(fev["scalars"]["finetune/lr"].as_array().unwrap().len(), 3);
     let text = fev["text"]["finetune/report"][0][1].as_str().unwrap();
-    assert!(text.contains("| Ankle boot |") && text.contains("Worst class"), "{text}");
+    let worst = r["test"]["worst_class"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("| {worst} |")) && text.contains("Worst class") && text.contains("| **all** |"),
+        "{text}"
+    );
     let conf = r["test"]["confusion"].as_array().unwrap();
     let total: u64 = conf.iter().flat_map(|row| row.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(total, 500, "every test image in the confusion matrix once");
