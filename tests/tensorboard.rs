@@ -34,8 +34,7 @@ impl Server {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new(&tb)
             .args(["--logdir", logdir.to_str().unwrap(), "--host", "127.0.0.1", "--port", &port.to_string()])
-            // Read everything at once, then stop polling: the runs are complete.
-            .args(["--reload_interval", "0", "--load_fast", "false"])
+            // TensorBoard's default loader (its Rust data server), as `tensorboard --logdir` gives every user.
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

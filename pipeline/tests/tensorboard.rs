@@ -24,6 +24,7 @@ fn scalars_images_and_histograms_read_back_with_tensorboard() {
                 HParam { name: "lr", description: "d", value: HValue::Number(0.5) },
                 HParam { name: "bf16", description: "d", value: HValue::Bool(true) },
             ],
+            declared: vec![("mask_ratio", "d", HValue::Number(0.0)), ("lr", "d", HValue::Number(0.0))],
             metrics: vec![Metric {
                 tag: "eval/knn_top1",
                 group: "",
@@ -54,7 +55,7 @@ fn scalars_images_and_histograms_read_back_with_tensorboard() {
     // HParams: the values with their types, the experiment's names and metrics, the end status (1 = success).
     let h = &ev["hparams"];
     assert_eq!(h["hparams"], serde_json::json!({"objective": "dino", "lr": 0.5, "bf16": true}));
-    assert_eq!(h["hparam_names"], serde_json::json!(["objective", "lr", "bf16"]));
+    assert_eq!(h["hparam_names"], serde_json::json!(["objective", "lr", "bf16", "mask_ratio"]));
     assert_eq!(h["metrics"], serde_json::json!([["", "eval/knn_top1"]]));
     assert_eq!(h["status"], 1);
     // Descriptions from the one table, on the first value of each described tag.

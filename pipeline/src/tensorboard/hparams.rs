@@ -135,6 +135,9 @@ pub struct Metric {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Session {
     pub hparams: Vec<HParam>,
+    /// Hyperparameters declared (so that every run declares the same columns: TensorBoard takes the experiment
+    /// of one run) without a value in this run, with their type.
+    pub declared: Vec<(&'static str, &'static str, HValue)>,
     pub metrics: Vec<Metric>,
     pub start_time_secs: f64,
 }
@@ -146,14 +149,14 @@ fn encode(data: Data) -> Vec<u8> {
 impl Session {
     /// The experiment and the session start, as (tag, plugin content) pairs.
     pub fn encode(&self) -> Vec<(&'static str, Vec<u8>)> {
-        let hparam_infos = self
-            .hparams
-            .iter()
-            .map(|h| HParamInfo {
-                name: h.name.into(),
-                display_name: h.name.into(),
-                description: h.description.into(),
-                r#type: match h.value {
+        let declared = self.declared.iter().filter(|d| !self.hparams.iter().any(|h| h.name == d.0));
+        let hparam_infos = (self.hparams.iter().map(|h| (h.name, h.description, &h.value)))
+            .chain(declared.map(|(n, d, v)| (*n, *d, v)))
+            .map(|(name, description, value)| HParamInfo {
+                name: name.into(),
+                display_name: name.into(),
+                description: description.into(),
+                r#type: match value {
                     HValue::Text(_) => 1,
                     HValue::Bool(_) => 2,
                     HValue::Number(_) => 3,

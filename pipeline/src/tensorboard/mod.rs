@@ -17,7 +17,7 @@ use tfrecord::protobuf::summary::value::Value as TbValue;
 use tfrecord::protobuf::summary::{Image as TbImage, Value as SummaryValue};
 use tfrecord::protobuf::summary_metadata::PluginData;
 use tfrecord::protobuf::{
-    event, DataType, Event, HistogramProto, Summary, SummaryMetadata, TensorProto, TensorShapeProto,
+    event, DataClass, DataType, Event, HistogramProto, Summary, SummaryMetadata, TensorProto, TensorShapeProto,
 };
 use tfrecord::EventWriter;
 
@@ -171,8 +171,9 @@ impl TensorBoard {
         }
     }
 
-    /// The metadata of `tag`'s first value: its description, and the plugin that owns it (with its serialized
-    /// data; every plugin used here has version-0 data, which serializes to nothing).
+    /// The metadata of `tag`'s first value: its description, the plugin that owns it (with its serialized data;
+    /// every plugin used here has version-0 data, which serializes to nothing) and its data class
+    /// (TensorBoard's Rust data server, its default loader, drops metadata without one: the descriptions with it).
     fn metadata(&mut self, tag: &str, plugin: &str) -> Option<SummaryMetadata> {
         if !self.described.insert(tag.to_string()) {
             return None;
@@ -181,7 +182,11 @@ impl TensorBoard {
             plugin_data: Some(PluginData { plugin_name: plugin.into(), content: Vec::new() }),
             display_name: String::new(),
             summary_description: tags::describe(tag).unwrap_or_default(),
-            data_class: 0,
+            data_class: match plugin {
+                "scalars" => DataClass::Scalar,
+                "images" => DataClass::BlobSequence,
+                _ => DataClass::Tensor,
+            } as i32,
         })
     }
 

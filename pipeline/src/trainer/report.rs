@@ -96,7 +96,9 @@ pub fn session(cfg: &Config, world_size: usize) -> Session {
         ("momentum", "The teacher's EMA momentum at the start, where there is a teacher.", &["momentum"]),
         ("mask_ratio", "Share of patches masked, for masked-image objectives.", &["mask_ratio"]),
     ];
+    let mut declared = Vec::new();
     for (name, description, keys) in optional {
+        declared.push((name, description, HValue::Number(0.0)));
         if let Some(v) = keys.iter().find_map(|k| objective[*k].as_f64()) {
             hparams.push(HParam { name, description, value: HValue::Number(v) });
         }
@@ -177,7 +179,7 @@ pub fn session(cfg: &Config, world_size: usize) -> Session {
     }
     let start_time_secs =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    Session { hparams, metrics, start_time_secs }
+    Session { hparams, declared, metrics, start_time_secs }
 }
 
 /// The resolved config as a fenced TOML block.
@@ -270,6 +272,14 @@ mod tests {
         assert_eq!(get(&b, "world_size"), Some(HValue::Number(2.0)));
         assert!(get(&a, "temperature").is_some() && get(&a, "mask_ratio").is_none());
         assert!(get(&b, "mask_ratio").is_some());
+        // Both declare the same columns, values or not.
+        let columns = |s: &Session| {
+            let mut c: Vec<&str> = s.hparams.iter().map(|h| h.name).chain(s.declared.iter().map(|d| d.0)).collect();
+            c.sort();
+            c.dedup();
+            c
+        };
+        assert_eq!(columns(&a), columns(&b));
         assert_eq!(get(&a, "views"), Some(HValue::Text("2x28".into())));
     }
 
