@@ -109,8 +109,8 @@ pub fn describe(tag: &str) -> Option<String> {
         }
         "views/pairs" => {
             "The augmented views the objective trains on, for the first training images at step 0: \
-                          one row per image, its views side by side (smaller multi-crop views centered in their \
-                          cells)."
+                          each image's views side by side, about 8 tiles per row (4 pairs, or one multi-crop \
+                          sample per row; smaller views centered in their cells)."
         }
         "views/single" => {
             "The augmented input of single-view objectives (MAE, SimMIM) for the first training \
