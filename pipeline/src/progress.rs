@@ -70,13 +70,11 @@ impl Progress {
 
     /// The ETA from this process's own steps only: a resumed run's earlier steps took no time here.
     fn eta(&self, done: u64) -> f64 {
-        let mine = done.saturating_sub(self.first_step);
-        let left = self.total_steps.saturating_sub(done);
-        if mine > 0 {
-            self.start.elapsed().as_secs_f64() * left as f64 / mine as f64
-        } else {
-            0.0
-        }
+        eta(
+            self.start.elapsed().as_secs_f64(),
+            done.saturating_sub(self.first_step),
+            self.total_steps.saturating_sub(done),
+        )
     }
 
     /// Shows `line` (off a terminal at most every `interval` unless `force`).
@@ -119,14 +117,6 @@ impl Progress {
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err, "{text}");
         let _ = err.flush();
-    }
-
-    /// Prints a message above the bar (or as a line), leaving the bar intact.
-    pub fn println(&self, message: &str) {
-        match &self.bar {
-            Some(b) => b.println(message),
-            None => eprintln!("{message}"),
-        }
     }
 
     pub fn finish(&mut self) {
@@ -181,8 +171,7 @@ impl Task {
     fn plain_line(&self) {
         let secs = self.start.elapsed().as_secs_f64().max(1e-9);
         let rate = self.done as f64 / secs;
-        let eta =
-            if self.done > 0 { secs * self.total.saturating_sub(self.done) as f64 / self.done as f64 } else { 0.0 };
+        let eta = eta(secs, self.done, self.total.saturating_sub(self.done));
         eprintln!(
             "{}: {}/{} {} ({:.0}%), {:.0} {}/s, eta {}",
             self.label,
@@ -204,6 +193,15 @@ impl Task {
         } else if self.show && self.start.elapsed() >= Duration::from_secs(15) {
             self.plain_line();
         }
+    }
+}
+
+/// Seconds left at the rate so far: `done` units took `elapsed` seconds, `left` remain (0 before the first).
+fn eta(elapsed: f64, done: u64, left: u64) -> f64 {
+    if done > 0 {
+        elapsed * left as f64 / done as f64
+    } else {
+        0.0
     }
 }
 
