@@ -205,11 +205,15 @@ const RUN_FILES: [&str; 8] = [
     "finetune.json",
 ];
 
-/// The run artifacts in `dir`: the fixed names above and the event files.
+/// The run artifacts in `dir`: the fixed names above, the event files and the configs a `--resume` with a
+/// changed recipe kept.
 fn run_artifacts(dir: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = RUN_FILES.iter().map(|f| dir.join(f)).filter(|p| p.exists()).collect();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.file_name().to_string_lossy().starts_with("events.out.tfevents.") {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("events.out.tfevents.")
+            || (name.starts_with("config-before-step-") && name.ends_with(".toml"))
+        {
             found.push(entry.path());
         }
     }
@@ -323,16 +327,29 @@ fn pretrain(
         // Open the fine-tuning data now: a missing or mismatched set should fail before hours of pretraining.
         finetune::open_data(&cfg).context("checking the finetune data (finetune.at_end = true)")?;
     }
-    if resume {
-        // Before anything is written (an event file): a finished run stays exactly as it is.
+    // Before anything is written (an event file): a finished run, or one resumed under a config its checkpoint
+    // cannot continue under, stays exactly as it is.
+    let resumed = if resume {
         let ckpt = checkpoint::resolve(&out)?;
-        if let Some(done) = trainer::nothing_to_do(&cfg, &out, &checkpoint::load_state(&ckpt)?, None) {
+        let (recipe, bookkeeping) = trainer::resume_changes(&cfg, &ckpt)?;
+        let state = checkpoint::load_state(&ckpt)?;
+        if let Some(done) = trainer::nothing_to_do(&cfg, &out, &state, None) {
             eprintln!("{done}");
             return Ok(());
         }
-    }
+        if !bookkeeping.is_empty() {
+            let keys: Vec<String> = bookkeeping.iter().map(ToString::to_string).collect();
+            eprintln!("resume with {}", keys.join(", "));
+        }
+        Some((ckpt, state.step, recipe))
+    } else {
+        None
+    };
     selfsup_pipeline::signals::install().context("installing the signal handlers")?;
     let mut tb = TensorBoard::create(&out).with_context(|| format!("creating the event file in {}", out.display()))?;
+    if let Some((ckpt, step, recipe)) = &resumed {
+        trainer::record_resume_changes(&out, ckpt, *step, recipe, &mut tb)?;
+    }
     eprintln!("run folder: {}", out.display());
     if launch.launched() {
         eprintln!("rank 0 of {} ({}): global batch {}", launch.world, launch.by, cfg.train.batch_size);
@@ -416,6 +433,7 @@ fn pretrain_rank(
     };
     if resume {
         let ckpt = checkpoint::resolve(&out)?;
+        trainer::resume_changes(&cfg, &ckpt)?;
         if trainer::nothing_to_do(&cfg, &out, &checkpoint::load_state(&ckpt)?, None).is_some() {
             return Ok(());
         }

@@ -324,6 +324,73 @@ fn one_process_per_run_folder_and_no_silent_overwrite() {
     assert_eq!(json(&run.join("summary.json"))["steps"], 3);
 }
 
+#[test]
+fn a_resume_refuses_what_its_checkpoint_cannot_continue_and_records_recipe_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    run_ok(pretrain_cmd(&run, false, &["--set", "train.max_steps=5"]));
+    let files = |run: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        // `.lock` holds the PID and command of the last process that took the lock: every process writes it.
+        let files = walk(run).into_iter().filter(|p| p.is_file() && !p.ends_with(".lock"));
+        files.map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect()
+    };
+    let before = files(&run);
+
+    // The batch size, the seed, the data or the network: the checkpoint's position or weights mean nothing under
+    // them. Every such key is named, with the way out, and nothing in the folder changes.
+    let err = run_err(pretrain_cmd(
+        &run,
+        true,
+        &[
+            "--set",
+            "train.max_steps=0",
+            "--set",
+            "train.batch_size=16",
+            "--set",
+            "seed=7",
+            "--set",
+            "model.backbone.width=4",
+        ],
+    ));
+    for named in ["train.batch_size = 32 -> 16", "seed = 0 -> 7", "model.backbone.width = 8 -> 4", "--init-from"] {
+        assert!(err.contains(named), "{named:?} not in:\n{err}");
+    }
+    assert!(!err.contains("max_steps"), "a bookkeeping key named as refused:\n{err}");
+    let after = files(&run);
+    let touched: Vec<_> = after.iter().filter(|f| !before.contains(f)).map(|f| &f.0).collect();
+    assert!(touched.is_empty() && after.len() == before.len(), "a refused resume touched the run folder: {touched:?}");
+
+    // A lower learning rate and more steps: allowed, said, and recorded where the run's history is read.
+    let said = run_ok(pretrain_cmd(&run, true, &["--set", "train.max_steps=8", "--set", "optimizer.base_lr=0.05"]));
+    assert!(
+        said.contains("resume changes the recipe from step 5") && said.contains("optimizer.base_lr = 1.0 -> 0.05"),
+        "{said}"
+    );
+    let kept = run.join("config-before-step-5.toml");
+    let ckpt5 = run.join("checkpoints").join(
+        std::fs::read_dir(run.join("checkpoints"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.ends_with("-step-5"))
+            .expect("the step-5 checkpoint"),
+    );
+    assert_eq!(std::fs::read(&kept).unwrap(), std::fs::read(ckpt5.join("config.toml")).unwrap());
+    let old = selfsup_pipeline::Config::load(&kept, &[]).unwrap();
+    let new = selfsup_pipeline::Config::load(&run.join("config.toml"), &[]).unwrap();
+    assert_eq!((old.optimizer.base_lr, new.optimizer.base_lr), (1.0, 0.05));
+    assert_eq!(latest_step(&run), 8);
+    let ev = read_events(&run);
+    let changes = &ev["text"]["config/changes"];
+    assert_eq!(changes[0][0], 5, "{changes}");
+    let md = changes[0][1].as_str().unwrap();
+    assert!(md.contains("`optimizer.base_lr` | `1.0` | `0.05`"), "{md}");
+    assert!(!md.contains("max_steps"), "bookkeeping is not a recipe change:\n{md}");
+    // --overwrite takes the kept config away with the rest of the old run.
+    run_ok(pretrain_cmd(&run, false, &["--overwrite", "--set", "train.max_steps=2"]));
+    assert!(!kept.exists());
+}
+
 /// Copies run folder `src` to `dst`.
 fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
@@ -370,6 +437,33 @@ fn a_flipped_byte_in_any_checkpoint_file_is_refused_by_every_command() {
         }
         assert!(!export.exists());
     }
+}
+
+#[test]
+fn a_corrupt_latest_checkpoint_names_the_newest_good_one_and_resuming_from_it_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    run_ok(pretrain_cmd(&run, false, &["--set", "train.max_steps=6", "--set", "train.checkpoint_every_steps=2"]));
+    let ckpts = selfsup_pipeline::checkpoint::list(&run.join("checkpoints"));
+    let steps: Vec<u64> = ckpts.iter().map(|(_, st)| st.step).collect();
+    assert_eq!(steps, [2, 4, 6]);
+    let uninterrupted = final_weights(&run);
+    let weights = ckpts[2].0.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&weights, bytes).unwrap();
+    let err = run_err(pretrain_cmd(&run, true, &[]));
+    let good = ckpts[1].0.file_name().unwrap().to_string_lossy().into_owned();
+    let latest = run.join("checkpoints").join("LATEST");
+    let fix = format!("`echo {good} > {}`", latest.display());
+    assert!(err.contains("model.safetensors") && err.contains("checksum mismatch") && err.contains(&fix), "{err}");
+    // What the hint says to do, then --resume: steps 5 and 6 again, the same weights as before the damage.
+    std::fs::write(&latest, format!("{good}\n")).unwrap();
+    let said = run_ok(pretrain_cmd(&run, true, &[]));
+    assert!(said.contains("step 4"), "{said}");
+    assert_eq!(latest_step(&run), 6);
+    assert!(final_weights(&run) == uninterrupted, "resumed from step 4: weights differ from the uninterrupted run");
 }
 
 #[test]

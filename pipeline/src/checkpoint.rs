@@ -86,7 +86,7 @@ pub const WEIGHTS: &str = "model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const PROBE: &str = "probe.safetensors";
 const STATE: &str = "state.json";
-const CONFIG: &str = "config.toml";
+pub const CONFIG: &str = "config.toml";
 /// The manifest: `<sha256 hex>  <file>` per line, as `sha256sum` writes and checks it.
 pub const MANIFEST: &str = "SHA256SUMS";
 const LATEST: &str = "LATEST";
@@ -380,10 +380,39 @@ pub fn check_state(
 /// `state.json` against the checkpoint's config. Every command that reads a checkpoint goes through here.
 pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
     let ckpt = find(path)?;
-    verify(&ckpt)?;
-    let cfg = load_config(&ckpt)?;
-    check_state(&ckpt, &load_state(&ckpt)?, &cfg, None)?;
+    check(&ckpt).map_err(|e| match e {
+        CheckpointError::Invalid { path, message } => {
+            CheckpointError::Invalid { message: format!("{message}{}", newest_good_hint(&ckpt)), path }
+        }
+        e => e,
+    })?;
     Ok(ckpt)
+}
+
+/// Verifies checkpoint `ckpt`: every file against the manifest, `state.json` against its config.
+fn check(ckpt: &Path) -> Result<(), CheckpointError> {
+    verify(ckpt)?;
+    let cfg = load_config(ckpt)?;
+    check_state(ckpt, &load_state(ckpt)?, &cfg, None)
+}
+
+/// For a checkpoint `bad` that fails verification: the newest other checkpoint beside it that verifies, and
+/// how to continue from it (`LATEST` names the one `--resume` takes); empty when there is none.
+fn newest_good_hint(bad: &Path) -> String {
+    let Some(dir) = bad.parent() else { return String::new() };
+    let good = list(dir).into_iter().rev().map(|(p, _)| p).find(|p| p != bad && check(p).is_ok());
+    match good {
+        Some(p) => {
+            let name = p.file_name().unwrap().to_string_lossy();
+            format!(
+                ". The newest checkpoint here that verifies is {}: eval, finetune and export take it as it is; to \
+                 --resume from it, `echo {name} > {}`",
+                p.display(),
+                dir.join(LATEST).display()
+            )
+        }
+        None => String::new(),
+    }
 }
 
 /// The checkpoint folder `path` means, unverified.

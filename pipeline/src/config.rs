@@ -465,13 +465,29 @@ impl Config {
         for arg in overrides {
             apply_override(&mut value, arg)?;
         }
+        // An `[augment]` that sets some keys keeps the default recipe's other values (without this, one key set
+        // would bring back the 224 px RGB defaults of the recipe type for all the others).
+        let recipe = toml::Value::try_from(Config::default().augment).expect("a recipe always serializes");
+        let augment = match value.remove("augment") {
+            Some(user) => merge_over(recipe, user),
+            None => recipe,
+        };
+        value.insert("augment".into(), augment);
         expand_views(&mut value).map_err(|message| ConfigError::Key {
             file: file.into(),
             key: "views".into(),
             message,
         })?;
-        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
-            ConfigError::Key { file: file.into(), key: e.path().to_string(), message: e.inner().to_string() }
+        let whole = toml::Value::Table(value);
+        let cfg: Config = serde_path_to_error::deserialize(whole.clone()).map_err(|e| {
+            let (key, message) = tagged_field_error(&whole, &e.path().to_string())
+                .unwrap_or_else(|| (e.path().to_string(), e.inner().to_string()));
+            // toml's own "in `key`" line repeats what the key already says.
+            let message = match message.trim_end().rsplit_once("\nin `") {
+                Some((head, tail)) if !tail.contains('\n') => head.trim_end().to_string(),
+                _ => message,
+            };
+            ConfigError::Key { file: file.into(), key, message }
         })?;
         cfg.validate(file)?;
         Ok(cfg)
@@ -598,8 +614,176 @@ impl Config {
         }
     }
 
+    /// The config as TOML, with the f32 fields written as the decimals they were given in (`0.2`, not
+    /// `0.20000000298023224`).
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("a Config always serializes")
+        let mut value = toml::Value::try_from(self).expect("a Config always serializes");
+        shortest_floats(&mut value);
+        toml::to_string_pretty(&value).expect("a Config always serializes")
+    }
+
+    /// Every key whose value differs from `old`'s, as dotted paths (`optimizer.base_lr`; arrays, `[[views]]`
+    /// included, compare whole), in the config's order.
+    pub fn changes_from(&self, old: &Config) -> Vec<Change> {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        flatten("", &toml::Value::try_from(old).expect("a Config always serializes"), &mut a);
+        flatten("", &toml::Value::try_from(self).expect("a Config always serializes"), &mut b);
+        let mut out = Vec::new();
+        for (key, new) in &b {
+            let old = a.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+            if old != Some(new) {
+                out.push(Change { key: key.clone(), old: old.map_or("(unset)".into(), show), new: show(new) });
+            }
+        }
+        for (key, old) in &a {
+            if !b.iter().any(|(k, _)| k == key) {
+                out.push(Change { key: key.clone(), old: show(old), new: "(unset)".into() });
+            }
+        }
+        out
+    }
+}
+
+/// One config key that differs between two configs: its dotted path and both values as TOML.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    pub key: String,
+    pub old: String,
+    pub new: String,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} = {} -> {}", self.key, self.old, self.new)
+    }
+}
+
+/// What changing a key does to a run continued by `--resume` from a checkpoint written under the old value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ResumeEffect {
+    /// Logging, checkpoint cadence, evaluation, threads, where to stop: the trained weights do not depend on it.
+    Bookkeeping,
+    /// The run goes on under another recipe from the checkpoint's step (a lower learning rate after a NaN, more
+    /// epochs, another device): allowed, said and recorded.
+    Recipe,
+    /// The checkpoint cannot continue under it: the reason.
+    Refused(&'static str),
+}
+
+/// How a `--resume` treats a change of `key` (a dotted path of [`Config::changes_from`]).
+pub fn resume_effect(key: &str) -> ResumeEffect {
+    const POSITION: &str = "the checkpoint's place in the run (epoch, batch within it) names batches of the data, \
+                            order and batch size it was written with";
+    const NETWORK: &str = "the checkpoint holds the weights of the network it was written with";
+    let (section, field) = key.split_once('.').unwrap_or(("", key));
+    match (section, field) {
+        ("", "seed") => ResumeEffect::Refused("the batch order and every augmentation are drawn from the seed"),
+        ("train", "batch_size") | ("data", "train" | "limit" | "shuffle") => ResumeEffect::Refused(POSITION),
+        ("data", "channels") | ("objective", "kind") => ResumeEffect::Refused(NETWORK),
+        ("model", _) => ResumeEffect::Refused(NETWORK),
+        ("", "name") | ("data", _) | ("eval", _) | ("log", _) | ("finetune", _) | ("dist", _) => {
+            ResumeEffect::Bookkeeping
+        }
+        (
+            "train",
+            "threads"
+            | "prefetch"
+            | "log_every"
+            | "checkpoint_every"
+            | "checkpoint_every_steps"
+            | "checkpoint_every_minutes"
+            | "keep_last"
+            | "on_nonfinite"
+            | "max_skipped"
+            | "progress_every_s"
+            | "preview_pairs"
+            | "recon_every"
+            | "profile_steps"
+            | "collapse_warn_std"
+            | "collapse_warn_rank"
+            | "max_steps",
+        ) => ResumeEffect::Bookkeeping,
+        _ => ResumeEffect::Recipe,
+    }
+}
+
+/// The key and message of an error serde reports at a tagged enum's table (`objective`, `model.backbone`) as a
+/// whole: its variant's own struct, deserialized alone, names the field (`objective.local_crops`).
+fn tagged_field_error(config: &toml::Value, path: &str) -> Option<(String, String)> {
+    use selfsup_models::backbone::{ResNetConfig, VitConfig};
+    use selfsup_models::objective::*;
+    fn precise<T: serde::de::DeserializeOwned>(table: toml::Table) -> Option<(String, String)> {
+        let e = serde_path_to_error::deserialize::<_, T>(toml::Value::Table(table)).err()?;
+        Some((e.path().to_string(), e.inner().to_string()))
+    }
+    let mut table = path.split('.').try_fold(config, |v, k| v.get(k))?.as_table()?.clone();
+    let kind = table.remove("kind")?.as_str()?.to_string();
+    let found = match (path, kind.as_str()) {
+        ("objective", "simclr") => precise::<SimClrConfig>(table),
+        ("objective", "byol") => precise::<ByolConfig>(table),
+        ("objective", "mocov3") => precise::<MocoV3Config>(table),
+        ("objective", "dino") => precise::<DinoConfig>(table),
+        ("objective", "barlow") => precise::<BarlowConfig>(table),
+        ("objective", "vicreg") => precise::<VicregConfig>(table),
+        ("objective", "mae") => precise::<MaeConfig>(table),
+        ("objective", "simmim") => precise::<SimMimConfig>(table),
+        ("model.backbone", "resnet") => precise::<ResNetConfig>(table),
+        ("model.backbone", "vit") => precise::<VitConfig>(table),
+        _ => None,
+    };
+    found.map(|(key, message)| (format!("{path}.{key}"), message))
+}
+
+/// `user` over `base`: tables merge key by key (recursively), any other value of `user` replaces.
+fn merge_over(base: toml::Value, user: toml::Value) -> toml::Value {
+    match (base, user) {
+        (toml::Value::Table(mut b), toml::Value::Table(u)) => {
+            for (k, v) in u {
+                let merged = match b.remove(&k) {
+                    Some(old) => merge_over(old, v),
+                    None => v,
+                };
+                b.insert(k, merged);
+            }
+            toml::Value::Table(b)
+        }
+        (_, user) => user,
+    }
+}
+
+/// `(dotted key, value)` for every non-table value under `value`.
+fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        v => out.push((prefix.to_string(), v.clone())),
+    }
+}
+
+/// A value as one line of TOML.
+fn show(v: &toml::Value) -> String {
+    let mut v = v.clone();
+    shortest_floats(&mut v);
+    v.to_string()
+}
+
+/// Replaces every float that is exactly an f32 by the shortest decimal that reads back as that f32 (what the
+/// user wrote), leaving other floats alone.
+fn shortest_floats(value: &mut toml::Value) {
+    match value {
+        toml::Value::Float(x) => {
+            let single = *x as f32;
+            if f64::from(single) == *x && x.is_finite() {
+                *x = format!("{single}").parse().expect("a float's Display parses");
+            }
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(shortest_floats),
+        toml::Value::Table(t) => t.iter_mut().for_each(|(_, v)| shortest_floats(v)),
+        _ => {}
     }
 }
 
@@ -668,6 +852,86 @@ fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn to_toml_writes_f32_fields_as_given_and_reads_back_equal() {
+        let cfg =
+            Config::from_toml("[augment]\ncrop_scale = [0.2, 1.0]\n[optimizer]\nbase_lr = 0.3\n", "t", &[]).unwrap();
+        let text = cfg.to_toml();
+        assert!(text.contains("0.2,") && !text.contains("0.20000000298023224"), "{text}");
+        assert!(text.contains("base_lr = 0.3\n"), "{text}");
+        let back = Config::from_toml(&text, "t", &[]).unwrap();
+        assert_eq!(back, cfg);
+        assert_eq!(back.to_toml(), text);
+        // Every preset survives the round trip exactly, f32 and f64 fields alike.
+        let presets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&presets).unwrap().flatten() {
+            let name = entry.path().display().to_string();
+            let cfg = Config::from_toml(&std::fs::read_to_string(entry.path()).unwrap(), &name, &[]).unwrap();
+            assert_eq!(Config::from_toml(&cfg.to_toml(), &name, &[]).unwrap(), cfg, "{name}");
+            n += 1;
+        }
+        assert!(n >= 10, "{n} presets in {}", presets.display());
+    }
+
+    #[test]
+    fn a_bad_value_inside_a_tagged_table_names_its_field() {
+        let cases = [
+            ("[objective]\nkind = \"dino\"\nlocal_crops = -1\n", "objective.local_crops", "usize"),
+            ("[objective]\nkind = \"simclr\"\ntemperature = \"warm\"\n", "objective.temperature", "f64"),
+            ("[model.backbone]\nkind = \"vit\"\npatch_size = 2.5\n", "model.backbone.patch_size", "i64"),
+            ("[model.backbone]\nkind = \"resnet\"\nlayers = 3\n", "model.backbone.layers", ""),
+        ];
+        for (text, key, message) in cases {
+            match Config::from_toml(text, "t.toml", &[]) {
+                Err(ConfigError::Key { key: k, message: m, .. }) => {
+                    assert_eq!(k, key, "{text}: {m}");
+                    assert!(m.contains(message), "{text}: {m}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        // An unknown kind names the kind key and the kinds there are.
+        let err = Config::from_toml("[objective]\nkind = \"swav\"\n", "t.toml", &[]).unwrap_err().to_string();
+        assert!(err.contains("`objective.kind`") && err.contains("simclr"), "{err}");
+    }
+
+    #[test]
+    fn changes_name_exactly_the_changed_keys_and_resume_classifies_them() {
+        let base = Config::from_toml("", "t", &[]).unwrap();
+        assert!(base.changes_from(&base).is_empty());
+        let sets = ["optimizer.base_lr=0.01", "train.threads=3", "augment.crop_scale=[0.5, 1.0]", "seed=9"];
+        let changed = Config::from_toml("", "t", &sets.map(String::from)).unwrap();
+        let c = changed.changes_from(&base);
+        let keys: Vec<&str> = c.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(keys, ["seed", "augment.crop_scale", "optimizer.base_lr", "train.threads"]);
+        let crop = c.iter().find(|c| c.key == "augment.crop_scale").unwrap();
+        assert_eq!((crop.old.as_str(), crop.new.as_str()), ("[0.08, 1.0]", "[0.5, 1.0]"));
+        use ResumeEffect::*;
+        assert!(matches!(resume_effect("seed"), Refused(_)));
+        for k in
+            ["train.batch_size", "data.train", "data.limit", "data.shuffle", "model.backbone.width", "objective.kind"]
+        {
+            assert!(matches!(resume_effect(k), Refused(_)), "{k}");
+        }
+        for k in
+            ["optimizer.base_lr", "train.epochs", "train.bf16", "augment.crop_scale", "objective.temperature", "views"]
+        {
+            assert_eq!(resume_effect(k), Recipe, "{k}");
+        }
+        for k in [
+            "train.threads",
+            "train.max_steps",
+            "train.keep_last",
+            "eval.knn_every",
+            "log.histogram_every",
+            "data.test",
+            "name",
+        ] {
+            assert_eq!(resume_effect(k), Bookkeeping, "{k}");
+        }
+    }
 
     #[test]
     fn unknown_key_is_named_with_its_path_and_file() {

@@ -127,6 +127,10 @@ pub fn describe(tag: &str) -> Option<String> {
                               beside the event file."
         }
         "config/command_line" => "The command line that started this process (a resume writes its own).",
+        "config/changes" => {
+            "What a --resume changed in the recipe (key, value until this step, value from it on); the config \
+             until then is kept as config-before-step-<step>.toml beside the event files."
+        }
         "finetune/lr" => "Fine-tuning learning rate at the last step of each epoch (warm-up then cosine).",
         "finetune/train_loss" => {
             "Fine-tuning cross-entropy (with finetune.label_smoothing), mean over the epoch's \

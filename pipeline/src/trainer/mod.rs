@@ -18,7 +18,7 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{Config, OnNonFinite, ShuffleMode};
+use crate::config::{resume_effect, Change, Config, OnNonFinite, ResumeEffect, ShuffleMode};
 use crate::launch::Launch;
 use crate::loader::{BadSample, HostBatch, Loader, LoaderConfig};
 use crate::progress::{Line, Progress};
@@ -344,6 +344,60 @@ pub fn nothing_to_do(cfg: &Config, out: &Path, st: &TrainerState, max_steps: Opt
             st.epoch
         )
     })
+}
+
+/// What a `--resume` under `cfg` changes against the config checkpoint `ckpt` was written under. A change the
+/// checkpoint cannot continue under (the seed, the batch size, the data, the network) is an error naming every
+/// such key and how to start a new run from these weights instead. Returns the recipe changes (to be said and
+/// recorded: [`record_resume_changes`]) and the bookkeeping ones.
+pub fn resume_changes(cfg: &Config, ckpt: &Path) -> Result<(Vec<Change>, Vec<Change>)> {
+    let old = checkpoint::load_config(ckpt)?;
+    let (mut recipe, mut bookkeeping, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    for c in cfg.changes_from(&old) {
+        match resume_effect(&c.key) {
+            ResumeEffect::Bookkeeping => bookkeeping.push(c),
+            ResumeEffect::Recipe => recipe.push(c),
+            ResumeEffect::Refused(why) => refused.push(format!("{c} ({why})")),
+        }
+    }
+    if !refused.is_empty() {
+        return Err(Error::Other(format!(
+            "--resume cannot continue checkpoint {} under this config:\n  {}\nTo train on from its weights under \
+             the new values, start a new run: selfsup pretrain --init-from {} --config <config> --out <new folder> \
+             (the backbone's weights; heads and optimizer start anew)",
+            ckpt.display(),
+            refused.join("\n  "),
+            ckpt.join(checkpoint::WEIGHTS).display()
+        )));
+    }
+    Ok((recipe, bookkeeping))
+}
+
+/// Says and records the recipe changes of a `--resume` continuing checkpoint `ckpt` (at `step`) in run folder
+/// `out`: on stderr, as the text tag `config/changes` at that step, and by keeping the config the run had until
+/// then as `config-before-step-<step>.toml` (config.toml becomes the new one).
+pub fn record_resume_changes(out: &Path, ckpt: &Path, step: u64, recipe: &[Change], sink: &mut dyn Sink) -> Result<()> {
+    if recipe.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = recipe.iter().map(ToString::to_string).collect();
+    eprintln!(
+        "resume changes the recipe from step {step} on (the run is no longer the one its first config describes):\n  {}",
+        lines.join("\n  ")
+    );
+    let kept = out.join(format!("config-before-step-{step}.toml"));
+    let from = ckpt.join(checkpoint::CONFIG);
+    std::fs::copy(&from, &kept).map_err(|e| Error::Other(format!("{} -> {}: {e}", from.display(), kept.display())))?;
+    let mut md = format!(
+        "Resumed from `{}` with a changed recipe; until step {step} the run followed `{}`.\n\n| key | until step {step} | from step {step} |\n|---|---|---|",
+        ckpt.display(),
+        kept.file_name().unwrap().to_string_lossy()
+    );
+    for c in recipe {
+        md += &format!("\n| `{}` | `{}` | `{}` |", c.key, c.old.replace('|', "\\|"), c.new.replace('|', "\\|"));
+    }
+    sink.text("config/changes", step as i64, &md);
+    Ok(())
 }
 
 /// What one epoch consumed: samples, and the unreadable ones (those before a resume only counted).
