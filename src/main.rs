@@ -194,8 +194,9 @@ fn utc_stamp() -> String {
 }
 
 /// What a run folder holds that `pretrain --overwrite` replaces (and whose presence means "a run is here").
-const RUN_FILES: [&str; 8] = [
+const RUN_FILES: [&str; 9] = [
     "config.toml",
+    "init_from.json",
     "checkpoints",
     "summary.json",
     "eval.json",

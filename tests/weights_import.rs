@@ -85,6 +85,23 @@ fn pretrain_and_finetune_start_from_pytorch_files() {
             assert!(d < 0.05, "{whose}.{name}: {d}");
         }
     }
+    // The run folder records where its weights started (config.toml cannot: it is a flag): the file, its
+    // SHA-256, what was loaded; in init_from.json, summary.json and TensorBoard's text tab.
+    let sha = String::from_utf8(Command::new("sha256sum").arg(&resnet).output().unwrap().stdout).unwrap();
+    let sha = sha.split_whitespace().next().unwrap().to_string();
+    let record = json(&run.join("init_from.json"));
+    assert_eq!((record["sha256"].as_str(), record["loaded"].as_u64()), (Some(sha.as_str()), Some(60)), "{record}");
+    assert_eq!(json(&run.join("summary.json"))["init_from"], record);
+    let ev = common::read_events(&run);
+    let text = ev["text"]["config/init_from"][0][1].as_str().unwrap().to_string();
+    assert!(text.contains(&sha) && text.contains("60 tensors loaded"), "{text}");
+    // A resume (two more steps) keeps the record in its summary.
+    let out =
+        selfsup(&["pretrain", "--resume", "--out", run.to_str().unwrap(), "--quiet", "--set", "train.max_steps=4"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&run.join("summary.json"))["init_from"], record);
+    assert_eq!(json(&run.join("summary.json"))["steps"], 4);
+
     // Not with --resume: a resumed run continues from its own checkpoint.
     let out =
         selfsup(&["pretrain", "--resume", "--out", run.to_str().unwrap(), "--init-from", resnet.to_str().unwrap()]);

@@ -108,7 +108,7 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
 }
 
 /// The SHA-256 of a file, as lowercase hex.
-fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
+pub fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
     let mut f = File::open(path).map_err(io(path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -30,9 +30,11 @@ use tch::Tensor;
 use crate::checkpoint::{first_nonfinite, CheckpointError};
 
 /// What [`load_backbone_file`] did.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Imported {
+    /// The file, as given, and its SHA-256 (what the run's `init_from.json` and summary record).
     pub file: PathBuf,
+    pub sha256: String,
     /// Backbone tensors loaded (each also into the momentum teacher's twin when the model has one).
     pub loaded: usize,
     /// Also loaded into the momentum teacher.
@@ -47,6 +49,7 @@ impl std::fmt::Display for Imported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let teacher = if self.teacher { " (and the momentum teacher)" } else { "" };
         write!(f, "initialised the backbone{teacher} from {}: {} tensors", self.file.display(), self.loaded)?;
+        write!(f, " (sha256 {})", &self.sha256[..self.sha256.len().min(12)])?;
         if !self.dropped.is_empty() {
             write!(f, "; left out {}", summarize_dropped(&self.dropped))?;
         }
@@ -334,7 +337,15 @@ pub fn load_backbone_file(vs: &VarStore, file: &Path, cfg: &BackboneConfig) -> R
             }
         }
     });
-    Ok(Imported { file: file.to_path_buf(), loaded: copies.len(), teacher: !twins.is_empty(), dropped, adapted })
+    let sha256 = crate::checkpoint::sha256_file(file)?;
+    Ok(Imported {
+        file: file.to_path_buf(),
+        sha256,
+        loaded: copies.len(),
+        teacher: !twins.is_empty(),
+        dropped,
+        adapted,
+    })
 }
 
 /// Checks, before a run writes anything, that `file` loads into `cfg`'s backbone (built on the CPU for the

@@ -34,7 +34,8 @@ def main():
             "metadata_rows": len(meta) - 1,
             "classes": sorted({m.split("\t")[0] for m in meta[1:]}),
             "sprite_size": list(sprite.size),
-            "sprite_expected": [per_row * dim[0], math.ceil(k / per_row) * dim[1]],
+            # The projector lays the sprite out as a square of per_row x per_row cells.
+            "sprite_expected": [per_row * dim[0], per_row * dim[1]],
         })
     print(json.dumps(out))
 

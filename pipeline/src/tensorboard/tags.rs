@@ -127,6 +127,10 @@ pub fn describe(tag: &str) -> Option<String> {
                               beside the event file."
         }
         "config/command_line" => "The command line that started this process (a resume writes its own).",
+        "config/init_from" => {
+            "The weights file the backbone started from (pretrain --init-from), its SHA-256, and what was loaded, \
+             left out and adapted; also init_from.json beside the event files."
+        }
         "config/changes" => {
             "What a --resume changed in the recipe (key, value until this step, value from it on); the config \
              until then is kept as config-before-step-<step>.toml beside the event files."

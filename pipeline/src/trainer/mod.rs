@@ -94,7 +94,12 @@ pub struct RunSummary {
     /// waited for its end; DINO's frozen last layer, for one, holds back the buckets after its own).
     pub grad_buckets_started_in_backward: f64,
     pub grad_allreduce_seconds: f64,
+    /// The weights the backbone started from (`pretrain --init-from`), as `init_from.json` in the run folder.
+    pub init_from: Option<crate::pretrained::Imported>,
 }
+
+/// The run folder's record of `pretrain --init-from`: file, SHA-256, what was loaded, left out and adapted.
+pub const INIT_FROM: &str = "init_from.json";
 
 /// The model of a run: variables and the objective (with its backbone, heads and teacher).
 pub struct Model {
@@ -484,6 +489,8 @@ struct Trainer<'a> {
     allreduce_seconds: f64,
     /// The step of the last parameter histograms (`log.histogram_every`).
     last_histogram: Option<u64>,
+    /// What `--init-from` loaded (this process, or the run's first one: `init_from.json`).
+    init_from: Option<crate::pretrained::Imported>,
 }
 
 impl<'a> Trainer<'a> {
@@ -538,12 +545,20 @@ impl<'a> Trainer<'a> {
         }
         let channels = source.channels();
         let model = build_model(cfg, channels, device)?;
-        if let Some(file) = opts.init_from.as_ref().filter(|_| !opts.resume) {
-            let imported = crate::pretrained::load_backbone_file(&model.vs, file, &cfg.model.backbone)?;
-            if dist.is_main() {
-                eprintln!("{imported}");
+        let init_file = opts.out.join(INIT_FROM);
+        let init_from = match opts.init_from.as_ref().filter(|_| !opts.resume) {
+            Some(file) => {
+                let imported = crate::pretrained::load_backbone_file(&model.vs, file, &cfg.model.backbone)?;
+                if dist.is_main() {
+                    eprintln!("{imported}");
+                    // The run folder says where its weights started: config.toml cannot (it is a flag).
+                    crate::write_json_atomic(&init_file, &imported)?;
+                }
+                Some(imported)
             }
-        }
+            // A resumed run started from the weights its first process recorded.
+            None => std::fs::read(&init_file).ok().and_then(|b| serde_json::from_slice(&b).ok()),
+        };
         let recipes = cfg.view_recipes().iter().map(|r| r.build(channels)).collect::<Result<Vec<_>, _>>()?;
         let views = Arc::new(Views::new(recipes));
         let t = &cfg.train;
@@ -620,6 +635,7 @@ impl<'a> Trainer<'a> {
             early_buckets: 0,
             allreduce_seconds: 0.0,
             last_histogram: None,
+            init_from,
         })
     }
 
@@ -679,9 +695,12 @@ impl<'a> Trainer<'a> {
 
     /// What a run says about itself at its start (a resume too: its command line is its own).
     fn describe(&self, sink: &mut dyn Sink) {
-        sink.hparams(&report::session(self.cfg, self.dist.world()));
+        sink.hparams(&report::session(self.cfg, self.dist.world(), self.autocast));
         sink.text("config/resolved", self.step as i64, &report::config_markdown(self.cfg));
         sink.text("config/command_line", self.step as i64, &report::command_line_markdown());
+        if let Some(i) = &self.init_from {
+            sink.text("config/init_from", self.step as i64, &report::init_from_markdown(i));
+        }
         sink.flush();
     }
 
@@ -1106,6 +1125,7 @@ impl<'a> Trainer<'a> {
             dist_backend: self.dist.backend().map(|b| format!("{b:?}").to_lowercase()),
             grad_buckets_started_in_backward: self.early_buckets as f64 / (self.step - self.first_step).max(1) as f64,
             grad_allreduce_seconds: self.allreduce_seconds,
+            init_from: self.init_from.clone(),
         })
     }
 }

@@ -32,7 +32,8 @@ pub fn views_summary(cfg: &Config) -> String {
 /// The run's hyperparameters: the same names for every objective (so that the HParams table lines up SimCLR,
 /// DINO and MAE runs), with the objective's own temperature, momentum or mask ratio where it has one; and its
 /// metrics: the last validation k-NN, the end-of-run evaluation and, with `finetune.at_end`, both fine-tunes.
-pub fn session(cfg: &Config, world_size: usize) -> Session {
+/// `bf16` is whether bf16 autocast is in effect (`train.bf16` on CUDA; the CPU always trains in f32).
+pub fn session(cfg: &Config, world_size: usize, bf16: bool) -> Session {
     let text = |s: String| HValue::Text(s);
     let json = serde_json::to_value(cfg).unwrap_or_default();
     let objective = &json["objective"];
@@ -83,8 +84,8 @@ pub fn session(cfg: &Config, world_size: usize) -> Session {
         },
         HParam {
             name: "bf16",
-            description: "`train.bf16` (bf16 autocast on CUDA).",
-            value: HValue::Bool(cfg.train.bf16),
+            description: "bf16 autocast in effect: `train.bf16` on CUDA; false on the CPU, which trains in f32.",
+            value: HValue::Bool(bf16),
         },
     ];
     let optional: [(&'static str, &'static str, &[&str]); 3] = [
@@ -185,6 +186,28 @@ pub fn session(cfg: &Config, world_size: usize) -> Session {
 /// The resolved config as a fenced TOML block.
 pub fn config_markdown(cfg: &Config) -> String {
     format!("```toml\n{}\n```", cfg.to_toml().trim_end())
+}
+
+/// What the backbone started from (`pretrain --init-from`), for the text tab.
+pub fn init_from_markdown(i: &crate::pretrained::Imported) -> String {
+    let mut md = format!(
+        "The backbone{} started from `{}` (SHA-256 `{}`): {} tensors loaded.",
+        if i.teacher { " and its momentum teacher" } else { "" },
+        i.file.display(),
+        i.sha256,
+        i.loaded
+    );
+    if !i.dropped.is_empty() {
+        md += &format!(
+            "\n\nLeft out ({}): {}",
+            i.dropped.len(),
+            i.dropped.iter().map(|d| format!("`{d}`")).collect::<Vec<_>>().join(", ")
+        );
+    }
+    for a in &i.adapted {
+        md += &format!("\n\n- {a}");
+    }
+    md
 }
 
 /// This process's command line, each argument quoted where the shell would need it.
