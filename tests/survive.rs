@@ -467,6 +467,69 @@ fn a_corrupt_latest_checkpoint_names_the_newest_good_one_and_resuming_from_it_lo
 }
 
 #[test]
+fn a_signal_during_the_final_evaluation_stops_it_and_a_resume_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // An evaluation that would take hours: a million epochs of linear probe.
+    let mut child = pretrain_cmd(
+        &run,
+        false,
+        &[
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "eval.at_end=true",
+            "--set",
+            "eval.train_limit=1000",
+            "--set",
+            "eval.projector_samples=16",
+            "--set",
+            "eval.probe_epochs=1000000",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // The projector is written once the features are extracted, just before the probes.
+    let start = Instant::now();
+    while !run.join("projector_config.pbtxt").exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("exited before its evaluation: {status}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no projector after 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, "INT");
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("still evaluating 30 s after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    eprintln!("stopped {:?} after SIGINT", t.elapsed());
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("SIGINT: the final evaluation stopped") && err.contains("--resume"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(json(&run.join("summary.json"))["interrupted"], "SIGINT");
+    assert!(!run.join("eval.json").exists());
+    assert_eq!(latest_step(&run), 3);
+    // The resume has nothing to train and evaluates (here with a probe of a sensible length).
+    let said = run_ok(pretrain_cmd(&run, true, &["--set", "eval.probe_epochs=2"]));
+    assert!(run.join("eval.json").exists(), "{said}");
+    assert!(json(&run.join("summary.json"))["interrupted"].is_null());
+    assert_eq!(latest_step(&run), 3);
+}
+
+#[test]
 fn bad_paths_fail_before_training_and_leftovers_are_cleaned() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");

@@ -13,6 +13,7 @@ use selfsup_models::dist::Dist;
 
 use crate::loader::{Loader, LoaderConfig};
 use crate::source::Source;
+use crate::{Error, Result};
 
 /// Features (or raw pixels) of a labeled set, on the CPU.
 pub struct Features {
@@ -54,6 +55,9 @@ pub struct ExtractOptions<'a> {
     pub dist: Option<&'a Dist>,
     /// A progress bar with this label on stderr (`None`: silent).
     pub progress: Option<&'a str>,
+    /// Give up with [`Error::Stopped`] at the next batch once SIGINT / SIGTERM asked to stop (one process only:
+    /// in a group every rank must take part in every gather).
+    pub stop_on_signal: bool,
 }
 
 /// Runs each of `fs` (a frozen network, identity for raw pixels, ...) over the labeled `source` in one pass, so the
@@ -63,10 +67,10 @@ pub fn extract(
     source: Arc<dyn Source>,
     opts: &ExtractOptions,
     fs: &[&dyn Fn(&Tensor) -> Tensor],
-) -> Result<Vec<Features>, String> {
-    let first = source.get(0).map_err(|e| e.to_string())?.image;
+) -> Result<Vec<Features>> {
+    let first = source.get(0)?.image;
     let channels = source.channels();
-    let pipe = eval_recipe(opts.recipe, first.width, first.height).build(channels).map_err(|e| e.to_string())?;
+    let pipe = eval_recipe(opts.recipe, first.width, first.height).build(channels)?;
     let shape = pipe.out_shape();
     let views = Arc::new(Views::new(vec![pipe]));
     let source: Arc<dyn Source> = if opts.limit > 0 && opts.limit < source.len() {
@@ -87,18 +91,22 @@ pub fn extract(
     // Sharded: every batch's rows gathered from the ranks, in rank order, which is the batch's order (each rank
     // holds a contiguous slice of it). Every rank takes part in every gather, also with no readable row.
     let sharded = opts.dist.filter(|d| d.world() > 1);
-    let gather = |t: Tensor| -> Result<Tensor, String> {
+    let gather = |t: Tensor| -> Result<Tensor> {
         match sharded {
-            Some(d) => d.all_gather(&t).map_err(|e| format!("gathering evaluation features: {e}")),
+            Some(d) => d.all_gather(&t).map_err(|e| Error::Other(format!("gathering evaluation features: {e}"))),
             None => Ok(t),
         }
     };
     let mut task =
         crate::progress::Task::new(opts.progress.unwrap_or(""), "images", source.len() as u64, opts.progress.is_some());
-    let loader = Loader::new(source, views, cfg).map_err(|e| e.to_string())?;
+    let loader = Loader::new(source, views, cfg).map_err(|e| Error::Other(e.to_string()))?;
     let mut xs: Vec<DeviceBuffer> = fs.iter().map(|_| DeviceBuffer::default()).collect();
     let (mut ys, mut unreadable) = (DeviceBuffer::default(), 0usize);
+    let stop = opts.stop_on_signal && sharded.is_none();
     for batch in loader.epoch(0) {
+        if let Some(sig) = crate::signals::stop_requested().filter(|_| stop) {
+            return Err(Error::Stopped(sig));
+        }
         // This rank's share, counted as the whole batch (every rank reads its slice of every batch).
         task.inc(((batch.len() + batch.bad.len()) * sharded.map_or(1, |d| d.world())) as u64);
         unreadable += batch.bad.len();
@@ -108,7 +116,7 @@ pub fn extract(
         let labels: &[i64] = match &batch.labels {
             Some(l) => l,
             None if batch.is_empty() => &[],
-            None => return Err("the evaluation data has no labels".into()),
+            None => return Err(Error::Other("the evaluation data has no labels".into())),
         };
         // A rank with no readable row runs one blank image to learn the feature sizes, and sends no row.
         let rows = batch.len().max(1) as i64;
@@ -126,13 +134,13 @@ pub fn extract(
     }
     if let Some(d) = sharded {
         let mut n = [unreadable as i64];
-        d.all_reduce_host(&mut n).map_err(|e| format!("counting unreadable evaluation samples: {e}"))?;
+        d.all_reduce_host(&mut n).map_err(|e| Error::Other(format!("counting unreadable evaluation samples: {e}")))?;
         unreadable = n[0] as usize;
     }
     task.finish();
     let y = ys.finish();
     if y.numel() == 0 {
-        return Err("no readable evaluation samples".into());
+        return Err(Error::Other("no readable evaluation samples".into()));
     }
     Ok(xs.into_iter().map(|x| Features { x: x.finish(), y: y.shallow_clone(), unreadable }).collect())
 }
@@ -225,11 +233,13 @@ pub struct ProbeOptions {
     pub device: Device,
     /// A progress bar over the epochs on stderr.
     pub progress: bool,
+    /// Give up with [`Error::Stopped`] at the next epoch once SIGINT / SIGTERM asked to stop.
+    pub stop_on_signal: bool,
 }
 
 /// Fits a linear classifier on standardized `train` features with SGD (momentum 0.9, cosine learning rate)
 /// and returns its predictions on `test`.
-pub fn linear_probe_predict(train: &Features, test: &Features, classes: i64, o: &ProbeOptions) -> Tensor {
+pub fn linear_probe_predict(train: &Features, test: &Features, classes: i64, o: &ProbeOptions) -> Result<Tensor> {
     tch::manual_seed(o.seed);
     let x = train.x.to_device(o.device);
     let mean = x.mean_dim([0i64].as_slice(), true, Kind::Float);
@@ -246,6 +256,9 @@ pub fn linear_probe_predict(train: &Features, test: &Features, classes: i64, o: 
     let bs = o.batch_size as i64;
     let mut task = crate::progress::Task::new("linear probe", "epochs", o.epochs as u64, o.progress);
     for epoch in 0..o.epochs {
+        if let Some(sig) = crate::signals::stop_requested().filter(|_| o.stop_on_signal) {
+            return Err(Error::Stopped(sig));
+        }
         let lr = 0.5 * o.lr * (1.0 + (std::f64::consts::PI * epoch as f64 / o.epochs as f64).cos());
         opt.set_lr(lr);
         let perm = Tensor::randperm(n, (Kind::Int64, o.device));
@@ -257,7 +270,7 @@ pub fn linear_probe_predict(train: &Features, test: &Features, classes: i64, o: 
         task.inc(1);
     }
     task.finish();
-    tch::no_grad(|| lin.forward(&xt).argmax(1, false).to_device(Device::Cpu))
+    Ok(tch::no_grad(|| lin.forward(&xt).argmax(1, false).to_device(Device::Cpu)))
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -356,8 +369,9 @@ mod tests {
             seed: 0,
             device: Device::Cpu,
             progress: false,
+            stop_on_signal: false,
         };
-        let pred = linear_probe_predict(&f, &f, 3, &o);
+        let pred = linear_probe_predict(&f, &f, 3, &o).unwrap();
         let r = ClassReport::new(&pred, &f.y, &[], 3);
         assert!(r.top1 > 0.97, "{r:?}");
     }

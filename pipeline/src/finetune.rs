@@ -256,6 +256,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         autocast,
         dist: None,
         progress: None,
+        stop_on_signal: false,
     };
     let mut progress = Progress::new(total_steps, 0, opts.quiet);
     let mut curve = Vec::new();
@@ -359,7 +360,7 @@ fn evaluate(
     frozen: bool,
 ) -> Result<(ClassReport, usize, usize)> {
     let logits = |x: &Tensor| model.logits(x, false, frozen);
-    let out = extract(test, opts, &[&logits]).map_err(Error::Other)?.swap_remove(0);
+    let out = extract(test, opts, &[&logits])?.swap_remove(0);
     let pred = out.x.argmax(1, false);
     let n = out.y.size()[0] as usize;
     Ok((ClassReport::new(&pred, &out.y, names, classes as usize), n, out.unreadable))

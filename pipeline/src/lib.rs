@@ -35,6 +35,9 @@ pub enum Error {
     Augment(#[from] selfsup_augment::AugmentError),
     #[error("{0}")]
     Other(String),
+    /// SIGINT or SIGTERM asked to stop a pass that polls for it ([`eval::ExtractOptions::stop_on_signal`]).
+    #[error("stopped by {}", signals::name(*.0))]
+    Stopped(i32),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

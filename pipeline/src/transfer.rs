@@ -68,6 +68,12 @@ pub struct EvalContext<'a> {
 }
 
 impl EvalContext<'_> {
+    /// Whether a SIGINT / SIGTERM may cut the evaluation short ([`Error::Stopped`]): in one process only (in a
+    /// group every rank must take part in every gather).
+    fn stoppable(&self) -> bool {
+        self.dist.is_none_or(|d| d.world() == 1)
+    }
+
     fn is_main(&self) -> bool {
         self.dist.is_none_or(Dist::is_main)
     }
@@ -149,12 +155,13 @@ fn features(
         autocast: ctx.autocast,
         dist: ctx.dist,
         progress: show.then_some(label),
+        stop_on_signal: ctx.stoppable(),
     };
     let net = |x: &Tensor| backbone.features(x, false);
     let pixels = |x: &Tensor| x.flatten(1, -1);
     let fs: Vec<&dyn Fn(&Tensor) -> Tensor> = if raw { vec![&net, &pixels] } else { vec![&net] };
-    let mut tr = extract(train_src, &opts(limits.0, "features: labeled train"), &fs).map_err(Error::Other)?.into_iter();
-    let mut te = extract(test_src.clone(), &opts(limits.1, "features: test"), &fs).map_err(Error::Other)?.into_iter();
+    let mut tr = extract(train_src, &opts(limits.0, "features: labeled train"), &fs)?.into_iter();
+    let mut te = extract(test_src.clone(), &opts(limits.1, "features: test"), &fs)?.into_iter();
     let (train, test) = (tr.next().expect("one set per function"), te.next().expect("one set per function"));
     let raw = tr.next().zip(te.next());
     Ok(EvalSets { train, test, classes, names, raw, test_src })
@@ -189,13 +196,20 @@ pub fn evaluate(
         seed: cfg.seed as i64,
         device: ctx.device,
         progress: ctx.progress,
+        stop_on_signal: ctx.stoppable(),
     };
     let knn = knn_report(&train, &test, classes, &names, ctx);
     let linear =
-        ClassReport::new(&linear_probe_predict(&train, &test, classes, &probe), &test.y, &names, classes as usize);
-    let raw_pixels_linear = raw.map(|(rtr, rte)| {
-        ClassReport::new(&linear_probe_predict(&rtr, &rte, classes, &probe), &rte.y, &names, classes as usize)
-    });
+        ClassReport::new(&linear_probe_predict(&train, &test, classes, &probe)?, &test.y, &names, classes as usize);
+    let raw_pixels_linear = match raw {
+        Some((rtr, rte)) => Some(ClassReport::new(
+            &linear_probe_predict(&rtr, &rte, classes, &probe)?,
+            &rte.y,
+            &names,
+            classes as usize,
+        )),
+        None => None,
+    };
     sink.scalar("eval/knn_top1", step, knn.top1);
     sink.scalar("eval/linear_top1", step, linear.top1);
     sink.scalar("eval/linear_worst_class_top1", step, linear.worst_accuracy);

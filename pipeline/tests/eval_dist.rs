@@ -40,6 +40,7 @@ fn opts<'a>(recipe: &'a RecipeConfig, dist: Option<&'a Dist>) -> ExtractOptions<
         autocast: false,
         dist,
         progress: None,
+        stop_on_signal: false,
     }
 }
 

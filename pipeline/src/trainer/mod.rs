@@ -990,8 +990,12 @@ impl<'a> Trainer<'a> {
         let e = &cfg.eval;
         if e.knn_every > 0 && (epoch % e.knn_every == 0 || epoch == t.epochs) && cfg.data.test.is_some() {
             let subset = (e.val_bank_size, e.val_test_size);
-            if let Some(top1) = transfer::knn_only(self.model.eval_backbone(cfg), &self.eval_context(), subset)? {
-                sink.scalar("val/knn_top1", self.step as i64, top1);
+            match transfer::knn_only(self.model.eval_backbone(cfg), &self.eval_context(), subset) {
+                Ok(Some(top1)) => sink.scalar("val/knn_top1", self.step as i64, top1),
+                Ok(None) => {}
+                // A stop asked for during the validation pass: no point this epoch; the loop stops next.
+                Err(Error::Stopped(_)) => {}
+                Err(e) => return Err(e),
             }
         }
         sink.flush();
@@ -1082,12 +1086,26 @@ impl<'a> Trainer<'a> {
         }
         let evaluating = cfg.eval.at_end && cfg.data.test.is_some() && self.interrupted.is_none();
         let eval = if evaluating {
-            let report =
-                transfer::evaluate(self.model.eval_backbone(cfg), &self.eval_context(), sink, self.step as i64)?;
-            if let Some(r) = &report {
-                transfer::write_report(r, self.out)?;
+            match transfer::evaluate(self.model.eval_backbone(cfg), &self.eval_context(), sink, self.step as i64) {
+                Ok(report) => {
+                    if let Some(r) = &report {
+                        transfer::write_report(r, self.out)?;
+                    }
+                    report
+                }
+                // A stop asked for during the final evaluation cuts it short: the checkpoint is written, and a
+                // --resume of the run evaluates.
+                Err(Error::Stopped(sig)) => {
+                    eprintln!(
+                        "{}: the final evaluation stopped; `selfsup pretrain --resume --out {}` evaluates",
+                        signals::name(sig),
+                        self.out.display()
+                    );
+                    self.interrupted = Some(sig);
+                    None
+                }
+                Err(e) => return Err(e),
             }
-            report
         } else {
             None
         };
