@@ -360,8 +360,25 @@ fn a_resume_refuses_what_its_checkpoint_cannot_continue_and_records_recipe_chang
     let touched: Vec<_> = after.iter().filter(|f| !before.contains(f)).map(|f| &f.0).collect();
     assert!(touched.is_empty() && after.len() == before.len(), "a refused resume touched the run folder: {touched:?}");
 
+    // The data at another path is fine if it is the same size (a requeued job's node-local copy); of another
+    // size it is refused by the sample count the checkpoint keeps, before anything is written.
+    let err = run_err(pretrain_cmd(&run, true, &["--set", "train.max_steps=0", "--set", "data.limit=320"]));
+    assert!(err.contains("written over 384 training samples") && err.contains("gives 320"), "{err}");
+    let after = files(&run);
+    assert!(after.len() == before.len() && after.iter().all(|f| before.contains(f)), "a refused resume wrote");
+    let copy = dir.path().join("scratch");
+    std::fs::create_dir(&copy).unwrap();
+    for f in ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"] {
+        std::fs::copy(Path::new("/usr/share/datasets/fashion-mnist").join(f), copy.join(f)).unwrap();
+    }
+    let moved = format!("data.train={}", copy.join("train-images-idx3-ubyte.gz").display());
+
     // A lower learning rate and more steps: allowed, said, and recorded where the run's history is read.
-    let said = run_ok(pretrain_cmd(&run, true, &["--set", "train.max_steps=8", "--set", "optimizer.base_lr=0.05"]));
+    let said = run_ok(pretrain_cmd(
+        &run,
+        true,
+        &["--set", "train.max_steps=8", "--set", "optimizer.base_lr=0.05", "--set", &moved],
+    ));
     assert!(
         said.contains("resume changes the recipe from step 5") && said.contains("optimizer.base_lr = 1.0 -> 0.05"),
         "{said}"
@@ -384,7 +401,7 @@ fn a_resume_refuses_what_its_checkpoint_cannot_continue_and_records_recipe_chang
     let changes = &ev["text"]["config/changes"];
     assert_eq!(changes[0][0], 5, "{changes}");
     let md = changes[0][1].as_str().unwrap();
-    assert!(md.contains("`optimizer.base_lr` | `1.0` | `0.05`"), "{md}");
+    assert!(md.contains("`optimizer.base_lr` | `1.0` | `0.05`") && md.contains("`data.train`"), "{md}");
     assert!(!md.contains("max_steps"), "bookkeeping is not a recipe change:\n{md}");
     // --overwrite takes the kept config away with the rest of the old run.
     run_ok(pretrain_cmd(&run, false, &["--overwrite", "--set", "train.max_steps=2"]));

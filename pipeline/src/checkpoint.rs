@@ -64,6 +64,9 @@ pub struct TrainerState {
     pub epoch_seen: usize,
     pub epoch_bad: usize,
     pub selfsup_version: String,
+    /// The training samples the run's epochs go over (after `data.limit`; 0 in checkpoints older than this
+    /// field): a resume on data of another size would name other batches with the same position.
+    pub data_samples: u64,
 }
 
 /// The sums of a log window, as saved.

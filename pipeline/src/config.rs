@@ -678,7 +678,10 @@ pub fn resume_effect(key: &str) -> ResumeEffect {
     let (section, field) = key.split_once('.').unwrap_or(("", key));
     match (section, field) {
         ("", "seed") => ResumeEffect::Refused("the batch order and every augmentation are drawn from the seed"),
-        ("train", "batch_size") | ("data", "train" | "limit" | "shuffle") => ResumeEffect::Refused(POSITION),
+        // A moved copy of the same data (node-local scratch on a requeued job) is fine: `data.train` and
+        // `data.limit` are recipe changes, and the resume checks the sample count against the checkpoint's.
+        ("train", "batch_size") | ("data", "shuffle") => ResumeEffect::Refused(POSITION),
+        ("data", "train" | "limit") => ResumeEffect::Recipe,
         ("data", "channels") | ("objective", "kind") => ResumeEffect::Refused(NETWORK),
         ("model", _) => ResumeEffect::Refused(NETWORK),
         ("", "name") | ("data", _) | ("eval", _) | ("log", _) | ("finetune", _) | ("dist", _) => {
@@ -910,14 +913,18 @@ mod tests {
         assert_eq!((crop.old.as_str(), crop.new.as_str()), ("[0.08, 1.0]", "[0.5, 1.0]"));
         use ResumeEffect::*;
         assert!(matches!(resume_effect("seed"), Refused(_)));
-        for k in
-            ["train.batch_size", "data.train", "data.limit", "data.shuffle", "model.backbone.width", "objective.kind"]
-        {
+        for k in ["train.batch_size", "data.shuffle", "model.backbone.width", "objective.kind"] {
             assert!(matches!(resume_effect(k), Refused(_)), "{k}");
         }
-        for k in
-            ["optimizer.base_lr", "train.epochs", "train.bf16", "augment.crop_scale", "objective.temperature", "views"]
-        {
+        for k in [
+            "optimizer.base_lr",
+            "train.epochs",
+            "train.bf16",
+            "augment.crop_scale",
+            "views",
+            "data.train",
+            "data.limit",
+        ] {
             assert_eq!(resume_effect(k), Recipe, "{k}");
         }
         for k in [

@@ -357,6 +357,13 @@ pub fn nothing_to_do(cfg: &Config, out: &Path, st: &TrainerState, max_steps: Opt
 /// recorded: [`record_resume_changes`]) and the bookkeeping ones.
 pub fn resume_changes(cfg: &Config, ckpt: &Path) -> Result<(Vec<Change>, Vec<Change>)> {
     let old = checkpoint::load_config(ckpt)?;
+    let moved = cfg.data.train != old.data.train || cfg.data.limit != old.data.limit;
+    if moved {
+        // Another path is fine for the same data (a requeued job's node-local copy); another size is not.
+        let st = checkpoint::load_state(ckpt)?;
+        let source = source::open_with(&cfg.data.train, cfg.data.open_options())?;
+        check_data_samples(ckpt, &st, cfg, source.len())?;
+    }
     let (mut recipe, mut bookkeeping, mut refused) = (Vec::new(), Vec::new(), Vec::new());
     for c in cfg.changes_from(&old) {
         match resume_effect(&c.key) {
@@ -376,6 +383,25 @@ pub fn resume_changes(cfg: &Config, ckpt: &Path) -> Result<(Vec<Change>, Vec<Cha
         )));
     }
     Ok((recipe, bookkeeping))
+}
+
+/// Refuses to continue checkpoint `ckpt` (state `st`) on training data of `len` samples (before `data.limit`)
+/// when it was written over another number: its position would name other batches.
+fn check_data_samples(ckpt: &Path, st: &TrainerState, cfg: &Config, len: usize) -> Result<()> {
+    let samples = if cfg.data.limit > 0 { len.min(cfg.data.limit) } else { len } as u64;
+    if st.data_samples == 0 || st.data_samples == samples {
+        return Ok(()); // the same size (or a checkpoint from before the count was kept)
+    }
+    Err(Error::Other(format!(
+        "{}: written over {} training samples, but data.train = {} gives {samples} (data.limit = {}): the \
+         checkpoint's position (epoch {}, batch {}) names batches of its own data; resume on the same data",
+        ckpt.join("state.json").display(),
+        st.data_samples,
+        cfg.data.train.display(),
+        cfg.data.limit,
+        st.epoch,
+        st.batch
+    )))
 }
 
 /// Says and records the recipe changes of a `--resume` continuing checkpoint `ckpt` (at `step`) in run folder
@@ -647,6 +673,7 @@ impl<'a> Trainer<'a> {
         let ckpt = checkpoint::resolve(self.out)?;
         let st = checkpoint::load_state(&ckpt)?;
         checkpoint::check_state(&ckpt, &st, self.cfg, Some(self.steps_per_epoch))?;
+        check_data_samples(&ckpt, &st, self.cfg, self.source.len())?;
         if let Some(done) = nothing_to_do(self.cfg, self.out, &st, Some(self.max_steps)) {
             eprintln!("{done}");
             return Ok(None);
@@ -1030,6 +1057,7 @@ impl<'a> Trainer<'a> {
             epoch_seen: tally.seen,
             epoch_bad: tally.earlier_bad + tally.bad.len(),
             selfsup_version: env!("CARGO_PKG_VERSION").into(),
+            data_samples: self.source.len() as u64,
         };
         let dir = self.out.join("checkpoints");
         let probe = self.probe.as_ref().map(OnlineProbe::state);

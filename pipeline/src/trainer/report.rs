@@ -285,7 +285,7 @@ mod tests {
         let simclr = Config::default();
         let mut mae = Config::default();
         mae.objective = selfsup_models::ObjectiveConfig::Mae(Default::default());
-        let (a, b) = (session(&simclr, 1), session(&mae, 2));
+        let (a, b) = (session(&simclr, 1, false), session(&mae, 2, true));
         let names = |s: &Session| s.hparams.iter().map(|h| h.name).collect::<Vec<_>>();
         let common: Vec<_> = names(&a).into_iter().filter(|n| names(&b).contains(n)).collect();
         assert!(common.len() >= 13, "{common:?}");
@@ -293,6 +293,9 @@ mod tests {
         assert_eq!(get(&a, "objective"), Some(HValue::Text("simclr".into())));
         assert_eq!(get(&b, "objective"), Some(HValue::Text("mae".into())));
         assert_eq!(get(&b, "world_size"), Some(HValue::Number(2.0)));
+        // The autocast in effect, not the config's wish (train.bf16 is true by default, also on the CPU).
+        assert!(simclr.train.bf16);
+        assert_eq!((get(&a, "bf16"), get(&b, "bf16")), (Some(HValue::Bool(false)), Some(HValue::Bool(true))));
         assert!(get(&a, "temperature").is_some() && get(&a, "mask_ratio").is_none());
         assert!(get(&b, "mask_ratio").is_some());
         // Both declare the same columns, values or not.
