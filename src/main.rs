@@ -50,7 +50,9 @@ enum Command {
         out: Option<PathBuf>,
         /// Continue the run in --out from its latest checkpoint (from the next batch, exactly as if never stopped),
         /// with the run's own config (plus --set).
-        #[arg(long, requires = "out", conflicts_with = "config")]
+        /// With --config too: start the run from it when --out holds none yet (one command line for a job's first
+        /// start and its requeues). A run with no checkpoint yet starts again from step 0.
+        #[arg(long, requires = "out")]
         resume: bool,
         /// Replace the run already in --out (its checkpoints, event files, summaries); without it, pretraining
         /// into a folder that holds a run is refused.
@@ -70,7 +72,9 @@ enum Command {
         /// `num_batches_tracked` are left out; a ViT's position table is resampled to the config's grid and an RGB
         /// stem summed for 1-channel data, as timm does; anything else that does not fit is an error listing it.
         /// Heads (projector, predictor, decoder) start as usual; a momentum teacher starts as the backbone.
-        #[arg(long, value_name = "W.safetensors", conflicts_with = "resume")]
+        /// With --resume: used only when the run starts (no run in --out yet); a run with checkpoints continues
+        /// from them.
+        #[arg(long, value_name = "W.safetensors")]
         init_from: Option<PathBuf>,
     },
     /// Evaluate a checkpoint: k-NN and linear probe on its data's labeled train/test split.
@@ -206,6 +210,99 @@ const RUN_FILES: [&str; 9] = [
     "finetune.json",
 ];
 
+/// What a `pretrain` command line means for its run folder.
+struct Plan {
+    cfg: Config,
+    /// Continue from the folder's latest checkpoint.
+    resume: bool,
+    /// `--resume` of a run that died before its first checkpoint (a job preempted early and requeued): it starts
+    /// again from step 0 with its own config.toml (and its recorded `--init-from` weights), beside what it left.
+    restart: bool,
+    init_from: Option<PathBuf>,
+}
+
+/// `--resume --out R` continues the run in R; with `--config C` too, a folder without a run yet is started with C
+/// (one command line for a job's first start and its requeues); a run there with no checkpoint yet starts again
+/// from step 0 with its own config. Without `--resume`, `--config` (or the default preset) as given.
+fn plan_run(
+    config: Option<String>,
+    set: &[String],
+    out: Option<&Path>,
+    resume: bool,
+    init_from: Option<PathBuf>,
+) -> Result<Plan> {
+    let fresh = |config: Option<String>, init_from| -> Result<Plan> {
+        let cfg = load_config(&config.unwrap_or_else(default_preset), set)?;
+        Ok(Plan { cfg, resume: false, restart: false, init_from })
+    };
+    if !resume {
+        return fresh(config, init_from);
+    }
+    let out = out.expect("clap requires --out with --resume");
+    let file = out.join("config.toml");
+    if !file.is_file() {
+        if config.is_some() {
+            eprintln!("--resume --out {}: no run there yet; starting it with --config", out.display());
+            return fresh(config, init_from);
+        }
+        bail!(
+            "--resume --out {}: no run to resume there (no config.toml); start one with `selfsup pretrain --out {}` \
+             (or give --config too: --resume then starts the run when there is none yet)",
+            out.display(),
+            out.display()
+        );
+    }
+    let cfg = Config::load(&file, set)?;
+    if let Some(c) = &config {
+        let given = load_config(c, set)?;
+        let differ: Vec<String> = given.changes_from(&cfg).iter().map(|c| c.key.clone()).collect();
+        if !differ.is_empty() {
+            eprintln!(
+                "note: --config {c} differs from the run's own config.toml in {}; the run's own is used (--set \
+                 changes it)",
+                differ.join(", ")
+            );
+        }
+    }
+    let ckpts = out.join("checkpoints");
+    let started = ckpts.join("LATEST").exists() || !checkpoint::list(&ckpts).is_empty();
+    if started {
+        eprintln!("resuming run {} ({}, with its own config.toml)", out.display(), cfg.name);
+        if let Some(w) = &init_from {
+            eprintln!("note: --init-from {} is for a run's start: this one continues from its checkpoint", w.display());
+        }
+        return Ok(Plan { cfg, resume: true, restart: false, init_from: None });
+    }
+    // Died before its first checkpoint: nothing to continue from; the same run again from step 0.
+    let record = out.join(trainer::INIT_FROM);
+    let init_from = match std::fs::read(&record) {
+        _ if init_from.is_some() => init_from,
+        Ok(bytes) => {
+            let i: selfsup_pipeline::pretrained::Imported =
+                serde_json::from_slice(&bytes).with_context(|| format!("{}: not readable", record.display()))?;
+            let now = checkpoint::sha256_file(&i.file)
+                .with_context(|| format!("{}: the weights it names", record.display()))?;
+            if now != i.sha256 {
+                bail!(
+                    "{}: {} changed since the run started (sha256 {} then, {now} now)",
+                    record.display(),
+                    i.file.display(),
+                    i.sha256
+                );
+            }
+            Some(i.file)
+        }
+        Err(_) => None,
+    };
+    eprintln!(
+        "--resume --out {}: the run has no checkpoint yet (it stopped before its first one): starting it again from \
+         step 0 with its own config.toml{}",
+        out.display(),
+        if init_from.is_some() { " and its --init-from weights" } else { "" }
+    );
+    Ok(Plan { cfg, resume: false, restart: true, init_from })
+}
+
 /// The run artifacts in `dir`: the fixed names above, the event files and the configs a `--resume` with a
 /// changed recipe kept.
 fn run_artifacts(dir: &Path) -> Vec<PathBuf> {
@@ -286,22 +383,8 @@ fn pretrain(
     if !launch.is_main() {
         return pretrain_rank(config, set, out.expect("checked above"), resume, launch, init_from);
     }
-    let cfg = if resume {
-        let out = out.as_ref().expect("clap requires --out with --resume");
-        let file = out.join("config.toml");
-        if !file.is_file() {
-            bail!(
-                "--resume --out {}: no run to resume there (no config.toml); start one with `selfsup pretrain --out {}`",
-                out.display(),
-                out.display()
-            );
-        }
-        let cfg = Config::load(&file, &set)?;
-        eprintln!("resuming run {} ({}, with its own config.toml)", out.display(), cfg.name);
-        cfg
-    } else {
-        load_config(&config.unwrap_or_else(default_preset), &set)?
-    };
+    let plan = plan_run(config, &set, out.as_deref(), resume, init_from)?;
+    let (cfg, resume, init_from) = (plan.cfg, plan.resume, plan.init_from);
     if let Some(file) = &init_from {
         // Before the run folder is touched: a file that does not fit leaves nothing to --overwrite.
         selfsup_pipeline::pretrained::check_backbone_file(file, &cfg).context("--init-from")?;
@@ -310,7 +393,7 @@ fn pretrain(
     let what = if resume { "selfsup pretrain --resume" } else { "selfsup pretrain" };
     let _lock = RunLock::acquire(&out, what)?;
     let existing = run_artifacts(&out);
-    if !resume && !existing.is_empty() {
+    if !resume && !plan.restart && !existing.is_empty() {
         if !overwrite {
             bail!(
                 "{} already holds a run ({}): --resume continues it, --overwrite replaces it, or choose another --out",
@@ -427,11 +510,8 @@ fn pretrain_rank(
     init_from: Option<PathBuf>,
 ) -> Result<()> {
     let rank = launch.rank;
-    let cfg = if resume {
-        Config::load(&out.join("config.toml"), &set)?
-    } else {
-        load_config(&config.unwrap_or_else(default_preset), &set)?
-    };
+    let plan = plan_run(config, &set, Some(&out), resume, init_from)?;
+    let (cfg, resume, init_from) = (plan.cfg, plan.resume, plan.init_from);
     if resume {
         let ckpt = checkpoint::resolve(&out)?;
         trainer::resume_changes(&cfg, &ckpt)?;

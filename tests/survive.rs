@@ -547,6 +547,40 @@ fn a_signal_during_the_final_evaluation_stops_it_and_a_resume_evaluates() {
 }
 
 #[test]
+fn one_command_line_starts_a_job_resumes_it_and_restarts_one_killed_before_its_first_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let r = run.to_str().unwrap();
+    // What a SLURM script runs on its first start and on every requeue.
+    let job = |extra: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.args(["pretrain", "--resume", "--config", "byol-fmnist-tiny", "--out", r]).args(SMALL).args(extra);
+        c
+    };
+    // 1. Killed (-9) before its first checkpoint: the folder holds a config and an event file, no checkpoint.
+    let mut first = job(&["--set", "train.max_steps=12"]).stderr(Stdio::null()).spawn().unwrap();
+    wait_started(&run, &mut first);
+    signal(&first, "KILL");
+    let _ = first.wait();
+    assert!(!run.join("checkpoints").join("LATEST").exists(), "the kill came after the first checkpoint");
+    // 2. The requeue starts it again from step 0 with its own config (a plain --resume does too).
+    let said = run_ok(pretrain_cmd(&run, true, &[]));
+    assert!(said.contains("no checkpoint yet") && said.contains("from step 0"), "{said}");
+    assert_eq!(latest_step(&run), 12);
+    let restarted = final_weights(&run);
+    // The same as a run that was never killed.
+    let clean = dir.path().join("clean");
+    run_ok(pretrain_cmd(&clean, false, &["--set", "train.max_steps=12"]));
+    assert!(final_weights(&clean) == restarted, "a restarted run differs from an uninterrupted one");
+    // 3. The same command line again: a run with checkpoints continues (here: it is finished).
+    let said = run_ok(job(&["--set", "train.max_steps=12"]));
+    assert!(said.contains("resuming run") && said.contains("nothing to do"), "{said}");
+    // Without --config, a folder without a run is an error saying how to start one.
+    let err = run_err(pretrain_cmd(&dir.path().join("none"), true, &[]));
+    assert!(err.contains("no run to resume there") && err.contains("--config"), "{err}");
+}
+
+#[test]
 fn bad_paths_fail_before_training_and_leftovers_are_cleaned() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
