@@ -224,13 +224,18 @@ struct Plan {
 /// `--resume --out R` continues the run in R; with `--config C` too, a folder without a run yet is started with C
 /// (one command line for a job's first start and its requeues); a run there with no checkpoint yet starts again
 /// from step 0 with its own config. Without `--resume`, `--config` (or the default preset) as given.
+/// `say`: what it decided goes to stderr (rank 0 only: the other ranks say nothing unless they fail).
 fn plan_run(
     config: Option<String>,
     set: &[String],
     out: Option<&Path>,
     resume: bool,
     init_from: Option<PathBuf>,
+    say: bool,
 ) -> Result<Plan> {
+    macro_rules! say {
+        ($($arg:tt)*) => { if say { eprintln!($($arg)*) } };
+    }
     let fresh = |config: Option<String>, init_from| -> Result<Plan> {
         let cfg = load_config(&config.unwrap_or_else(default_preset), set)?;
         Ok(Plan { cfg, resume: false, restart: false, init_from })
@@ -242,7 +247,7 @@ fn plan_run(
     let file = out.join("config.toml");
     if !file.is_file() {
         if config.is_some() {
-            eprintln!("--resume --out {}: no run there yet; starting it with --config", out.display());
+            say!("--resume --out {}: no run there yet; starting it with --config", out.display());
             return fresh(config, init_from);
         }
         bail!(
@@ -257,7 +262,7 @@ fn plan_run(
         let given = load_config(c, set)?;
         let differ: Vec<String> = given.changes_from(&cfg).iter().map(|c| c.key.clone()).collect();
         if !differ.is_empty() {
-            eprintln!(
+            say!(
                 "note: --config {c} differs from the run's own config.toml in {}; the run's own is used (--set \
                  changes it)",
                 differ.join(", ")
@@ -267,9 +272,9 @@ fn plan_run(
     let ckpts = out.join("checkpoints");
     let started = ckpts.join("LATEST").exists() || !checkpoint::list(&ckpts).is_empty();
     if started {
-        eprintln!("resuming run {} ({}, with its own config.toml)", out.display(), cfg.name);
+        say!("resuming run {} ({}, with its own config.toml)", out.display(), cfg.name);
         if let Some(w) = &init_from {
-            eprintln!("note: --init-from {} is for a run's start: this one continues from its checkpoint", w.display());
+            say!("note: --init-from {} is for a run's start: this one continues from its checkpoint", w.display());
         }
         return Ok(Plan { cfg, resume: true, restart: false, init_from: None });
     }
@@ -294,7 +299,7 @@ fn plan_run(
         }
         Err(_) => None,
     };
-    eprintln!(
+    say!(
         "--resume --out {}: the run has no checkpoint yet (it stopped before its first one): starting it again from \
          step 0 with its own config.toml{}",
         out.display(),
@@ -383,7 +388,7 @@ fn pretrain(
     if !launch.is_main() {
         return pretrain_rank(config, set, out.expect("checked above"), resume, launch, init_from);
     }
-    let plan = plan_run(config, &set, out.as_deref(), resume, init_from)?;
+    let plan = plan_run(config, &set, out.as_deref(), resume, init_from, true)?;
     let (cfg, resume, init_from) = (plan.cfg, plan.resume, plan.init_from);
     if let Some(file) = &init_from {
         // Before the run folder is touched: a file that does not fit leaves nothing to --overwrite.
@@ -510,7 +515,7 @@ fn pretrain_rank(
     init_from: Option<PathBuf>,
 ) -> Result<()> {
     let rank = launch.rank;
-    let plan = plan_run(config, &set, Some(&out), resume, init_from)?;
+    let plan = plan_run(config, &set, Some(&out), resume, init_from, false)?;
     let (cfg, resume, init_from) = (plan.cfg, plan.resume, plan.init_from);
     if resume {
         let ckpt = checkpoint::resolve(&out)?;
