@@ -9,17 +9,11 @@ use selfsup_models::{Objective, VitConfig};
 use tch::nn::{OptimizerConfig, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use std::sync::{Mutex, MutexGuard};
+// Tests here reseed torch's global RNG and rerun forwards expecting the same masks; the test harness runs them
+// on parallel threads that share that RNG, so each test holds `common::torch_rng`.
+mod common;
 
 const CPU: (Kind, Device) = tch::kind::FLOAT_CPU;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Tests here reseed torch's global RNG and rerun forwards expecting the same masks; the test harness runs them
-/// on parallel threads that share that RNG, so each test holds this lock.
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
@@ -49,7 +43,7 @@ fn tiny_simmim(vs: &VarStore, channels: i64) -> SimMim {
 
 #[test]
 fn random_masking_masks_exactly_and_restores_order() {
-    let _rng = serial();
+    let _rng = common::torch_rng(0);
     // int(L * (1 - r)) truncates, as MAE: 49 * 0.25 = 12.25 → 12; 49 * 0.4 = 19.6 → 19; 16 * 0.4 = 6.4 → 6.
     assert_eq!(keep_count(49, 0.75), 12);
     assert_eq!(keep_count(49, 0.6), 19);
@@ -91,7 +85,7 @@ fn random_masking_masks_exactly_and_restores_order() {
 
 #[test]
 fn patchify_uses_maes_pixel_order_and_round_trips() {
-    let _rng = serial();
+    let _rng = common::torch_rng(0);
     // 2 channels, 4x4, patch 2: pixel (c, y, x) = 100c + 10y + x. Patch vectors are ordered (row, col, channel).
     let img: Vec<f32> =
         (0..2).flat_map(|c| (0..4).flat_map(move |y| (0..4).map(move |x| (100 * c + 10 * y + x) as f32))).collect();
@@ -116,7 +110,7 @@ fn patchify_uses_maes_pixel_order_and_round_trips() {
 
 #[test]
 fn masked_losses_have_closed_forms_and_ignore_visible_patches() {
-    let _rng = serial();
+    let _rng = common::torch_rng(0);
     // 1 sample, 3 patches of 2 values; patch 1 visible. pred 0, target [[1,1],[5,5],[2,4]].
     let pred = Tensor::zeros([1, 3, 2], CPU).set_requires_grad(true);
     let target = Tensor::from_slice(&[1f32, 1., 5., 5., 2., 4.]).view([1, 3, 2]);
@@ -152,7 +146,7 @@ fn masked_losses_have_closed_forms_and_ignore_visible_patches() {
 
 #[test]
 fn normalize_patches_uses_unbiased_variance_and_eps() {
-    let _rng = serial();
+    let _rng = common::torch_rng(0);
     let p = Tensor::from_slice(&[1f32, 2., 3., 4.]).view([1, 1, 4]);
     // mean 2.5, unbiased var 5/3.
     let s = (5.0f64 / 3.0 + 1e-6).sqrt();
@@ -162,7 +156,7 @@ fn normalize_patches_uses_unbiased_variance_and_eps() {
 
 #[test]
 fn mae_has_models_mae_names_and_needs_a_vit() {
-    let _rng = serial();
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let _mae = tiny_mae(&vs, 3, true);
     let vars = vs.variables();
@@ -245,8 +239,7 @@ fn rerun_changed(forward: &dyn Fn(&Tensor) -> MaskedForward, x: &Tensor, which: 
 
 #[test]
 fn mae_encoder_and_decoder_never_see_masked_pixels() {
-    let _rng = serial();
-    tch::manual_seed(0);
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let mae = tiny_mae(&vs, 1, true);
     let x = Tensor::randn([4, 1, 28, 28], CPU);
@@ -281,8 +274,7 @@ fn mae_encoder_and_decoder_never_see_masked_pixels() {
 
 #[test]
 fn simmim_replaces_masked_patches_by_the_mask_token() {
-    let _rng = serial();
-    tch::manual_seed(0);
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let simmim = tiny_simmim(&vs, 3);
     assert_eq!(vs.variables()["mask_token"].size(), vec![1, 1, 32]);
@@ -305,8 +297,7 @@ fn simmim_replaces_masked_patches_by_the_mask_token() {
 
 #[test]
 fn reconstruct_pastes_visible_patches_and_denormalizes_predictions() {
-    let _rng = serial();
-    tch::manual_seed(0);
+    let _rng = common::torch_rng(0);
     let x = Tensor::randn([3, 1, 28, 28], CPU);
     let vs = VarStore::new(Device::Cpu);
     let mut mae = tiny_mae(&vs, 1, true);
@@ -378,7 +369,7 @@ fn mean(v: &[f64]) -> f64 {
 
 #[test]
 fn mae_and_simmim_losses_fall_in_60_steps_and_fixed_tables_stay() {
-    let _rng = serial();
+    let _rng = common::torch_rng(0);
     for kind in ["mae", "simmim"] {
         tch::manual_seed(0);
         let vs = VarStore::new(Device::Cpu);
@@ -414,7 +405,7 @@ fn mae_and_simmim_losses_fall_in_60_steps_and_fixed_tables_stay() {
 
 #[test]
 fn bf16_autocast_keeps_the_loss_fp32_on_cuda() {
-    let _rng = serial();
+    let _rng = common::torch_rng(0);
     if !tch::Cuda::is_available() {
         println!("skipped: bf16 autocast is exercised only on CUDA");
         return;

@@ -12,8 +12,8 @@ use selfsup_models::{
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-/// Torch's RNG is global: tests that seed it must not interleave with tests that draw from it.
-static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+// Torch's RNG is global: every test here that draws from it (models, views) holds `common::torch_rng`.
+mod common;
 
 fn tiny_resnet() -> BackboneConfig {
     BackboneConfig::Resnet(ResNetConfig { layers: [1, 1, 1, 1], width: 4, cifar_stem: true, ..Default::default() })
@@ -56,8 +56,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 /// Trains `cfg` for 3 steps on one fixed batch; checks loss, terms, student and teacher movement.
 fn three_steps(cfg: &ObjectiveConfig, backbone: &BackboneConfig, local: usize, terms: &[&str]) {
-    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    tch::manual_seed(0);
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let mut obj = cfg.build(&vs, backbone, 1).unwrap();
     assert_eq!(obj.num_views(), 2 + local);
@@ -179,7 +178,8 @@ fn dino_multi_crop_on_a_resnet_and_with_ibot_and_koleo_on_a_vit() {
     three_steps(&cfg, &tiny_resnet(), 3, &["dino"]);
     let cfg = objective(&format!("kind = \"dino\"\n{head}\nibot_weight = 1.0\nkoleo_weight = 0.1"));
     three_steps(&cfg, &tiny_vit(), 3, &["dino", "ibot", "koleo"]);
-    // iBOT on a ResNet: an error naming the field.
+    // iBOT on a ResNet: an error naming the field (the build may draw before it fails: under the lock).
+    let _rng = common::torch_rng(0);
     let cfg = objective(&format!("kind = \"dino\"\n{head}\nibot_weight = 1.0"));
     let err = cfg.build(&VarStore::new(Device::Cpu), &tiny_resnet(), 1).err().unwrap().to_string();
     assert!(err.contains("objective.ibot_weight") && err.contains("vit"), "{err}");
@@ -213,7 +213,7 @@ fn student_and_teacher(device: Device) -> (VarStore, Tensor, Tensor) {
 
 #[test]
 fn teacher_moves_exactly_by_ema_and_momentum_one_freezes_it() {
-    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = common::torch_rng(0);
     for flat in [false, true] {
         let (vs, mut a, _b) = student_and_teacher(Device::Cpu);
         let mut teacher = MomentumTeacher::new(&vs, &["backbone", "head"], 0.9, 1.0).unwrap();
@@ -270,7 +270,7 @@ fn teacher_moves_exactly_by_ema_and_momentum_one_freezes_it() {
 /// variable, and updates after a load move the loaded values.
 #[test]
 fn a_flat_teacher_saves_loads_and_keeps_updating() {
-    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = common::torch_rng(0);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("m.safetensors");
     let (mut vs, a, _b) = student_and_teacher(Device::Cpu);
@@ -301,6 +301,7 @@ fn a_teacher_without_twins_is_an_error_naming_the_variable() {
 
 #[test]
 fn views_are_forwarded_once_per_size_group() {
+    let _rng = common::torch_rng(0);
     let v = views(4, 2, 3);
     assert_eq!(size_groups(&v), vec![(0, 2), (2, 3)]);
     let mut calls = Vec::new();

@@ -11,12 +11,9 @@ use selfsup_models::{Backbone, BackboneConfig, ResNet, ResNetBlock, ResNetConfig
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-/// Torch's RNG is global: tests that seed it and tests that draw from it (building models) must not interleave.
-static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn lock_rng() -> std::sync::MutexGuard<'static, ()> {
-    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
+// Torch's RNG is global: tests that seed it and tests that draw from it (building models) must not interleave;
+// every test here that draws holds `common::torch_rng`.
+mod common;
 
 /// The setup venv's python, found as `selfsup_pipeline::venv_python()` finds it (this crate may not depend on
 /// the pipeline): `$SELFSUP_CACHE`, else `$XDG_CACHE_HOME/selfsup`, else `~/.cache/selfsup`, then `venv/bin/python`.
@@ -69,7 +66,7 @@ fn resnet50() -> ResNetConfig {
 
 #[test]
 fn resnet50_has_torchvision_names_shapes_and_parameter_count() {
-    let _rng = lock_rng();
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let net = ResNet::new(vs.root(), &resnet50(), 3);
     assert_eq!(net.dim(), 2048);
@@ -89,7 +86,7 @@ fn resnet50_has_torchvision_names_shapes_and_parameter_count() {
 
 #[test]
 fn resnet34_has_torchvision_names_shapes_and_parameter_count() {
-    let _rng = lock_rng();
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let net = ResNet::new(vs.root(), &resnet([3, 4, 6, 3], 64, ResNetBlock::Basic, false, false), 3);
     assert_eq!(net.dim(), 512);
@@ -118,8 +115,7 @@ fn randomize_batch_norms(vs: &VarStore) {
 
 #[test]
 fn resnet50_features_equal_torchvision_with_our_weights() {
-    let _rng = lock_rng();
-    tch::manual_seed(50);
+    let _rng = common::torch_rng(50);
     let vs = VarStore::new(Device::Cpu);
     let net = ResNet::new(vs.root(), &resnet50(), 3);
     randomize_batch_norms(&vs);
@@ -160,7 +156,7 @@ fn is_last_bn_weight(name: &str, block: ResNetBlock) -> bool {
 
 #[test]
 fn zero_init_residual_zeroes_exactly_the_last_batch_norm_weight_of_each_block() {
-    let _rng = lock_rng();
+    let _rng = common::torch_rng(0);
     for block in [ResNetBlock::Basic, ResNetBlock::Bottleneck] {
         let build = |zero: bool| {
             tch::manual_seed(7);
@@ -202,7 +198,7 @@ fn copy_shared(src: &VarStore, dst: &VarStore) {
 fn zero_init_residual_makes_every_identity_block_an_identity_at_init() {
     // A block with an identity shortcut and a zero residual branch is relu(x) = x on its (post-relu) input, so
     // extra such blocks change no feature, in either mode. Without the option they do.
-    let _rng = lock_rng();
+    let _rng = common::torch_rng(0);
     let x = Tensor::randn([4, 1, 12, 12], tch::kind::FLOAT_CPU);
     for block in [ResNetBlock::Basic, ResNetBlock::Bottleneck] {
         let vs_a = VarStore::new(Device::Cpu);
@@ -221,7 +217,7 @@ fn zero_init_residual_makes_every_identity_block_an_identity_at_init() {
 
 #[test]
 fn bottleneck_with_cifar_stem_on_gray_28px_gives_32w_features() {
-    let _rng = lock_rng();
+    let _rng = common::torch_rng(0);
     let cfg: BackboneConfig =
         toml::from_str("kind = \"resnet\"\nlayers = [1, 1, 1, 1]\nwidth = 16\nblock = \"bottleneck\"").unwrap();
     let vs = VarStore::new(Device::Cpu);
@@ -242,8 +238,7 @@ fn bottleneck_with_cifar_stem_on_gray_28px_gives_32w_features() {
 
 #[test]
 fn tiny_bottleneck_backward_reaches_every_parameter() {
-    let _rng = lock_rng();
-    tch::manual_seed(1);
+    let _rng = common::torch_rng(1);
     let vs = VarStore::new(Device::Cpu);
     let net = ResNet::new(vs.root(), &resnet([1, 1, 1, 1], 8, ResNetBlock::Bottleneck, true, false), 1);
     let y = net.features(&Tensor::randn([4, 1, 16, 16], tch::kind::FLOAT_CPU), true);
@@ -281,8 +276,7 @@ fn config_reads_block_and_zero_init_residual_and_names_bad_fields() {
 fn basic_default_path_makes_the_same_weights_as_before_bottlenecks() {
     // Recorded at commit f0a4789 (before this file): seed 0, layers [1,2,1,1], width 8, CIFAR stem, 1 channel,
     // then the input drawn after the weights. A changed variable order or init moves these by far more than 1e-5.
-    let _rng = lock_rng();
-    tch::manual_seed(0);
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let cfg = ResNetConfig { layers: [1, 2, 1, 1], width: 8, ..ResNetConfig::default() };
     let net = BackboneConfig::Resnet(cfg).build(vs.root(), 1).unwrap();

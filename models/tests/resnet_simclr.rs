@@ -5,13 +5,14 @@ use selfsup_models::{BackboneConfig, Batch, ObjectiveConfig, Optimizer, Optimize
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-/// Torch's RNG is global: tests that seed it and tests that draw from it (building models) must not interleave,
-/// or the seeded test's initial weights depend on thread timing (seen: 2 failures in 80 runs).
-static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+// Torch's RNG is global: tests that seed it and tests that draw from it (building models) must not interleave,
+// or the seeded test's initial weights depend on thread timing (seen: 2 failures in 80 runs). Both hold
+// `common::torch_rng`.
+mod common;
 
 #[test]
 fn resnet18_has_torchvision_names_shapes_and_parameter_count() {
-    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let cfg = ResNetConfig { layers: [2, 2, 2, 2], width: 64, cifar_stem: false, ..Default::default() };
     let net = BackboneConfig::Resnet(cfg).build(vs.root(), 3).unwrap();
@@ -38,8 +39,7 @@ fn resnet18_has_torchvision_names_shapes_and_parameter_count() {
 
 #[test]
 fn simclr_three_steps_train_every_weight() {
-    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    tch::manual_seed(0);
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let backbone = BackboneConfig::Resnet(ResNetConfig { layers: [1, 1, 1, 1], width: 4, ..Default::default() });
     let obj_cfg: ObjectiveConfig = toml::from_str("kind = \"simclr\"\nproj_hidden = 16\nproj_dim = 8").unwrap();

@@ -8,6 +8,8 @@ use selfsup_models::{Backbone, BackboneConfig, PosEmbed, ResNetConfig, Vit, VitC
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+mod common;
+
 fn small(depth: i64, width: i64, heads: i64, patch: i64) -> VitConfig {
     VitConfig { depth: Some(depth), width: Some(width), heads: Some(heads), patch_size: patch, ..Default::default() }
 }
@@ -18,6 +20,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn vit_depth2_has_exactly_timms_names_and_shapes() {
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let cfg = small(2, 32, 2, 7);
     let net = BackboneConfig::Vit(cfg).build(vs.root(), 3).unwrap();
@@ -82,6 +85,7 @@ fn vit_depth2_has_exactly_timms_names_and_shapes() {
 
 #[test]
 fn vit_tiny_parameter_count_matches_hand_computation() {
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let cfg = VitConfig { size: VitSize::Tiny, image_size: 28, patch_size: 4, ..Default::default() };
     assert_eq!((cfg.depth(), cfg.width(), cfg.heads()), (12, 192, 3));
@@ -135,6 +139,7 @@ fn sincos_table_matches_maes_formula_by_hand() {
 
 #[test]
 fn sincos_pos_embed_is_fixed_and_learned_one_trains() {
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let _ = Vit::new(vs.root() / "fixed", &small(1, 16, 2, 7), 1);
     let learned = VitConfig { pos_embed: PosEmbed::Learned, ..small(1, 16, 2, 7) };
@@ -154,7 +159,7 @@ fn sincos_pos_embed_is_fixed_and_learned_one_trains() {
 
 #[test]
 fn init_follows_mae() {
-    tch::manual_seed(1);
+    let _rng = common::torch_rng(1);
     let vs = VarStore::new(Device::Cpu);
     let _ = Vit::new(vs.root(), &small(1, 64, 4, 4), 3);
     let vars = vs.variables();
@@ -179,7 +184,7 @@ fn init_follows_mae() {
 
 #[test]
 fn block_matches_explicit_per_head_attention() {
-    tch::manual_seed(2);
+    let _rng = common::torch_rng(2);
     let vs = VarStore::new(Device::Cpu);
     let (dim, heads, hd) = (12i64, 3i64, 4i64);
     let block = Block::new(vs.root() / "b", dim, heads, 2.0);
@@ -218,7 +223,7 @@ fn block_matches_explicit_per_head_attention() {
 
 #[test]
 fn token_helpers_compose_into_features() {
-    tch::manual_seed(3);
+    let _rng = common::torch_rng(3);
     let vs = VarStore::new(Device::Cpu);
     let learned = VitConfig { pos_embed: PosEmbed::Learned, ..small(1, 16, 2, 7) };
     let vit = Vit::new(vs.root(), &learned, 1);
@@ -248,6 +253,7 @@ fn token_helpers_compose_into_features() {
 
 #[test]
 fn layer_ids_follow_the_beit_convention() {
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let vit = BackboneConfig::Vit(small(2, 16, 2, 7)).build(vs.root(), 1).unwrap();
     assert_eq!(vit.num_layers(), 3);
@@ -327,6 +333,7 @@ fn multi_crop_vit(drop_path: f64) -> VitConfig {
 
 #[test]
 fn pos_embed_resampling_matches_pytorch_bicubic() {
+    let _rng = common::torch_rng(0);
     // scripts/reference/vit_pos_interp_reference.py: a random [1, 1 + 7*7, 8] table resampled by
     // F.interpolate(mode="bicubic", align_corners=False, size=(h, w)) to 3x3, 5x7, 14x14, 2x9 (and 7x7).
     let text =
@@ -371,7 +378,7 @@ fn pos_embed_resampling_matches_pytorch_bicubic() {
 
 #[test]
 fn vit_takes_multi_crop_and_non_square_inputs() {
-    tch::manual_seed(4);
+    let _rng = common::torch_rng(4);
     let vs = VarStore::new(Device::Cpu);
     let cfg = multi_crop_vit(0.0);
     let vit = Vit::new(vs.root(), &cfg, 3);
@@ -423,6 +430,7 @@ fn vit_takes_multi_crop_and_non_square_inputs() {
 #[test]
 #[should_panic(expected = "multiples of the patch size 4, got [2, 3, 30, 30]")]
 fn patch_tokens_panics_on_sizes_not_a_multiple_of_the_patch() {
+    let _rng = common::torch_rng(0);
     let vs = VarStore::new(Device::Cpu);
     let vit = Vit::new(vs.root(), &multi_crop_vit(0.0), 3);
     let _ = vit.patch_tokens(&Tensor::zeros([2, 3, 30, 30], tch::kind::FLOAT_CPU));
@@ -432,7 +440,7 @@ fn patch_tokens_panics_on_sizes_not_a_multiple_of_the_patch() {
 
 #[test]
 fn drop_path_zeroes_or_rescales_whole_samples_and_is_unbiased() {
-    tch::manual_seed(5);
+    let _rng = common::torch_rng(5);
     let (n, rate) = (4000i64, 0.25);
     let x = Tensor::randn([n, 3, 5], tch::kind::FLOAT_CPU) + 0.5;
     // Off in eval mode and at rate 0: x itself.
@@ -462,7 +470,7 @@ fn drop_path_zeroes_or_rescales_whole_samples_and_is_unbiased() {
 
 #[test]
 fn block_drop_path_drops_each_residual_branch_per_sample() {
-    tch::manual_seed(7);
+    let _rng = common::torch_rng(7);
     let vs = VarStore::new(Device::Cpu);
     let (rate, keep) = (0.5, 0.5);
     let block = Block::new(vs.root() / "b", 12, 3, 2.0).with_drop_path(rate);
@@ -495,6 +503,7 @@ fn block_drop_path_drops_each_residual_branch_per_sample() {
 
 #[test]
 fn vit_drop_path_rates_rise_linearly_and_act_only_in_training() {
+    let _rng = common::torch_rng(0);
     let cfg = VitConfig { drop_path: 0.2, ..small(5, 16, 2, 7) };
     let vs = VarStore::new(Device::Cpu);
     let rates = Vit::new(vs.root(), &cfg, 1).drop_path_rates();
@@ -505,14 +514,20 @@ fn vit_drop_path_rates_rise_linearly_and_act_only_in_training() {
     assert_eq!(VitConfig { drop_path: 0.3, ..small(1, 16, 2, 7) }.drop_path_rates(), vec![0.0]);
     assert_eq!(small(3, 16, 2, 7).drop_path_rates(), vec![0.0; 3], "off by default");
 
-    // Same seed, same weights (drop-path adds no parameters and draws nothing at init).
+    // Same seed, same weights: drop-path adds no parameters and draws nothing at init. (Deterministic because this
+    // test holds the binary's RNG lock: no other test draws between the two builds, nor between the passes below.)
     let build = |drop_path: f64| {
         tch::manual_seed(8);
         let vs = VarStore::new(Device::Cpu);
         let vit = Vit::new(vs.root(), &multi_crop_vit(drop_path), 3);
         (vs, vit)
     };
-    let ((_a, plain), (_b, dropped)) = (build(0.0), build(0.5));
+    let ((a, plain), (b, dropped)) = (build(0.0), build(0.5));
+    let (wa, wb) = (a.variables(), b.variables());
+    assert_eq!(wa.len(), wb.len(), "drop_path adds no parameters");
+    for (name, t) in &wa {
+        assert!(t.equal(&wb[name]), "{name}: drop_path changed the seeded init");
+    }
     let x = Tensor::randn([8, 3, 28, 28], tch::kind::FLOAT_CPU);
     let local = Tensor::randn([8, 3, 12, 12], tch::kind::FLOAT_CPU);
     for input in [&x, &local] {

@@ -61,8 +61,7 @@ mod tests {
 
     #[test]
     fn byol_of_identical_and_opposite_vectors() {
-        tch::manual_seed(0);
-        let p = Tensor::randn([7, 5], tch::kind::FLOAT_CPU);
+        let p = crate::loss::test_normal(&[7, 5], 0);
         // Scale does not matter, direction does: identical directions give 0, opposite ones 4.
         let same = byol_loss(&p, &(&p * 3.0)).double_value(&[]);
         let opposite = byol_loss(&p, &(&p * -0.5)).double_value(&[]);
@@ -76,9 +75,8 @@ mod tests {
 
     #[test]
     fn byol_keeps_gradients_to_both_inputs_and_computes_bf16_in_fp32() {
-        tch::manual_seed(1);
-        let p = Tensor::randn([4, 3], tch::kind::FLOAT_CPU).set_requires_grad(true);
-        let z = Tensor::randn([4, 3], tch::kind::FLOAT_CPU).set_requires_grad(true);
+        let p = crate::loss::test_normal(&[4, 3], 1).set_requires_grad(true);
+        let z = crate::loss::test_normal(&[4, 3], 2).set_requires_grad(true);
         byol_loss(&p, &z).backward();
         assert!(p.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
         assert!(z.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "byol_loss must not detach z itself");
@@ -102,9 +100,8 @@ mod tests {
 
     #[test]
     fn infonce_with_offset_finds_the_positives_among_more_keys() {
-        tch::manual_seed(2);
-        let q = Tensor::randn([3, 4], tch::kind::FLOAT_CPU);
-        let other = Tensor::randn([5, 4], tch::kind::FLOAT_CPU);
+        let q = crate::loss::test_normal(&[3, 4], 3);
+        let other = crate::loss::test_normal(&[5, 4], 4);
         let k = Tensor::cat(&[other.narrow(0, 0, 2), q.shallow_clone(), other.narrow(0, 2, 3)], 0);
         // With the positives placed at rows 2..5 the loss is low; pointing at the wrong rows it is high.
         let right = infonce_with_offset(&q, &k, 0.2, 2).double_value(&[]);

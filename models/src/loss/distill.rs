@@ -125,19 +125,19 @@ pub fn koleo(x: &Tensor) -> Tensor {
 mod tests {
     use super::*;
 
-    fn randn(shape: &[i64]) -> Tensor {
-        Tensor::randn(shape, tch::kind::FLOAT_CPU)
+    /// Not torch's global RNG, which the unit tests on other threads draw from too.
+    fn randn(shape: &[i64], seed: u64) -> Tensor {
+        crate::loss::test_normal(shape, seed)
     }
 
     #[test]
     fn dino_with_uniform_teacher_is_the_students_cross_entropy_to_uniform() {
-        tch::manual_seed(0);
         let (n, k) = (4, 6);
         // Teacher logits equal to the center: q is uniform, so each pair scores
         // mean_n (logsumexp(s/ts) - mean_k(s/ts)) and the loss is the mean of that over the pairs.
-        let center = randn(&[1, k]);
+        let center = randn(&[1, k], 0);
         let teacher = vec![center.repeat([n, 1]), center.repeat([n, 1])];
-        let student: Vec<Tensor> = (0..4).map(|_| randn(&[n, k])).collect();
+        let student: Vec<Tensor> = (1..5).map(|seed| randn(&[n, k], seed)).collect();
         let ts = 0.1;
         let per_view: Vec<f64> = student
             .iter()
@@ -160,10 +160,9 @@ mod tests {
 
     #[test]
     fn dino_sends_no_gradient_to_the_teacher_or_center() {
-        tch::manual_seed(1);
-        let teacher: Vec<Tensor> = (0..2).map(|_| randn(&[3, 5]).set_requires_grad(true)).collect();
-        let student: Vec<Tensor> = (0..3).map(|_| randn(&[3, 5]).set_requires_grad(true)).collect();
-        let center = randn(&[1, 5]).set_requires_grad(true);
+        let teacher: Vec<Tensor> = (10..12).map(|seed| randn(&[3, 5], seed).set_requires_grad(true)).collect();
+        let student: Vec<Tensor> = (12..15).map(|seed| randn(&[3, 5], seed).set_requires_grad(true)).collect();
+        let center = randn(&[1, 5], 15).set_requires_grad(true);
         dino_loss(&student, &teacher, &center, 0.1, 0.04).backward();
         for s in &student {
             assert!(s.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
@@ -175,9 +174,8 @@ mod tests {
 
     #[test]
     fn ibot_without_masked_tokens_is_zero_with_zero_gradient() {
-        tch::manual_seed(2);
-        let student = randn(&[2, 3, 4]).set_requires_grad(true);
-        let teacher = randn(&[2, 3, 4]);
+        let student = randn(&[2, 3, 4], 20).set_requires_grad(true);
+        let teacher = randn(&[2, 3, 4], 21);
         let center = Tensor::zeros([1, 1, 4], tch::kind::FLOAT_CPU);
         let none = Tensor::zeros([2, 3], (Kind::Bool, tch::Device::Cpu));
         let loss = ibot_patch_loss(&student, &teacher, &none, &center, 0.1, 0.04);
@@ -188,9 +186,8 @@ mod tests {
 
     #[test]
     fn ibot_averages_per_image_then_over_all_images() {
-        tch::manual_seed(3);
-        let (s, t) = (randn(&[3, 4, 5]), randn(&[3, 4, 5]));
-        let center = randn(&[1, 1, 5]);
+        let (s, t) = (randn(&[3, 4, 5], 30), randn(&[3, 4, 5], 31));
+        let center = randn(&[1, 1, 5], 32);
         let tokens = -((&t - &center) / 0.05).softmax(-1, Kind::Float) * (&s / 0.1).log_softmax(-1, Kind::Float);
         let tokens = tokens.sum_dim_intlist([-1i64].as_slice(), false, Kind::Float);
         let tok = |i: i64, j: i64| tokens.double_value(&[i, j]);
@@ -216,17 +213,16 @@ mod tests {
 
     #[test]
     fn koleo_degenerate_batches_are_finite_with_finite_gradients() {
-        tch::manual_seed(4);
-        let row = randn(&[1, 5]);
-        let others = randn(&[3, 5]);
+        let row = randn(&[1, 5], 40);
+        let others = randn(&[3, 5], 41);
         let _ = others.get(1).zero_();
         let cases = [
             ("identical rows", row.repeat([4, 1])),
             ("zero rows", Tensor::zeros([3, 5], tch::kind::FLOAT_CPU)),
             ("one zero row", others.shallow_clone()),
             ("a duplicated row", Tensor::cat(&[&others, &others.narrow(0, 0, 1)], 0)),
-            ("two rows", randn(&[2, 5])),
-            ("bf16", randn(&[6, 5]).to_kind(Kind::BFloat16).to_kind(Kind::Float)),
+            ("two rows", randn(&[2, 5], 42)),
+            ("bf16", randn(&[6, 5], 43).to_kind(Kind::BFloat16).to_kind(Kind::Float)),
         ];
         for (name, x) in cases {
             let (value, grad) = koleo_value_and_grad(&x);
