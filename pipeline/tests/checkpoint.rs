@@ -8,6 +8,10 @@ use selfsup_pipeline::trainer::build_model;
 use selfsup_pipeline::Config;
 use tch::{Device, Kind, Tensor};
 
+// Every model build here draws from torch's global RNG (build_model seeds it with the config's seed), and two tests
+// compare inits of different seeds: every test that draws holds `common::torch_rng`.
+mod common;
+
 fn tiny_config() -> Config {
     Config::from_toml(
         "[model.backbone]\nkind = \"resnet\"\nlayers = [1,1,1,1]\nwidth = 4\n[objective]\nkind = \"simclr\"\nproj_hidden = 8\nproj_dim = 4\n",
@@ -31,6 +35,7 @@ fn save(
 
 #[test]
 fn round_trip_and_crash_safety() {
+    let _rng = common::torch_rng(0);
     let dir = tempfile::tempdir().unwrap();
     let ckdir = dir.path().join("checkpoints");
     let cfg = tiny_config();
@@ -94,9 +99,9 @@ fn resolve_explains_what_is_missing() {
 /// its own initialisation, and a backbone of another shape is refused with the tensor's name.
 #[test]
 fn load_backbone_copies_the_backbone_only_and_refuses_other_shapes() {
+    let _rng = common::torch_rng(1);
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config();
-    tch::manual_seed(1);
     let model = build_model(&cfg, 1, Device::Cpu).unwrap();
     let state = TrainerState { epoch: 1, step: 1, selfsup_version: "test".into(), ..Default::default() };
     let opt = Optimizer::new(&model.vs, &OptimizerConfig::default()).unwrap();
@@ -160,6 +165,7 @@ fn flip_byte(path: &std::path::Path, at: usize) {
 /// any file, makes `resolve` fail naming that file.
 #[test]
 fn manifest_catches_a_flipped_byte_in_every_file() {
+    let _rng = common::torch_rng(0);
     let dir = tempfile::tempdir().unwrap();
     let (cfg, model, opt, state) = fixture();
     let ckpt = save(dir.path(), "epoch-0001", &model.vs, &opt, &state, &cfg).unwrap();
@@ -196,6 +202,7 @@ fn manifest_catches_a_flipped_byte_in_every_file() {
 /// tensor. A checkpoint holding one anyway (written by hand, with a valid manifest) is refused by every loader.
 #[test]
 fn non_finite_tensors_are_never_saved_nor_loaded() {
+    let _rng = common::torch_rng(0);
     let dir = tempfile::tempdir().unwrap();
     let (cfg, model, opt, state) = fixture();
     let good = save(dir.path(), "epoch-0001", &model.vs, &opt, &state, &cfg).unwrap();
@@ -238,6 +245,7 @@ fn non_finite_tensors_are_never_saved_nor_loaded() {
 /// does not name is replaced; keep_last prunes the oldest but never LATEST's; leftovers of dead writers go.
 #[test]
 fn the_live_checkpoint_is_never_removed_and_pruning_keeps_the_newest() {
+    let _rng = common::torch_rng(0);
     let dir = tempfile::tempdir().unwrap();
     let (cfg, model, opt, _) = fixture();
     let put = |name: &str, step: u64, keep: usize| {

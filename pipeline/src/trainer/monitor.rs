@@ -197,22 +197,35 @@ impl Window {
 mod tests {
     use super::*;
 
+    /// Standard-normal values of `shape` from our own generator (Box-Muller on [`selfsup_augment::Rng`]), not from
+    /// torch's global RNG, which the unit tests on other threads draw from too (docs/testing.md).
+    fn randn(rng: &mut selfsup_augment::Rng, shape: &[i64]) -> Tensor {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u1, u2) = (1.0 - f64::from(rng.uniform()), f64::from(rng.uniform()));
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect();
+        Tensor::from_slice(&v).view(shape)
+    }
+
     #[test]
     fn collapse_metrics_tell_spread_from_collapse() {
-        tch::manual_seed(3);
-        let spread = Tensor::randn([512, 32], (Kind::Float, Device::Cpu));
+        let mut rng = selfsup_augment::Rng::new(3);
+        let spread = randn(&mut rng, &[512, 32]);
         let v: Vec<f64> = Vec::try_from(collapse_metrics(&spread).to_kind(Kind::Double)).unwrap();
         assert!((v[0] - 1.0).abs() < 0.05, "isotropic gaussian rows: std x sqrt(D) ~ 1, got {}", v[0]);
         assert!(v[1] > 25.0 && v[1] <= 32.0, "effective rank near D = 32, got {}", v[1]);
         // Every row the same direction (up to scale): collapsed.
-        let dir = Tensor::randn([1, 32], (Kind::Float, Device::Cpu));
-        let collapsed = Tensor::rand([512, 1], (Kind::Float, Device::Cpu)) * dir + 1e-4;
+        let dir = randn(&mut rng, &[1, 32]);
+        let scale: Vec<f32> = (0..512).map(|_| rng.uniform()).collect();
+        let collapsed = Tensor::from_slice(&scale).view([512, 1]) * dir + 1e-4;
         let v: Vec<f64> = Vec::try_from(collapse_metrics(&collapsed).to_kind(Kind::Double)).unwrap();
         assert!(v[0] < 0.01, "collapsed std {}", v[0]);
         assert!(v[1] < 1.1, "collapsed rank {}", v[1]);
         // Rank 4 of 32: dimensional collapse shows in the rank.
-        let low = Tensor::randn([512, 4], (Kind::Float, Device::Cpu))
-            .matmul(&Tensor::randn([4, 32], (Kind::Float, Device::Cpu)));
+        let low = randn(&mut rng, &[512, 4]).matmul(&randn(&mut rng, &[4, 32]));
         let v: Vec<f64> = Vec::try_from(collapse_metrics(&low).to_kind(Kind::Double)).unwrap();
         assert!(v[1] > 2.5 && v[1] < 4.01, "rank-4 batch: effective rank {}", v[1]);
         // A NaN anywhere (a non-finite step): NaN metrics, no eigensolver failure.

@@ -1,4 +1,4 @@
-//! Shared by the pipeline's integration tests: where the real data is.
+//! Shared by the pipeline's integration tests: where the real data is, and the lock on torch's global RNG.
 
 #![allow(dead_code)]
 
@@ -40,4 +40,16 @@ pub fn huge_png(w: u32, h: u32) -> Vec<u8> {
         v.extend_from_slice(&crc.to_be_bytes());
     }
     v
+}
+
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Locks this test binary's torch RNG lock (also after a test panicked holding it) and seeds torch's global RNG
+/// with `seed`. The tests of a binary are threads of one process and every model build, `randn` and training step
+/// draws from that one generator: once a binary uses this, every test of it that draws holds it for its whole
+/// body (docs/testing.md). `let _rng = common::torch_rng(0);`
+pub fn torch_rng(seed: i64) -> std::sync::MutexGuard<'static, ()> {
+    let guard = TORCH_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    tch::manual_seed(seed);
+    guard
 }
