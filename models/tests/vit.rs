@@ -8,6 +8,8 @@ use selfsup_models::{Backbone, BackboneConfig, PosEmbed, ResNetConfig, Vit, VitC
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+// Torch's RNG is global and the init, drop-path and "same seed" checks here need fixed draws: every test of this
+// binary that draws from it (building a ViT included) holds `common::torch_rng`.
 mod common;
 
 fn small(depth: i64, width: i64, heads: i64, patch: i64) -> VitConfig {
