@@ -1,7 +1,7 @@
 //! `selfsup bench-loader`: the data stage alone, as fast as it goes. The last line is `pairs_per_s=<number>`
 //! (a pair = one sample with all the views its objective needs).
 
-use crate::out;
+use selfsup_pipeline::out;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,7 +34,7 @@ pub fn run(spec: &str, set: &[String], opts: Options) -> Result<()> {
         slice: (0, 1),
     };
     let loader = Loader::new(src.clone(), Arc::new(Views::new(recipes)), lc)?;
-    eprintln!(
+    selfsup_pipeline::say!(
         "bench-loader: {} samples, batch {}, {} views, {} threads, {:.0}s",
         src.len(),
         cfg.train.batch_size,
@@ -66,7 +66,7 @@ pub fn run(spec: &str, set: &[String], opts: Options) -> Result<()> {
     let per: Vec<f64> = (0..4).map(|i| (t1[i] - t0[i]) as f64 / samples / 1000.0).collect();
     let total: f64 = per.iter().sum();
     let share = |x: f64| 100.0 * x / total.max(1e-12);
-    eprintln!(
+    selfsup_pipeline::say!(
         "per sample, one thread's time: read {:.2} us ({:.0}%), decode {:.2} us ({:.0}%), \
          augment all views + normalize {:.2} us ({:.0}%), collate {:.2} us ({:.0}%)",
         per[0],

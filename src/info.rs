@@ -1,6 +1,6 @@
 //! `selfsup info`: versions, devices, threads and installed datasets.
 
-use crate::out;
+use selfsup_pipeline::out;
 use std::path::Path;
 
 use anyhow::Result;

@@ -9,23 +9,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use selfsup_pipeline::finetune::{self, FinetuneOptions};
+use selfsup_pipeline::output::{self, Output};
 use selfsup_pipeline::runlock::RunLock;
 use selfsup_pipeline::tensorboard::{NullSink, TensorBoard};
 use selfsup_pipeline::trainer::{self, RunOptions};
 use selfsup_pipeline::transfer::{self, EvalContext};
-use selfsup_pipeline::{checkpoint, Config};
+use selfsup_pipeline::{checkpoint, out, say, Config};
 
 include!(concat!(env!("OUT_DIR"), "/presets.rs"));
-
-/// `println!` that never panics: with stdout closed (`selfsup inspect ... | head`) the output is dropped and the
-/// command still finishes its work (files, checkpoints).
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
-    }};
-}
-pub(crate) use out;
 
 #[derive(Parser)]
 #[command(name = "selfsup", version, about = "Self-supervised pretraining for images (LibTorch inside)")]
@@ -91,6 +82,9 @@ enum Command {
         /// Evaluate the momentum teacher's backbone (BYOL, MoCo v3, DINO) instead of the student's.
         #[arg(long)]
         teacher: bool,
+        /// Replace an eval.json (and projector files) already in the output folder.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Fine-tune a pretrained backbone (or the same one from scratch) on labeled data and report top-1,
     /// per-class and worst-class accuracy. The recipe is the checkpoint's `[finetune]` section (plus --set); or
@@ -107,6 +101,9 @@ enum Command {
         /// Export the momentum teacher's backbone (BYOL, MoCo v3, DINO: what their authors publish).
         #[arg(long)]
         teacher: bool,
+        /// Replace --out if it exists (never a checkpoint's own files).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Versions, devices, threads, and which datasets are installed where.
     Info,
@@ -128,6 +125,9 @@ enum Command {
         /// Where to write the JSON report (default: <data name>.inspect.json in the current folder).
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Replace the JSON report if it exists.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Measure the data stage alone: pairs (samples with all their views) per second.
     BenchLoader {
@@ -173,13 +173,17 @@ enum Command {
         /// Shorthand for `--codec deflate --level N` (0-9).
         #[arg(long, value_name = "N", conflicts_with_all = ["codec", "level"], value_parser = clap::value_parser!(u8).range(0..=9))]
         deflate: Option<u8>,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
 /// Loads `spec` as a file if it exists, else as a built-in preset.
 pub fn load_config(spec: &str, overrides: &[String]) -> Result<Config> {
     let path = Path::new(spec);
-    if path.exists() {
+    // A name that is there in any form (a link that loops or dangles too) is a file, and its error is its own.
+    if std::fs::symlink_metadata(path).is_ok() {
         return Ok(Config::load(path, overrides)?);
     }
     match PRESETS.iter().find(|(name, _)| *name == spec) {
@@ -233,8 +237,8 @@ fn plan_run(
     init_from: Option<PathBuf>,
     say: bool,
 ) -> Result<Plan> {
-    macro_rules! say {
-        ($($arg:tt)*) => { if say { eprintln!($($arg)*) } };
+    macro_rules! tell {
+        ($($arg:tt)*) => { if say { say!($($arg)*) } };
     }
     let fresh = |config: Option<String>, init_from| -> Result<Plan> {
         let cfg = load_config(&config.unwrap_or_else(default_preset), set)?;
@@ -245,9 +249,23 @@ fn plan_run(
     }
     let out = out.expect("clap requires --out with --resume");
     let file = out.join("config.toml");
+    let ckpts = out.join("checkpoints");
+    let started = ckpts.join("LATEST").exists() || !checkpoint::list(&ckpts).is_empty();
+    if !file.is_file() && started {
+        // config.toml lost (deleted, or not copied with the checkpoints): every checkpoint holds the config it
+        // was written under, and the trainer writes the run's config.toml again from it.
+        let ckpt = checkpoint::resolve(out)?;
+        tell!("{}: missing; the run's config is taken from {}", file.display(), ckpt.display());
+        let cfg = Config::from_toml(
+            &checkpoint::load_config(&ckpt)?.to_toml(),
+            &ckpt.join("config.toml").display().to_string(),
+            set,
+        )?;
+        return Ok(Plan { cfg, resume: true, restart: false, init_from: None });
+    }
     if !file.is_file() {
         if config.is_some() {
-            say!("--resume --out {}: no run there yet; starting it with --config", out.display());
+            tell!("--resume --out {}: no run there yet; starting it with --config", out.display());
             return fresh(config, init_from);
         }
         bail!(
@@ -262,19 +280,17 @@ fn plan_run(
         let given = load_config(c, set)?;
         let differ: Vec<String> = given.changes_from(&cfg).iter().map(|c| c.key.clone()).collect();
         if !differ.is_empty() {
-            say!(
+            tell!(
                 "note: --config {c} differs from the run's own config.toml in {}; the run's own is used (--set \
                  changes it)",
                 differ.join(", ")
             );
         }
     }
-    let ckpts = out.join("checkpoints");
-    let started = ckpts.join("LATEST").exists() || !checkpoint::list(&ckpts).is_empty();
     if started {
-        say!("resuming run {} ({}, with its own config.toml)", out.display(), cfg.name);
+        tell!("resuming run {} ({}, with its own config.toml)", out.display(), cfg.name);
         if let Some(w) = &init_from {
-            say!("note: --init-from {} is for a run's start: this one continues from its checkpoint", w.display());
+            tell!("note: --init-from {} is for a run's start: this one continues from its checkpoint", w.display());
         }
         return Ok(Plan { cfg, resume: true, restart: false, init_from: None });
     }
@@ -299,7 +315,7 @@ fn plan_run(
         }
         Err(_) => None,
     };
-    say!(
+    tell!(
         "--resume --out {}: the run has no checkpoint yet (it stopped before its first one): starting it again from \
          step 0 with its own config.toml{}",
         out.display(),
@@ -377,6 +393,10 @@ fn pretrain(
     quiet: bool,
     init_from: Option<PathBuf>,
 ) -> Result<()> {
+    // From the first instruction: a SIGTERM or SIGUSR1 (SLURM's) during the setup, which can take minutes on a
+    // large folder, must not kill the process with the default action, nor be forgotten. A stop asked for
+    // before the first step ends the command with nothing written.
+    selfsup_pipeline::signals::install().context("installing the signal handlers")?;
     let launch = selfsup_pipeline::launch::Launch::from_env()?;
     if launch.world > 1 && out.is_none() {
         bail!(
@@ -410,11 +430,7 @@ fn pretrain(
             let removed = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
             removed.with_context(|| format!("--overwrite: removing {}", p.display()))?;
         }
-        eprintln!("--overwrite: removed the previous run in {}", out.display());
-    }
-    if cfg.finetune.at_end {
-        // Open the fine-tuning data now: a missing or mismatched set should fail before hours of pretraining.
-        finetune::open_data(&cfg).context("checking the finetune data (finetune.at_end = true)")?;
+        say!("--overwrite: removed the previous run in {}", out.display());
     }
     // Before anything is written (an event file): a finished run, or one resumed under a config its checkpoint
     // cannot continue under, stays exactly as it is.
@@ -423,30 +439,36 @@ fn pretrain(
         let (recipe, bookkeeping) = trainer::resume_changes(&cfg, &ckpt)?;
         let state = checkpoint::load_state(&ckpt)?;
         if let Some(done) = trainer::nothing_to_do(&cfg, &out, &state, None) {
-            eprintln!("{done}");
+            say!("{done}");
             return Ok(());
         }
         if !bookkeeping.is_empty() {
             let keys: Vec<String> = bookkeeping.iter().map(ToString::to_string).collect();
-            eprintln!("resume with {}", keys.join(", "));
+            say!("resume with {}", keys.join(", "));
         }
         Some((ckpt, state.step, recipe))
     } else {
         None
     };
-    selfsup_pipeline::signals::install().context("installing the signal handlers")?;
+    let (launched, world, by) = (launch.launched(), launch.world, launch.by);
+    let opts = RunOptions { out: out.clone(), resume, quiet, launch, init_from };
+    // Everything that can be checked is, before the run folder is written.
+    let Some(run) = trainer::prepare(&cfg, &opts)? else {
+        return Ok(()); // --resume of a finished run: nothing to do (said on stderr)
+    };
+    if let Some(sig) = selfsup_pipeline::signals::stop_requested() {
+        say!("{}: stopped before the first step; nothing written", selfsup_pipeline::signals::name(sig));
+        std::process::exit(128 + sig);
+    }
     let mut tb = TensorBoard::create(&out).with_context(|| format!("creating the event file in {}", out.display()))?;
     if let Some((ckpt, step, recipe)) = &resumed {
         trainer::record_resume_changes(&out, ckpt, *step, recipe, &mut tb)?;
     }
-    eprintln!("run folder: {}", out.display());
-    if launch.launched() {
-        eprintln!("rank 0 of {} ({}): global batch {}", launch.world, launch.by, cfg.train.batch_size);
+    say!("run folder: {}", out.display());
+    if launched {
+        say!("rank 0 of {world} ({by}): global batch {}", cfg.train.batch_size);
     }
-    let opts = RunOptions { out: out.clone(), resume, quiet, launch, init_from };
-    let Some(summary) = trainer::pretrain(&cfg, &opts, &mut tb)? else {
-        return Ok(()); // --resume of a finished run: nothing to do (said on stderr)
-    };
+    let summary = run.run(&mut tb)?;
     selfsup_pipeline::write_json_atomic(&out.join("summary.json"), &summary)?;
     if let Some(sig) = &summary.interrupted {
         let at = summary.checkpoint.as_ref().map_or("?".into(), |p| p.display().to_string());
@@ -457,9 +479,18 @@ fn pretrain(
         );
         exit_if_interrupted();
     }
+    let steps = if summary.steps_this_process == summary.steps {
+        format!("{} steps", summary.steps)
+    } else {
+        format!(
+            "to step {} ({} in this process, resumed at {})",
+            summary.steps,
+            summary.steps_this_process,
+            summary.steps - summary.steps_this_process
+        )
+    };
     out!(
-        "pretrained {} steps ({} epochs) on {} in {:.1}s: {:.0} img/s, waited for data {:.1}% of the time, final loss {:.4}",
-        summary.steps,
+        "pretrained {steps} ({} epochs) on {} in {:.1}s: {:.0} img/s, waited for data {:.1}% of the time, final loss {:.4}",
         summary.epochs,
         summary.device,
         summary.seconds,
@@ -478,6 +509,9 @@ fn pretrain(
     }
     if summary.unreadable_samples > 0 {
         out!("{} unreadable sample(s) were skipped (listed above)", summary.unreadable_samples);
+    }
+    if let Some(why) = &summary.eval_skipped {
+        out!("no evaluation: {why}");
     }
     if let Some(report) = &summary.eval {
         out!("{report}");
@@ -500,7 +534,7 @@ fn default_preset() -> String {
     let cuda = tch::Cuda::is_available();
     let preset = if cuda { "simclr-fmnist" } else { "simclr-fmnist-tiny" };
     let why = if cuda { "CUDA visible" } else { "no CUDA device: the CPU preset" };
-    eprintln!("no --config given: using preset {preset} ({why})");
+    say!("no --config given: using preset {preset} ({why})");
     preset.to_string()
 }
 
@@ -524,7 +558,6 @@ fn pretrain_rank(
             return Ok(());
         }
     }
-    selfsup_pipeline::signals::install().context("installing the signal handlers")?;
     let opts = RunOptions { out, resume, quiet: true, launch, init_from };
     let summary = trainer::pretrain(&cfg, &opts, &mut NullSink).with_context(|| format!("rank {rank}"))?;
     if summary.is_some() {
@@ -533,7 +566,7 @@ fn pretrain_rank(
     Ok(())
 }
 
-fn eval(ckpt: PathBuf, mut set: Vec<String>, out: Option<PathBuf>, teacher: bool) -> Result<()> {
+fn eval(ckpt: PathBuf, mut set: Vec<String>, out: Option<PathBuf>, teacher: bool, overwrite: bool) -> Result<()> {
     let ckpt = checkpoint::resolve(&ckpt)?;
     let base = checkpoint::load_config(&ckpt)?;
     if teacher {
@@ -541,13 +574,19 @@ fn eval(ckpt: PathBuf, mut set: Vec<String>, out: Option<PathBuf>, teacher: bool
     }
     let cfg = Config::from_toml(&base.to_toml(), &ckpt.join("config.toml").display().to_string(), &set)?;
     let (device, autocast) = selfsup_pipeline::prepare_device(cfg.train.device, cfg.train.bf16)?;
-    let source = selfsup_pipeline::source::open(&cfg.data.train, cfg.data.channels)?;
+    let source = selfsup_pipeline::source::open_with(&cfg.data.train, cfg.data.open_options())?;
+    // The sets checked against the network before the (long) feature extraction.
+    if let Some(why) = transfer::plan(&cfg, source.channels())? {
+        bail!("nothing to evaluate: {why} (--set data.test=... / eval.train=... name the labeled sets)");
+    }
     let mut model = trainer::build_model(&cfg, source.channels(), device)?;
     checkpoint::load_weights(&mut model.vs, &ckpt)?;
-    eprintln!("evaluating {}", ckpt.display());
+    say!("evaluating {}", ckpt.display());
     // checkpoints live in <run>/checkpoints/<name>: the report goes to the run folder by default.
     let dir =
         out.unwrap_or_else(|| ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf));
+    let files = ["eval.json", "projector", "projector_config.pbtxt"];
+    output::check(Output::Folder { dir: &dir, files: &files }, &[], overwrite, "--out")?;
     let _lock = RunLock::acquire(&dir, "selfsup eval")?;
     let ctx = EvalContext {
         cfg: &cfg,
@@ -637,7 +676,14 @@ struct FinetuneArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Replace the results of an earlier fine-tune in --out (finetune.json, finetuned.safetensors, ...).
+    #[arg(long)]
+    overwrite: bool,
 }
+
+/// What a fine-tune writes into its output folder (`--compare`: the two sides and the comparison).
+const FINETUNE_FILES: [&str; 6] =
+    ["finetune.json", "finetuned.safetensors", "config.toml", "comparison.json", "pretrained", "scratch"];
 
 fn finetune(a: FinetuneArgs) -> Result<()> {
     // The backbone's source (a checkpoint folder or a weights file), the config, where the config came from, and
@@ -673,6 +719,10 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
         Some(_) => run_dir.join(format!("{}-finetune-{}", cfg.name, utc_stamp())),
         None => run_dir.join(format!("finetune-{}", utc_stamp())),
     });
+    let mut inputs: Vec<&Path> = vec![&ckpt];
+    inputs.extend(cfg.finetune.train.as_deref());
+    inputs.extend(cfg.finetune.test.as_deref());
+    output::check(Output::Folder { dir: &out, files: &FINETUNE_FILES }, &inputs, a.overwrite, "--out")?;
     let _lock = RunLock::acquire(&out, "selfsup finetune")?;
     if a.compare {
         return run_compare(&cfg, &ckpt, &out, a.quiet, true);
@@ -686,11 +736,12 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     Ok(())
 }
 
-fn export(ckpt: &Path, out: &Path, teacher: bool) -> Result<()> {
+fn export(ckpt: &Path, out: &Path, teacher: bool, overwrite: bool) -> Result<()> {
     if out.extension().is_none_or(|e| e != "safetensors") {
         bail!("--out {}: the file must end in .safetensors", out.display());
     }
     let ckpt = checkpoint::resolve(ckpt)?;
+    output::check(Output::File(out), &[&ckpt], overwrite, "--out")?;
     let n = checkpoint::export_backbone(&ckpt, out, checkpoint::Which::from_teacher(teacher))?;
     let cfg = checkpoint::load_config(&ckpt)?;
     let names = match cfg.model.backbone {
@@ -702,15 +753,16 @@ fn export(ckpt: &Path, out: &Path, teacher: bool) -> Result<()> {
     Ok(())
 }
 
-fn inspect(data: &Path, channels: u8, json: Option<PathBuf>) -> Result<()> {
-    let source = selfsup_pipeline::source::open(data, channels)?;
-    let report = selfsup_pipeline::inspect::inspect(source.as_ref(), &data.display().to_string(), true);
-    out!("{report}");
+fn inspect(data: &Path, channels: u8, json: Option<PathBuf>, overwrite: bool) -> Result<()> {
     let json = json.unwrap_or_else(|| {
         let name = data.file_name().map_or("data".into(), |n| n.to_string_lossy().into_owned());
         PathBuf::from(format!("{name}.inspect.json"))
     });
-    std::fs::write(&json, serde_json::to_vec_pretty(&report)?).with_context(|| json.display().to_string())?;
+    output::check(Output::File(&json), &[data], overwrite, "--json")?;
+    let source = selfsup_pipeline::source::open(data, channels)?;
+    let report = selfsup_pipeline::inspect::inspect(source.as_ref(), &data.display().to_string(), true);
+    out!("{report}");
+    selfsup_pipeline::write_json_atomic(&json, &report)?;
     out!("wrote {}", json.display());
     Ok(())
 }
@@ -724,9 +776,9 @@ fn main() {
                 None => pretrain(config, set, out, resume, overwrite, quiet, init_from),
             }
         }
-        Command::Eval { checkpoint, set, out, teacher } => eval(checkpoint, set, out, teacher),
+        Command::Eval { checkpoint, set, out, teacher, overwrite } => eval(checkpoint, set, out, teacher, overwrite),
         Command::Finetune(args) => finetune(args),
-        Command::Export { checkpoint, out, teacher } => export(&checkpoint, &out, teacher),
+        Command::Export { checkpoint, out, teacher, overwrite } => export(&checkpoint, &out, teacher, overwrite),
         Command::Info => info::print(),
         Command::Presets => {
             out!("{}", presets::list(&PRESETS).trim_end());
@@ -736,16 +788,18 @@ fn main() {
             presets::completions(shell, &mut <Cli as clap::CommandFactory>::command());
             Ok(())
         }
-        Command::Inspect { data, channels, json } => inspect(&data, channels, json),
+        Command::Inspect { data, channels, json, overwrite } => inspect(&data, channels, json, overwrite),
         Command::BenchLoader { config, set, seconds, threads, gpu_img_per_s } => {
             bench::run(&config, &set, bench::Options { seconds, threads, gpu_img_per_s })
         }
-        Command::Pack { src, out, channels, encoded, shuffle, codec, level, deflate } => {
-            pack(&src, &out, channels, encoded, shuffle, codec_of(codec, level, deflate))
+        Command::Pack { src, out, channels, encoded, shuffle, codec, level, deflate, overwrite } => {
+            output::check(Output::File(&out), &[&src], overwrite, "OUT")
+                .map_err(anyhow::Error::from)
+                .and_then(|()| pack(&src, &out, channels, encoded, shuffle, codec_of(codec, level, deflate)))
         }
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        say!("error: {e:#}");
         std::process::exit(1);
     }
 }

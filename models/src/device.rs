@@ -130,3 +130,61 @@ mod tests {
         assert_eq!(super::libtorch_version(), "2.11.0");
     }
 }
+
+thread_local! {
+    /// Set while [`catch_torch`] runs on this thread: its panics are errors to return, not messages to print.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, returning the message of a LibTorch error that tch's infallible calls raise as a panic (a shape
+/// that does not fit the network: `expected input[4, 3, 28, 28] to have 1 channels`) instead of unwinding
+/// through the caller; the caller names the data it was fed. Nothing is printed for such a panic (the default
+/// hook stays in place for every other one). Use around calls on user data only: a panic here means the data,
+/// not the program, is wrong.
+pub fn catch_torch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CATCHING.with(std::cell::Cell::get) {
+                previous(info)
+            }
+        }));
+    });
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CATCHING.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(CATCHING.with(|c| c.replace(true)));
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let text = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "LibTorch failed".into());
+        // tch wraps the C++ message: `called Result::unwrap() on an Err value: Torch("...\nException raised
+        // from ...")`: keep the first line of what LibTorch said.
+        let inner = text.split_once("Torch(\"").map_or(text.as_str(), |(_, t)| t);
+        inner.lines().next().unwrap_or(inner).trim_end_matches(['"', ')']).to_string()
+    })
+}
+
+#[cfg(test)]
+mod catch_tests {
+    use super::*;
+
+    #[test]
+    fn a_shape_error_is_returned_with_libtorch_s_words_and_other_panics_still_print() {
+        let x = Tensor::zeros([2, 3], (tch::Kind::Float, Device::Cpu));
+        let y = Tensor::zeros([4, 5], (tch::Kind::Float, Device::Cpu));
+        let err = catch_torch(|| x.matmul(&y)).unwrap_err();
+        assert!(err.contains("cannot be multiplied") || err.contains("shapes"), "{err}");
+        assert!(!err.contains("Exception raised from"), "{err}");
+        assert_eq!(catch_torch(|| 7).unwrap(), 7);
+        // The flag is off again afterwards, nested or not.
+        let _ = catch_torch(|| catch_torch(|| x.matmul(&y)));
+        assert!(!CATCHING.with(std::cell::Cell::get));
+    }
+}

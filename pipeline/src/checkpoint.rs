@@ -88,11 +88,11 @@ pub struct WindowState {
 pub const WEIGHTS: &str = "model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const PROBE: &str = "probe.safetensors";
-const STATE: &str = "state.json";
+pub const STATE: &str = "state.json";
 pub const CONFIG: &str = "config.toml";
 /// The manifest: `<sha256 hex>  <file>` per line, as `sha256sum` writes and checks it.
 pub const MANIFEST: &str = "SHA256SUMS";
-const LATEST: &str = "LATEST";
+pub const LATEST: &str = "LATEST";
 /// Files every checkpoint has (and its manifest lists).
 const REQUIRED: [&str; 4] = [WEIGHTS, OPTIMIZER, STATE, CONFIG];
 
@@ -337,6 +337,30 @@ pub fn verify(ckpt: &Path) -> Result<(), CheckpointError> {
     Ok(())
 }
 
+/// A file read on its own from inside a checkpoint (`--init-from <ckpt>/model.safetensors`): checked against its
+/// line in the checkpoint's manifest, as the whole checkpoint is when resumed. A file outside a checkpoint, or not
+/// in its manifest, passes.
+pub fn verify_if_listed(file: &Path) -> Result<(), CheckpointError> {
+    let (Some(dir), Some(name)) = (file.parent(), file.file_name().and_then(|n| n.to_str())) else { return Ok(()) };
+    let mpath = dir.join(MANIFEST);
+    let Ok(text) = std::fs::read_to_string(&mpath) else { return Ok(()) };
+    for (want, listed) in text.lines().filter_map(|l| l.split_once("  ")) {
+        if listed == name {
+            let got = sha256_file(file)?;
+            if got != want {
+                return Err(invalid(
+                    file,
+                    format!(
+                        "checksum mismatch: {} says {want}, the file hashes to {got}: the file is corrupt",
+                        mpath.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks `state` (of checkpoint `ckpt`) against `cfg`: epoch and step within the run's schedule, and with
 /// `steps_per_epoch` known (the trainer's), the step and batch consistent with it.
 pub fn check_state(
@@ -436,6 +460,22 @@ fn find(path: &Path) -> Result<PathBuf, CheckpointError> {
             return Err(invalid(
                 &latest,
                 format!("names {:?}, which is not a checkpoint here (checkpoints: {others:?})", name.trim()),
+            ));
+        }
+    }
+    // No LATEST (deleted, or lost with a copy of the folder): the checkpoints themselves may still be here.
+    for dir in [path.to_path_buf(), path.join("checkpoints")] {
+        let good = list(&dir).into_iter().rev().map(|(p, _)| p).find(|p| check(p).is_ok());
+        if let Some(p) = good {
+            let name = p.file_name().unwrap().to_string_lossy();
+            return Err(invalid(
+                &dir.join(LATEST),
+                format!(
+                    "missing, so no checkpoint is chosen; the newest checkpoint here that verifies is {}: name it                      (`--checkpoint {}`), or to --resume from it, `echo {name} > {}`",
+                    p.display(),
+                    p.display(),
+                    dir.join(LATEST).display()
+                ),
             ));
         }
     }

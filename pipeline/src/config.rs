@@ -370,6 +370,10 @@ impl Default for TrainConfig {
 pub struct EvalConfig {
     /// Evaluate (k-NN and linear probe) at the end of pretraining.
     pub at_end: bool,
+    /// Labeled images for the k-NN bank and the linear probe's training set (same kinds as `data.train`; a
+    /// folder of class sub-folders has labels). Default: `data.train`, when it has labels; pretraining on an
+    /// unlabeled folder without this skips the evaluation (said at the start and in the summary).
+    pub train: Option<PathBuf>,
     /// The validation curve `val/knn_top1`: a k-NN top-1 every this many epochs during pretraining (and after
     /// the last), on the subset `val_bank_size` / `val_test_size` (0 = never).
     pub knn_every: usize,
@@ -404,6 +408,7 @@ impl Default for EvalConfig {
     fn default() -> Self {
         EvalConfig {
             at_end: true,
+            train: None,
             knn_every: 1,
             val_bank_size: 10_000,
             val_test_size: 2_000,
@@ -443,6 +448,33 @@ impl Default for Config {
     }
 }
 
+/// The largest batch any key accepts (a million images of a view is already far past any device's memory).
+pub const MAX_BATCH: usize = 1 << 20;
+/// The most loader threads (`train.threads`): each is an OS thread started before the first step.
+pub const MAX_THREADS: usize = 1024;
+/// The most batches prepared ahead (`train.prefetch`): each holds a whole batch of views in memory.
+pub const MAX_PREFETCH: usize = 1024;
+/// The largest view side in pixels (DINOv2 trains at 518; dense tasks at 1024-2048).
+pub const MAX_VIEW_SIDE: u32 = 8192;
+/// The largest config file read (a preset is a few KB; `--config /dev/zero` would read until memory runs out).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a config file: a regular file (after links) of at most [`MAX_CONFIG_BYTES`], as UTF-8.
+fn read_config_file(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file (a config is a TOML file)"));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        let msg = format!("larger than {MAX_CONFIG_BYTES} bytes: not a config (presets are a few KB)");
+        return Err(Error::new(ErrorKind::InvalidData, msg));
+    }
+    Ok(text)
+}
+
 fn check(file: &str, key: &str, ok: bool, message: impl FnOnce() -> String) -> Result<(), ConfigError> {
     if ok {
         Ok(())
@@ -455,7 +487,7 @@ impl Config {
     /// Loads `path`, applies `key=value` overrides (values in TOML syntax; bare words are strings), validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io { file: file.clone(), error })?;
+        let text = read_config_file(path).map_err(|error| ConfigError::Io { file: file.clone(), error })?;
         Self::from_toml(&text, &file, overrides)
     }
 
@@ -479,6 +511,21 @@ impl Config {
             message,
         })?;
         let whole = toml::Value::Table(value);
+        // Before the types: an infinity or NaN is refused wherever it is written (no value of ours means it; `inf`
+        // passed every `> 0` check).
+        let mut floats = Vec::new();
+        flatten("", &whole, &mut floats);
+        for (key, v) in &floats {
+            let bad = match v {
+                toml::Value::Float(x) => !x.is_finite(),
+                toml::Value::Array(a) => a.iter().any(|x| x.as_float().is_some_and(|x| !x.is_finite())),
+                _ => false,
+            };
+            if bad {
+                let message = format!("must be a finite number, got {v}");
+                return Err(ConfigError::Key { file: file.into(), key: key.clone(), message });
+            }
+        }
         let cfg: Config = serde_path_to_error::deserialize(whole.clone()).map_err(|e| {
             let (key, message) = tagged_field_error(&whole, &e.path().to_string())
                 .unwrap_or_else(|| (e.path().to_string(), e.inner().to_string()));
@@ -502,7 +549,28 @@ impl Config {
             format!("must be > 0 MB, got {}", self.dist.bucket_mb)
         })?;
         check(file, "train.epochs", t.epochs >= 1, || "must be >= 1".into())?;
-        check(file, "train.batch_size", t.batch_size >= 2, || format!("must be >= 2, got {}", t.batch_size))?;
+        check(file, "train.batch_size", (2..=MAX_BATCH).contains(&t.batch_size), || {
+            format!("must be in 2..={MAX_BATCH}, got {}", t.batch_size)
+        })?;
+        // Threads are OS threads started before the first step: bounded where the machine is, not by usize.
+        check(file, "train.threads", t.threads <= MAX_THREADS, || {
+            format!("must be at most {MAX_THREADS} (0 = one per core), got {}", t.threads)
+        })?;
+        check(file, "train.prefetch", t.prefetch <= MAX_PREFETCH, || {
+            format!("must be at most {MAX_PREFETCH} batches, got {}", t.prefetch)
+        })?;
+        check(file, "eval.probe_batch", self.eval.probe_batch <= MAX_BATCH, || {
+            format!("must be at most {MAX_BATCH}, got {}", self.eval.probe_batch)
+        })?;
+        check(file, "finetune.batch_size", self.finetune.batch_size <= MAX_BATCH, || {
+            format!("must be at most {MAX_BATCH}, got {}", self.finetune.batch_size)
+        })?;
+        for (i, v) in self.view_recipes().iter().enumerate() {
+            let key = if self.views.is_empty() { "augment.size".to_string() } else { format!("views[{i}].size") };
+            check(file, &key, (1..=MAX_VIEW_SIDE).contains(&v.size), || {
+                format!("must be in 1..={MAX_VIEW_SIDE} pixels, got {}", v.size)
+            })?;
+        }
         check(file, "train.log_every", t.log_every >= 1, || "must be >= 1".into())?;
         check(file, "log.histogram_bins", (1..=10_000).contains(&self.log.histogram_bins), || {
             format!("must be in 1..=10000, got {}", self.log.histogram_bins)
@@ -585,6 +653,14 @@ impl Config {
             })?;
         }
         Ok(())
+    }
+
+    /// The labeled images evaluation fits its k-NN bank and linear probe on, and the key that names them.
+    pub fn eval_bank(&self) -> (&Path, &'static str) {
+        match &self.eval.train {
+            Some(p) => (p, "eval.train"),
+            None => (&self.data.train, "data.train"),
+        }
     }
 
     /// The objective's `kind` as written in the TOML.

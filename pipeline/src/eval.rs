@@ -58,6 +58,8 @@ pub struct ExtractOptions<'a> {
     /// Give up with [`Error::Stopped`] at the next batch once SIGINT / SIGTERM asked to stop (one process only:
     /// in a group every rank must take part in every gather).
     pub stop_on_signal: bool,
+    /// The data, as errors name it: its config key and file (`data.test = /data/test.h5`).
+    pub data: &'a str,
 }
 
 /// Runs each of `fs` (a frozen network, identity for raw pixels, ...) over the labeled `source` in one pass, so the
@@ -127,7 +129,16 @@ pub fn extract(
             selfsup_models::device::host_to_device(&batch.views[0], &dims, opts.device)
         };
         for (f, out) in fs.iter().zip(xs.iter_mut()) {
-            let feats = tch::no_grad(|| selfsup_models::device::autocast(opts.autocast, || f(&x)));
+            // The data was checked against the network when opened; a sample that still does not fit is an error
+            // naming it, never a panic after the whole pass.
+            let run = || tch::no_grad(|| selfsup_models::device::autocast(opts.autocast, || f(&x)));
+            let feats = selfsup_models::device::catch_torch(run).map_err(|e| {
+                Error::Other(format!(
+                    "{}: the network cannot take its images (the batch from sample {}): {e}",
+                    opts.data,
+                    batch.indices.first().copied().unwrap_or(0)
+                ))
+            })?;
             out.push(gather(feats.to_kind(Kind::Float).narrow(0, 0, batch.len() as i64))?);
         }
         ys.push(gather(Tensor::from_slice(labels).to_device(opts.device))?);

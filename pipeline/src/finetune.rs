@@ -144,6 +144,11 @@ pub fn open_data(cfg: &Config) -> Result<(Arc<dyn Source>, Arc<dyn Source>, Vec<
     } else {
         a
     };
+    // Labels are class indices into the classes the head is built for and the report names.
+    let named = if f.class_names.is_empty() { "data.class_names" } else { "finetune.class_names" };
+    let classes = source::Classes::named(&names, named).or_else(|| source::Classes::of(train.as_ref(), train_key));
+    source::check_fits(train.as_ref(), train_key, train_path, train.channels(), classes.as_ref())?;
+    source::check_fits(test.as_ref(), test_key, test_path, train.channels(), classes.as_ref())?;
     Ok((train, test, names))
 }
 
@@ -182,9 +187,6 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
     let f = &cfg.finetune;
     let (device, autocast) = prepare_device(cfg.train.device, cfg.train.bf16)?;
     let (full_train, test_src, names) = open_data(cfg)?;
-    let io = |e: std::io::Error| Error::Other(format!("{}: {e}", opts.out.display()));
-    std::fs::create_dir_all(&opts.out).map_err(io)?;
-    std::fs::write(opts.out.join("config.toml"), cfg.to_toml()).map_err(io)?;
     // Timed from here: building, loading, training and testing (not opening the data).
     let t0 = Instant::now();
     let train_src: Arc<dyn Source> = if f.labels_per_class > 0 {
@@ -198,13 +200,17 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
     let model = build_classifier(cfg, channels, classes, device)?;
     if let Some(file) = opts.checkpoint.as_ref().filter(|p| p.is_file()) {
         // A backbone weights file (torchvision / timm names), not a checkpoint folder: `finetune --init-from`.
-        eprintln!("{}", crate::pretrained::load_backbone_file(&model.vs, file, &cfg.model.backbone)?);
+        crate::say!("{}", crate::pretrained::load_backbone_file(&model.vs, file, &cfg.model.backbone)?);
     } else if let Some(ckpt) = &opts.checkpoint {
         let which = checkpoint::Which::from_teacher(f.teacher);
         let n = checkpoint::load_backbone(&model.vs, ckpt, which)?;
         let whose = if f.teacher { "teacher " } else { "" };
-        eprintln!("loaded {n} {whose}backbone tensors from {}", ckpt.display());
+        crate::say!("loaded {n} {whose}backbone tensors from {}", ckpt.display());
     }
+    // The data and the weights fit: now the output folder.
+    let io = |e: std::io::Error| Error::Other(format!("{}: {e}", opts.out.display()));
+    std::fs::create_dir_all(&opts.out).map_err(io)?;
+    std::fs::write(opts.out.join("config.toml"), cfg.to_toml()).map_err(io)?;
     let frozen = f.mode == FinetuneMode::Linear;
     if frozen {
         for (name, t) in model.vs.variables() {
@@ -247,6 +253,11 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
     let mut opt = Optimizer::new_with(&model.vs, &ocfg, param_spec(model.backbone.as_ref(), ocfg.layer_decay))?;
     let peak_lr = ocfg.base_lr * batch_size as f64 / 256.0;
 
+    let test_data = match (&f.test, &cfg.data.test) {
+        (Some(p), _) => format!("finetune.test = {}", p.display()),
+        (None, Some(p)) => format!("data.test = {}", p.display()),
+        (None, None) => "the test data".into(),
+    };
     let eval_opts = ExtractOptions {
         recipe: &view,
         batch_size: 512,
@@ -257,6 +268,7 @@ pub fn finetune(cfg: &Config, opts: &FinetuneOptions, sink: &mut dyn Sink) -> Re
         dist: None,
         progress: None,
         stop_on_signal: false,
+        data: &test_data,
     };
     let mut progress = Progress::new(total_steps, 0, opts.quiet);
     let mut curve = Vec::new();

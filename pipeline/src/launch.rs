@@ -238,7 +238,7 @@ pub fn launch_local(nproc: usize, args: &[OsString], grace: Duration) -> Result<
             }
         }
     }
-    eprintln!("launched {nproc} ranks (master 127.0.0.1:{port})");
+    crate::say!("launched {nproc} ranks (master 127.0.0.1:{port})");
     let mut code = 0;
     // A stop (SIGINT/SIGTERM) forwarded to the ranks: they exit 130/143 one by one, each after its part of the
     // final checkpoint; the launcher then waits for all instead of stopping the others (a second signal would
@@ -264,7 +264,7 @@ pub fn launch_local(nproc: usize, args: &[OsString], grace: Duration) -> Result<
                     if c != 0 && code == 0 {
                         code = c;
                         if !stopping {
-                            eprintln!("rank {rank} exited with {status}: stopping the other ranks");
+                            crate::say!("rank {rank} exited with {status}: stopping the other ranks");
                         }
                     }
                 }

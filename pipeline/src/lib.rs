@@ -8,10 +8,12 @@ pub mod finetune;
 pub mod inspect;
 pub mod launch;
 pub mod loader;
+pub mod output;
 pub mod pack;
 pub mod pretrained;
 pub mod progress;
 pub mod projector;
+pub mod recipe_fit;
 pub mod runlock;
 pub mod signals;
 pub mod source;
@@ -20,6 +22,27 @@ pub mod trainer;
 pub mod transfer;
 
 pub use config::Config;
+
+/// `eprintln!` that never panics: with stderr closed (`selfsup ... 2>&1 | head -3`, a log reader that exited) the
+/// line is dropped and the command goes on with its work (checkpoints, summaries, reports). Every message of the
+/// CLI and the pipeline goes through it (`tests/hostile.rs` checks that no source calls `eprintln!`).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` that never panics: with stdout closed (`selfsup inspect ... | head`) the output is dropped and the
+/// command still finishes its work (files, checkpoints).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -231,6 +231,7 @@ pub fn load_backbone_file(vs: &VarStore, file: &Path, cfg: &BackboneConfig) -> R
         let error = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file (a safetensors file expected)");
         return Err(CheckpointError::Io { path: file.to_path_buf(), error });
     }
+    crate::checkpoint::verify_if_listed(file)?;
     let tensors = Tensor::read_safetensors(file)
         .map_err(|e| invalid(file, format!("not a readable safetensors file (truncated or another format?): {e}")))?;
     if let Some(name) = first_nonfinite(tensors.iter().map(|(n, t)| (n.as_str(), t))) {

@@ -172,7 +172,7 @@ impl Task {
         let secs = self.start.elapsed().as_secs_f64().max(1e-9);
         let rate = self.done as f64 / secs;
         let eta = eta(secs, self.done, self.total.saturating_sub(self.done));
-        eprintln!(
+        crate::say!(
             "{}: {}/{} {} ({:.0}%), {:.0} {}/s, eta {}",
             self.label,
             self.done,

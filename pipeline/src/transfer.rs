@@ -79,23 +79,46 @@ impl EvalContext<'_> {
     }
 }
 
-fn labeled(path: &Path, options: source::OpenOptions) -> Result<Arc<dyn Source>> {
+fn labeled(path: &Path, key: &str, options: source::OpenOptions) -> Result<Arc<dyn Source>> {
     let s: Arc<dyn Source> = source::open_with(path, options)?.into();
     if s.num_classes().is_none() {
-        return Err(Error::Other(format!("{}: evaluation needs labels and this source has none", path.display())));
+        return Err(Error::Other(format!(
+            "{key} = {}: evaluation needs labels and this source has none (a folder needs class sub-folders)",
+            path.display()
+        )));
     }
     Ok(s)
 }
 
-/// Opens `data.test` now, as evaluation will, so that a wrong path or an unlabeled set fails before hours of
-/// training rather than after; the error names the key.
-pub fn check_test_data(cfg: &Config) -> Result<()> {
-    match &cfg.data.test {
-        Some(test) => {
-            labeled(test, cfg.data.open_options()).map(drop).map_err(|e| Error::Other(format!("data.test: {e}")))
+/// Whether a run's evaluation (the validation k-NN and the final k-NN and probe) can take place, decided at its
+/// start: `Ok(None)` when it can, `Ok(Some(why))` when it is skipped (no `data.test`; or pretraining on an
+/// unlabeled folder without `eval.train`), an error when a set given for it does not fit: unreadable, without
+/// labels, with other channels than the network's `channels`, or with labels outside the classes (the names of
+/// `data.class_names`, else the bank's labels). Opens the sets as evaluation will, so that a mistake fails before
+/// hours of training rather than after; errors name the key.
+pub fn plan(cfg: &Config, channels: u8) -> Result<Option<String>> {
+    let Some(test_path) = &cfg.data.test else {
+        return Ok(Some("data.test is not set".into()));
+    };
+    let o = cfg.data.open_options();
+    let (bank_path, bank_key) = cfg.eval_bank();
+    let bank: Arc<dyn Source> = source::open_with(bank_path, o)?.into();
+    if bank.num_classes().is_none() {
+        if cfg.eval.train.is_none() {
+            return Ok(Some(format!(
+                "data.train = {} has no labels (a folder without class sub-folders); set eval.train to a labeled \
+                 set (a folder of class sub-folders) to evaluate on it",
+                bank_path.display()
+            )));
         }
-        None => Ok(()),
+        return Err(Error::Other(format!("eval.train = {}: has no labels", bank_path.display())));
     }
+    let test = labeled(test_path, "data.test", o)?;
+    let named = source::Classes::named(&cfg.data.class_names, "data.class_names");
+    let classes = named.or_else(|| source::Classes::of(bank.as_ref(), bank_key));
+    source::check_fits(bank.as_ref(), bank_key, bank_path, channels, classes.as_ref())?;
+    source::check_fits(test.as_ref(), "data.test", test_path, channels, classes.as_ref())?;
+    Ok(None)
 }
 
 fn class_names(cfg: &Config, src: &dyn Source) -> Vec<String> {
@@ -140,13 +163,16 @@ fn features(
     let cfg = ctx.cfg;
     let test_path =
         cfg.data.test.as_ref().ok_or_else(|| Error::Other("data.test is not set: nothing to evaluate on".into()))?;
-    let train_src = labeled(&cfg.data.train, cfg.data.open_options())?;
-    let test_src = labeled(test_path, cfg.data.open_options())?;
+    let (bank_path, bank_key) = cfg.eval_bank();
+    let train_src = labeled(bank_path, bank_key, cfg.data.open_options())?;
+    let test_src = labeled(test_path, "data.test", cfg.data.open_options())?;
     let classes = train_src.num_classes().max(test_src.num_classes()).unwrap_or(0) as i64;
     let names = class_names(cfg, test_src.as_ref());
     // Evaluation sees whole images at the first (global) view's size and normalization.
     let recipe = cfg.view_recipes().swap_remove(0);
-    let opts = |limit, label| ExtractOptions {
+    let (bank_data, test_data) =
+        (format!("{bank_key} = {}", bank_path.display()), format!("data.test = {}", test_path.display()));
+    let opts = |limit, label, data| ExtractOptions {
         recipe: &recipe,
         batch_size: 512,
         threads: ctx.threads,
@@ -156,12 +182,13 @@ fn features(
         dist: ctx.dist,
         progress: show.then_some(label),
         stop_on_signal: ctx.stoppable(),
+        data,
     };
     let net = |x: &Tensor| backbone.features(x, false);
     let pixels = |x: &Tensor| x.flatten(1, -1);
     let fs: Vec<&dyn Fn(&Tensor) -> Tensor> = if raw { vec![&net, &pixels] } else { vec![&net] };
-    let mut tr = extract(train_src, &opts(limits.0, "features: labeled train"), &fs)?.into_iter();
-    let mut te = extract(test_src.clone(), &opts(limits.1, "features: test"), &fs)?.into_iter();
+    let mut tr = extract(train_src, &opts(limits.0, "features: labeled train", &bank_data), &fs)?.into_iter();
+    let mut te = extract(test_src.clone(), &opts(limits.1, "features: test", &test_data), &fs)?.into_iter();
     let (train, test) = (tr.next().expect("one set per function"), te.next().expect("one set per function"));
     let raw = tr.next().zip(te.next());
     Ok(EvalSets { train, test, classes, names, raw, test_src })

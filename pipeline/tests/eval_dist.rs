@@ -41,6 +41,7 @@ fn opts<'a>(recipe: &'a RecipeConfig, dist: Option<&'a Dist>) -> ExtractOptions<
         dist,
         progress: None,
         stop_on_signal: false,
+        data: "the test folder",
     }
 }
 

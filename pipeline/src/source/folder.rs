@@ -199,12 +199,17 @@ fn warn_skipped(root: &Path, skipped: &[Skipped]) {
     kinds.dedup();
     let counts: Vec<String> =
         kinds.iter().map(|&k| format!("{:?}: {}", k, skipped.iter().filter(|s| s.kind == k).count())).collect();
-    eprintln!("warning: {}: {} entries left out while listing ({})", root.display(), skipped.len(), counts.join(", "));
+    crate::say!(
+        "warning: {}: {} entries left out while listing ({})",
+        root.display(),
+        skipped.len(),
+        counts.join(", ")
+    );
     for s in skipped.iter().take(WARN_NAMED) {
-        eprintln!("  {s}");
+        crate::say!("  {s}");
     }
     if skipped.len() > WARN_NAMED {
-        eprintln!("  ... and {} more (selfsup inspect lists them all)", skipped.len() - WARN_NAMED);
+        crate::say!("  ... and {} more (selfsup inspect lists them all)", skipped.len() - WARN_NAMED);
     }
 }
 

@@ -2,6 +2,7 @@
 //! index of its samples (offsets, paths, labels) and reads one sample per `get`, so memory does not grow with
 //! the dataset. A sample that cannot be read is an error value, never a panic.
 
+mod check;
 mod cifar;
 mod decode;
 mod folder;
@@ -10,6 +11,7 @@ mod idx;
 
 use std::path::{Path, PathBuf};
 
+pub use check::{check_fits, Classes};
 pub(crate) use cifar::is_cifar;
 pub use cifar::{CifarKind, CifarSource};
 pub(crate) use decode::{decode_bytes, read_file};

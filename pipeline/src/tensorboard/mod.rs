@@ -165,7 +165,7 @@ impl TensorBoard {
     fn check(&mut self, r: Result<(), tfrecord::Error>) {
         if let Err(e) = r {
             if !self.failed {
-                eprintln!("warning: TensorBoard event write failed ({e}); further errors are not shown");
+                crate::say!("warning: TensorBoard event write failed ({e}); further errors are not shown");
                 self.failed = true;
             }
         }

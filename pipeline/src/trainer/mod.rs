@@ -59,7 +59,10 @@ pub struct RunOptions {
 pub struct RunSummary {
     pub out: PathBuf,
     pub device: String,
+    /// Optimizer steps of the whole run (a resumed run's earlier processes included) ...
     pub steps: u64,
+    /// ... and those this process took.
+    pub steps_this_process: u64,
     pub epochs: usize,
     pub seconds: f64,
     pub images_per_s: f64,
@@ -84,6 +87,9 @@ pub struct RunSummary {
     /// The checkpoint the run ended with.
     pub checkpoint: Option<PathBuf>,
     pub eval: Option<EvalReport>,
+    /// Why the run was not evaluated when `eval.at_end` asked for it (no `data.test`; unlabeled training data
+    /// and no `eval.train`).
+    pub eval_skipped: Option<String>,
     /// Where a step's time goes (`train.profile_steps`).
     pub profile: Option<StepProfile>,
     /// Processes that trained (1 without distribution), their c10d backend (`"gloo"`, `"nccl"`; none without a
@@ -167,12 +173,19 @@ fn step_seed(seed: u64, step: u64) -> i64 {
         & i64::MAX
 }
 
-/// Test-only fault injection: `SELFSUP_FAULT_NAN_STEPS=5,9` makes the loss of those (0-based) steps NaN, to test
-/// what the trainer does with non-finite values.
-fn fault_nan_steps() -> Vec<u64> {
-    std::env::var("SELFSUP_FAULT_NAN_STEPS")
-        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
-        .unwrap_or_default()
+/// Test-only fault injection: `SELFSUP_FAULT_NAN_STEPS=5,9` makes the loss of those (0-based) steps NaN, and
+/// `SELFSUP_FAULT_INF_BUFFER_STEPS=5` the first buffer (a batch norm's running statistics: what overflowed in a
+/// real run) infinite in those steps' forward pass, to test what the trainer does with non-finite values.
+fn fault_steps(var: &str) -> Vec<u64> {
+    std::env::var(var).map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect()).unwrap_or_default()
+}
+
+/// The variables a step changes outside the optimizer (batch norm's running statistics, a teacher's weights, an
+/// objective's center), sorted by name: what `on_nonfinite = "skip"` restores when it skips a step.
+fn step_buffers(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let mut b: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
+    b.sort_by(|x, y| x.0.cmp(&y.0));
+    b
 }
 
 /// One optimizer update from `loss`: zero the gradients, backpropagate, clip their global norm to `clip` (0 = no
@@ -252,12 +265,12 @@ pub(crate) fn report_bad(
         return Ok(());
     }
     let resumed = if earlier > 0 { format!(" (and {earlier} before the resume)") } else { String::new() };
-    eprintln!("\nepoch {}: {} unreadable sample(s) skipped{resumed}:", epoch + 1, bad.len());
+    crate::say!("\nepoch {}: {} unreadable sample(s) skipped{resumed}:", epoch + 1, bad.len());
     for b in bad.iter().take(20) {
-        eprintln!("  {}: {}", b.location, b.error);
+        crate::say!("  {}: {}", b.location, b.error);
     }
     if bad.len() > 20 {
-        eprintln!("  ... and {} more", bad.len() - 20);
+        crate::say!("  ... and {} more", bad.len() - 20);
     }
     let frac = (bad.len() + earlier) as f64 / seen.max(1) as f64;
     if frac > max_fraction {
@@ -278,54 +291,114 @@ pub(crate) fn report_bad(
 /// checkpoint (the summary says which signal), SIGUSR1 writes one and goes on; step and minute checkpoints
 /// (`train.checkpoint_every_steps`, `train.checkpoint_every_minutes`) happen there too.
 pub fn pretrain(cfg: &Config, opts: &RunOptions, sink: &mut dyn Sink) -> Result<Option<RunSummary>> {
+    match prepare(cfg, opts)? {
+        Some(run) => run.run(sink).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A run checked and built, with nothing written yet: the data opened and checked against the model and the
+/// evaluation ([`transfer::plan`]), the model built (and loaded from `--init-from` or the checkpoint a resume
+/// continues). Every mistake in the config or the data that can be found before training is an error here,
+/// while the run folder is as it was (a corrected command line is not refused as "already holds a run").
+pub struct Prepared<'a> {
+    trainer: Trainer<'a>,
+    resumed: Option<Resumed>,
+}
+
+/// Checks and builds the run `cfg` into `opts.out` without writing anything; `None` when `--resume` finds the run
+/// already finished (said on stderr).
+pub fn prepare<'a>(cfg: &'a Config, opts: &'a RunOptions) -> Result<Option<Prepared<'a>>> {
     let mut trainer = Trainer::build(cfg, opts)?;
     let resumed = if opts.resume { trainer.resume()? } else { None };
     if opts.resume && resumed.is_none() {
         return Ok(None);
     }
-    if !opts.resume && opts.launch.is_main() {
-        trainer.preview(sink);
+    Ok(Some(Prepared { trainer, resumed }))
+}
+
+impl Prepared<'_> {
+    /// Writes the run folder (resolved config, `init_from.json`), trains, evaluates; see [`pretrain`].
+    pub fn run(self, sink: &mut dyn Sink) -> Result<RunSummary> {
+        let Prepared { trainer, resumed } = self;
+        trainer.write_folder()?;
+        trainer.train(resumed, sink)
     }
-    if opts.launch.is_main() {
-        trainer.describe(sink);
+}
+
+impl Trainer<'_> {
+    /// The run folder's files this run writes before its first step (the main rank only).
+    fn write_folder(&self) -> Result<()> {
+        if !self.dist.is_main() {
+            return Ok(());
+        }
+        let out = self.out;
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |e: std::io::Error| Error::Other(format!("{}: {e}", p.display()))
+        };
+        std::fs::create_dir_all(out).map_err(io(out))?;
+        let resolved = out.join("config.toml");
+        std::fs::write(&resolved, self.cfg.to_toml()).map_err(io(&resolved))?;
+        let removed = checkpoint::clean_leftovers(&out.join("checkpoints"))?;
+        if removed > 0 {
+            crate::say!("removed {removed} temporary file(s) of an interrupted checkpoint write in {}", out.display());
+        }
+        if let (Some(imported), false) = (&self.init_from, self.resumed_run) {
+            crate::say!("{imported}");
+            // The run folder says where its weights started: config.toml cannot (it is a flag).
+            crate::write_json_atomic(&out.join(INIT_FROM), imported)?;
+        }
+        Ok(())
     }
-    trainer.start(resumed)?;
-    'epochs: while trainer.epoch < cfg.train.epochs && trainer.step < trainer.max_steps {
-        let mut batches = trainer.loader.epoch_from(trainer.epoch as u64, trainer.batch as usize);
-        while trainer.step < trainer.max_steps {
-            if trainer.between_batches()? {
-                break 'epochs;
+
+    /// The training loop, the same for every objective, then [`Trainer::finish`].
+    fn train(mut self, resumed: Option<Resumed>, sink: &mut dyn Sink) -> Result<RunSummary> {
+        let main = self.dist.is_main();
+        if !self.resumed_run && main {
+            self.preview(sink);
+        }
+        if main {
+            self.describe(sink);
+        }
+        self.start(resumed)?;
+        'epochs: while self.epoch < self.cfg.train.epochs && self.step < self.max_steps {
+            let mut batches = self.loader.epoch_from(self.epoch as u64, self.batch as usize);
+            while self.step < self.max_steps {
+                if self.between_batches()? {
+                    break 'epochs;
+                }
+                let wait_start = Instant::now();
+                let Some(batch) = batches.next() else { break };
+                self.clock.wait += wait_start.elapsed().as_secs_f64();
+                self.tally.add(&batch);
+                self.batch += 1;
+                // A batch emptied by unreadable samples below 2 has nothing to contrast: skipped. Not in a process
+                // group, where every rank must take every step: there it ends the run, naming the batch.
+                if batch.len() < 2 && self.dist.world() > 1 {
+                    return Err(Error::Other(format!(
+                        "rank {}: only {} readable sample(s) in its slice of batch {} of epoch {} (see the unreadable \
+                         samples reported above); a data-parallel step needs at least 2 per rank",
+                        self.dist.rank(),
+                        batch.len(),
+                        self.batch,
+                        self.epoch + 1
+                    )));
+                }
+                let readout = if batch.len() >= 2 { self.step(&batch)? } else { None };
+                self.clock.time += wait_start.elapsed().as_secs_f64();
+                if let Some(readout) = readout {
+                    self.log(&readout, sink)?;
+                }
             }
-            let wait_start = Instant::now();
-            let Some(batch) = batches.next() else { break };
-            trainer.clock.wait += wait_start.elapsed().as_secs_f64();
-            trainer.tally.add(&batch);
-            trainer.batch += 1;
-            // A batch emptied by unreadable samples below 2 has nothing to contrast: skipped. Not in a process
-            // group, where every rank must take every step: there it ends the run, naming the batch.
-            if batch.len() < 2 && trainer.dist.world() > 1 {
-                return Err(Error::Other(format!(
-                    "rank {}: only {} readable sample(s) in its slice of batch {} of epoch {} (see the unreadable \
-                     samples reported above); a data-parallel step needs at least 2 per rank",
-                    trainer.dist.rank(),
-                    batch.len(),
-                    trainer.batch,
-                    trainer.epoch + 1
-                )));
-            }
-            let readout = if batch.len() >= 2 { trainer.step(&batch)? } else { None };
-            trainer.clock.time += wait_start.elapsed().as_secs_f64();
-            if let Some(readout) = readout {
-                trainer.log(&readout, sink)?;
+            drop(batches);
+            self.end_epoch(sink)?;
+            if self.cut_short {
+                break;
             }
         }
-        drop(batches);
-        trainer.end_epoch(sink)?;
-        if trainer.cut_short {
-            break;
-        }
+        self.finish(sink)
     }
-    trainer.finish(sink).map(Some)
 }
 
 /// `Some(message)` when a `--resume` of run folder `out`, whose latest checkpoint holds `st`, has nothing to do:
@@ -412,7 +485,7 @@ pub fn record_resume_changes(out: &Path, ckpt: &Path, step: u64, recipe: &[Chang
         return Ok(());
     }
     let lines: Vec<String> = recipe.iter().map(ToString::to_string).collect();
-    eprintln!(
+    crate::say!(
         "resume changes the recipe from step {step} on (the run is no longer the one its first config describes):\n  {}",
         lines.join("\n  ")
     );
@@ -502,8 +575,9 @@ struct Trainer<'a> {
     skipped: u64,
     /// The signal that stopped the run.
     interrupted: Option<i32>,
-    /// Test-only: steps whose loss is made NaN.
+    /// Test-only: steps whose loss is made NaN, and steps whose first buffer is made infinite.
     fault_nan: Vec<u64>,
+    fault_inf_buffer: Vec<u64>,
     /// The process group (a no-op in one process). Only its main rank writes files and logs.
     dist: Arc<Dist>,
     /// Hooks that average the gradients while backward runs (`dist.overlap`, in a group), and how many buckets
@@ -517,6 +591,10 @@ struct Trainer<'a> {
     last_histogram: Option<u64>,
     /// What `--init-from` loaded (this process, or the run's first one: `init_from.json`).
     init_from: Option<crate::pretrained::Imported>,
+    /// Why this run is not evaluated (see [`transfer::plan`]); `None` when it is.
+    eval_skipped: Option<String>,
+    /// This process continues a run from its checkpoint (`--resume`).
+    resumed_run: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -545,43 +623,36 @@ impl<'a> Trainer<'a> {
             Dist::single(device)
         });
         selfsup_models::dist::set_sync_batch_norm(cfg.model.sync_bn.then(|| dist.clone()));
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |e: std::io::Error| Error::Other(format!("{}: {e}", p.display()))
-        };
-        if dist.is_main() {
-            std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
-            let resolved = opts.out.join("config.toml");
-            std::fs::write(&resolved, cfg.to_toml()).map_err(io(&resolved))?;
-        }
-
         let mut source: Arc<dyn Source> = source::open_with(&cfg.data.train, cfg.data.open_options())?.into();
         if cfg.data.limit > 0 && cfg.data.limit < source.len() {
             source = Arc::new(source::Prefix::new(source, cfg.data.limit));
         }
-        if cfg.eval.at_end || cfg.eval.knn_every > 0 {
-            transfer::check_test_data(cfg)?;
-        }
-        let removed = if dist.is_main() { checkpoint::clean_leftovers(&opts.out.join("checkpoints"))? } else { 0 };
-        if removed > 0 {
-            eprintln!(
-                "removed {removed} temporary file(s) of an interrupted checkpoint write in {}",
-                opts.out.display()
-            );
-        }
         let channels = source.channels();
+        // Before the model: a test set that cannot be evaluated fails now, not after the training it would waste.
+        let eval_skipped = if cfg.eval.at_end || cfg.eval.knn_every > 0 {
+            transfer::plan(cfg, channels).map_err(|e| Error::Other(format!("checking the evaluation data: {e}")))?
+        } else {
+            None
+        };
+        if cfg.finetune.at_end {
+            // The fine-tuning data now: a missing or mismatched set should fail before hours of pretraining.
+            let (train, _, _) = crate::finetune::open_data(cfg)
+                .map_err(|e| Error::Other(format!("checking the finetune data (finetune.at_end = true): {e}")))?;
+            if train.channels() != channels {
+                return Err(Error::Other(format!(
+                    "finetune.train: {}-channel images, but the pretrained network takes {channels} (those of \
+                     data.train)",
+                    train.channels()
+                )));
+            }
+        }
+        if let (Some(why), true) = (&eval_skipped, dist.is_main()) {
+            crate::say!("no evaluation: {why}");
+        }
         let model = build_model(cfg, channels, device)?;
         let init_file = opts.out.join(INIT_FROM);
         let init_from = match opts.init_from.as_ref().filter(|_| !opts.resume) {
-            Some(file) => {
-                let imported = crate::pretrained::load_backbone_file(&model.vs, file, &cfg.model.backbone)?;
-                if dist.is_main() {
-                    eprintln!("{imported}");
-                    // The run folder says where its weights started: config.toml cannot (it is a flag).
-                    crate::write_json_atomic(&init_file, &imported)?;
-                }
-                Some(imported)
-            }
+            Some(file) => Some(crate::pretrained::load_backbone_file(&model.vs, file, &cfg.model.backbone)?),
             // A resumed run started from the weights its first process recorded.
             None => std::fs::read(&init_file).ok().and_then(|b| serde_json::from_slice(&b).ok()),
         };
@@ -601,7 +672,12 @@ impl<'a> Trainer<'a> {
         let loader = Loader::new(source.clone(), views.clone(), loader_cfg).map_err(|e| Error::Other(e.to_string()))?;
         let steps_per_epoch = loader.batches_per_epoch() as u64;
         if steps_per_epoch == 0 {
-            return Err(Error::Other(format!("{} samples < train.batch_size {}", source.len(), t.batch_size)));
+            return Err(Error::Other(format!(
+                "train.batch_size = {}: more than the {} samples of data.train = {}",
+                t.batch_size,
+                source.len(),
+                cfg.data.train.display()
+            )));
         }
         let opt = Optimizer::new_with(
             &model.vs,
@@ -655,13 +731,16 @@ impl<'a> Trainer<'a> {
             tally: EpochTally::default(),
             skipped: 0,
             interrupted: None,
-            fault_nan: fault_nan_steps(),
+            fault_nan: fault_steps("SELFSUP_FAULT_NAN_STEPS"),
+            fault_inf_buffer: fault_steps("SELFSUP_FAULT_INF_BUFFER_STEPS"),
             dist,
             overlap,
             early_buckets: 0,
             allreduce_seconds: 0.0,
             last_histogram: None,
             init_from,
+            eval_skipped,
+            resumed_run: opts.resume,
         })
     }
 
@@ -675,7 +754,7 @@ impl<'a> Trainer<'a> {
         checkpoint::check_state(&ckpt, &st, self.cfg, Some(self.steps_per_epoch))?;
         check_data_samples(&ckpt, &st, self.cfg, self.source.len())?;
         if let Some(done) = nothing_to_do(self.cfg, self.out, &st, Some(self.max_steps)) {
-            eprintln!("{done}");
+            crate::say!("{done}");
             return Ok(None);
         }
         checkpoint::load_weights(&mut self.model.vs, &ckpt)?;
@@ -687,7 +766,7 @@ impl<'a> Trainer<'a> {
         self.last_saved = Some(st.step);
         self.last_checkpoint = Some(ckpt.clone());
         let at = if st.batch > 0 { format!(", batch {} of {}", st.batch, self.steps_per_epoch) } else { String::new() };
-        eprintln!("resuming from {} (epoch {}, step {}{at})", ckpt.display(), st.epoch, st.step);
+        crate::say!("resuming from {} (epoch {}, step {}{at})", ckpt.display(), st.epoch, st.step);
         Ok(Some(Resumed {
             probe: checkpoint::load_probe(&ckpt)?,
             probe_counts: (st.window.probe_hits, st.window.probe_seen),
@@ -784,7 +863,7 @@ impl<'a> Trainer<'a> {
         };
         if let Some(sig) = stop {
             if self.dist.is_main() {
-                eprintln!("\n{} received: stopping after step {} with a checkpoint", signals::name(sig), self.step);
+                crate::say!("\n{} received: stopping after step {} with a checkpoint", signals::name(sig), self.step);
             }
             self.interrupted = Some(sig);
             return Ok(true);
@@ -797,7 +876,7 @@ impl<'a> Trainer<'a> {
             }
             if asked && self.dist.is_main() {
                 let what = if fresh { "wrote" } else { "the checkpoint of this step is already written:" };
-                eprintln!("\nSIGUSR1: {what} {name}, continuing");
+                crate::say!("\nSIGUSR1: {what} {name}, continuing");
             }
         }
         Ok(false)
@@ -847,6 +926,10 @@ impl<'a> Trainer<'a> {
         // Issued before the forward pass (also when profiling, so that its phases cover the model only, as the
         // PyTorch reference's do).
         let views = to_device(batch, self.device);
+        // `skip` undoes a skipped step entirely: what the forward pass changed outside the optimizer too.
+        let skip_mode = t.on_nonfinite == OnNonFinite::Skip;
+        let buffers = if skip_mode { step_buffers(&self.model.vs) } else { Vec::new() };
+        let saved: Vec<Tensor> = tch::no_grad(|| buffers.iter().map(|(_, b)| b.copy()).collect());
         let (objective, autocast) = (&mut self.model.objective, self.autocast);
         let dist = self.dist.clone();
         let forward =
@@ -870,10 +953,19 @@ impl<'a> Trainer<'a> {
         };
         let opt = &mut self.opt;
         let grad_norm = phases.run(1, || backward_dist(opt, &out.loss, cfg.optimizer.clip_grad, avg))?;
+        if self.fault_inf_buffer.contains(&self.step) {
+            if let Some((_, b)) = step_buffers(&self.model.vs).first() {
+                let _ = tch::no_grad(|| b.shallow_clone().fill_(f64::INFINITY));
+            }
+        }
         // Checked on the device; read back only to skip (`on_nonfinite = "skip"`), else at the next log point or
         // checkpoint.
-        let ok = out.loss.detach().isfinite().logical_and(&grad_norm.isfinite());
-        let skip = t.on_nonfinite == OnNonFinite::Skip && ok.int64_value(&[]) == 0;
+        let mut ok = out.loss.detach().isfinite().logical_and(&grad_norm.isfinite());
+        if skip_mode && !buffers.is_empty() {
+            let finite: Vec<Tensor> = tch::no_grad(|| buffers.iter().map(|(_, b)| b.isfinite().all()).collect());
+            ok = ok.logical_and(&Tensor::stack(&finite, 0).all());
+        }
+        let skip = skip_mode && ok.int64_value(&[]) == 0;
         let at = self.step;
         self.step += 1;
         // The global batch's images (each rank trains its slice of it).
@@ -882,7 +974,15 @@ impl<'a> Trainer<'a> {
         self.images_seen += images;
         if skip {
             self.skipped += 1;
-            eprintln!("\nstep {at}: non-finite loss or gradient norm, update skipped ({} so far)", self.skipped);
+            tch::no_grad(|| {
+                for ((_, b), s) in buffers.iter().zip(&saved) {
+                    b.shallow_clone().copy_(s);
+                }
+            });
+            crate::say!(
+                "\nstep {at}: non-finite loss, gradient norm or buffer, update skipped ({} so far)",
+                self.skipped
+            );
             if self.skipped > t.max_skipped as u64 {
                 return Err(Error::Other(format!(
                     "{} steps skipped for non-finite values, more than train.max_skipped = {}; {}",
@@ -1015,7 +1115,7 @@ impl<'a> Trainer<'a> {
         // The validation curve, after the last epoch too. Every rank extracts its share of the features; the main
         // one scores and logs.
         let e = &cfg.eval;
-        if e.knn_every > 0 && (epoch % e.knn_every == 0 || epoch == t.epochs) && cfg.data.test.is_some() {
+        if e.knn_every > 0 && (epoch % e.knn_every == 0 || epoch == t.epochs) && self.eval_skipped.is_none() {
             let subset = (e.val_bank_size, e.val_test_size);
             match transfer::knn_only(self.model.eval_backbone(cfg), &self.eval_context(), subset) {
                 Ok(Some(top1)) => sink.scalar("val/knn_top1", self.step as i64, top1),
@@ -1068,7 +1168,19 @@ impl<'a> Trainer<'a> {
             state: &state,
             config: self.cfg,
         };
-        let path = checkpoint::save(&dir, name, &contents, self.cfg.train.keep_last)?;
+        let path = match checkpoint::save(&dir, name, &contents, self.cfg.train.keep_last) {
+            Ok(p) => p,
+            // Finite loss and gradients, yet a tensor that is not (a buffer: batch norm's running statistics):
+            // said as any non-finite step is, with the checkpoint to go back to.
+            Err(checkpoint::CheckpointError::NonFinite { tensor, .. }) => {
+                return Err(Error::Other(format!(
+                    "step {}: {tensor} holds NaN or infinite values: stopped, nothing non-finite was saved; {}",
+                    self.step,
+                    self.nonfinite_advice()
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.last_saved = Some(self.step);
         self.last_checkpoint = Some(path);
         self.last_checkpoint_at = Instant::now();
@@ -1112,7 +1224,7 @@ impl<'a> Trainer<'a> {
         if self.dist.world() > 1 && self.interrupted.is_none() {
             self.interrupted = self.vote(signals::stop_requested(), false, false)?.0;
         }
-        let evaluating = cfg.eval.at_end && cfg.data.test.is_some() && self.interrupted.is_none();
+        let evaluating = cfg.eval.at_end && self.eval_skipped.is_none() && self.interrupted.is_none();
         let eval = if evaluating {
             match transfer::evaluate(self.model.eval_backbone(cfg), &self.eval_context(), sink, self.step as i64) {
                 Ok(report) => {
@@ -1124,7 +1236,7 @@ impl<'a> Trainer<'a> {
                 // A stop asked for during the final evaluation cuts it short: the checkpoint is written, and a
                 // --resume of the run evaluates.
                 Err(Error::Stopped(sig)) => {
-                    eprintln!(
+                    crate::say!(
                         "{}: the final evaluation stopped; `selfsup pretrain --resume --out {}` evaluates",
                         signals::name(sig),
                         self.out.display()
@@ -1143,13 +1255,14 @@ impl<'a> Trainer<'a> {
         sink.flush();
         let collapse_warning = collapse_warning(cfg, &self.last);
         if let Some(w) = &collapse_warning {
-            eprintln!("WARNING: {w}");
+            crate::say!("WARNING: {w}");
         }
         let train = self.train_seconds.max(1e-9);
         Ok(RunSummary {
             out: self.out.to_path_buf(),
             device: format!("{:?}", self.device),
             steps: self.step,
+            steps_this_process: self.step - self.first_step,
             epochs: self.epoch,
             seconds,
             images_per_s: self.images_seen as f64 / train,
@@ -1172,6 +1285,7 @@ impl<'a> Trainer<'a> {
             grad_buckets_started_in_backward: self.early_buckets as f64 / (self.step - self.first_step).max(1) as f64,
             grad_allreduce_seconds: self.allreduce_seconds,
             init_from: self.init_from.clone(),
+            eval_skipped: self.eval_skipped.clone().filter(|_| cfg.eval.at_end),
         })
     }
 }
