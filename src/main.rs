@@ -416,6 +416,7 @@ fn pretrain(
     }
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", cfg.name, utc_stamp())));
     let what = if resume { "selfsup pretrain --resume" } else { "selfsup pretrain" };
+    let created = !out.exists();
     let _lock = RunLock::acquire(&out, what)?;
     let existing = run_artifacts(&out);
     if !resume && !plan.restart && !existing.is_empty() {
@@ -453,11 +454,24 @@ fn pretrain(
     let (launched, world, by) = (launch.launched(), launch.world, launch.by);
     let opts = RunOptions { out: out.clone(), resume, quiet, launch, init_from };
     // Everything that can be checked is, before the run folder is written.
-    let Some(run) = trainer::prepare(&cfg, &opts)? else {
-        return Ok(()); // --resume of a finished run: nothing to do (said on stderr)
+    // A folder this command made for a run that never started goes again (it holds only the lock).
+    let unmake = || {
+        if created {
+            let _ = std::fs::remove_file(out.join(".lock"));
+            let _ = std::fs::remove_dir(&out);
+        }
+    };
+    let run = match trainer::prepare(&cfg, &opts) {
+        Ok(Some(run)) => run,
+        Ok(None) => return Ok(()), // --resume of a finished run: nothing to do (said on stderr)
+        Err(e) => {
+            unmake();
+            return Err(e.into());
+        }
     };
     if let Some(sig) = selfsup_pipeline::signals::stop_requested() {
         say!("{}: stopped before the first step; nothing written", selfsup_pipeline::signals::name(sig));
+        unmake();
         std::process::exit(128 + sig);
     }
     let mut tb = TensorBoard::create(&out).with_context(|| format!("creating the event file in {}", out.display()))?;

@@ -52,12 +52,12 @@ fn fails(mut c: Command) -> String {
     err
 }
 
-/// What a failed start left in `out`: nothing that makes it a run (the lock file aside).
+/// A failed start leaves no trace: the folder it made for the run is gone again.
 fn assert_no_run(out: &Path) {
     let left: Vec<String> = std::fs::read_dir(out)
         .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
-    assert!(left.iter().all(|n| n.starts_with('.')), "a failed start left {left:?} in {}", out.display());
+    assert!(!out.exists(), "a failed start left {} with {left:?}", out.display());
 }
 
 /// A folder of 4 classes x 3 RGB 28 px PNGs (class sub-folders: labels).
@@ -335,4 +335,37 @@ fn no_source_prints_with_a_macro_that_panics_on_a_closed_pipe() {
         }
     }
     assert!(offenders.is_empty(), "use say!/out! instead:\n{}", offenders.join("\n"));
+}
+
+/// Whether process `pid` catches signal `sig` (its handler is installed): bit `sig - 1` of `SigCgt`.
+fn catches(pid: u32, sig: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
+    u64::from_str_radix(mask, 16).unwrap_or(0) >> (sig - 1) & 1 == 1
+}
+
+#[test]
+fn signals_during_the_setup_are_honored_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut c = pretrain(&out, &["--set", "train.max_steps=2"]);
+    let mut child = c.env("SELFSUP_FAULT_SLOW_SETUP_MS", "4000").stderr(Stdio::piped()).spawn().unwrap();
+    let t0 = Instant::now();
+    while !(catches(child.id(), 10) && catches(child.id(), 15)) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no SIGUSR1/SIGTERM handlers after 30 s");
+        assert!(child.try_wait().unwrap().is_none(), "exited before installing its handlers");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SLURM's SIGUSR1 before the first step: not the default action (which kills); then SIGTERM: honored.
+    let pid = child.id().to_string();
+    let kill = |sig: &str| assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    kill("-USR1");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "SIGUSR1 during the setup killed the process");
+    kill("-TERM");
+    let out_ = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out_.stderr);
+    assert_eq!(out_.status.code(), Some(143), "{err}");
+    assert!(err.contains("SIGTERM: stopped before the first step; nothing written"), "{err}");
+    assert_no_run(&out);
 }

@@ -309,6 +309,10 @@ pub struct Prepared<'a> {
 /// Checks and builds the run `cfg` into `opts.out` without writing anything; `None` when `--resume` finds the run
 /// already finished (said on stderr).
 pub fn prepare<'a>(cfg: &'a Config, opts: &'a RunOptions) -> Result<Option<Prepared<'a>>> {
+    // Test-only: `SELFSUP_FAULT_SLOW_SETUP_MS=N` makes the setup take N ms longer (a signal test needs a window).
+    if let Some(ms) = std::env::var("SELFSUP_FAULT_SLOW_SETUP_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let mut trainer = Trainer::build(cfg, opts)?;
     let resumed = if opts.resume { trainer.resume()? } else { None };
     if opts.resume && resumed.is_none() {
