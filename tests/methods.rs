@@ -207,10 +207,17 @@ fn the_teacher_exports_to_torchvision_and_evaluates() {
     let out = selfsup(&["eval", "--checkpoint", simclr.to_str().unwrap(), "--teacher"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("eval.teacher") && err.contains("simclr"), "{err}");
-    let out =
-        selfsup(&["export", "--checkpoint", simclr.to_str().unwrap(), "--out", teacher.to_str().unwrap(), "--teacher"]);
+    let out = selfsup(&[
+        "export",
+        "--checkpoint",
+        simclr.to_str().unwrap(),
+        "--out",
+        teacher.to_str().unwrap(),
+        "--teacher",
+        "--overwrite",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("teacher"), "{err}");
+    assert!(!out.status.success() && err.contains("keeps no teacher"), "{err}");
 }
 
 /// View sizes a ViT cannot take and view counts the objective does not take are config errors naming the key.

@@ -632,6 +632,13 @@ impl<'a> Trainer<'a> {
             source = Arc::new(source::Prefix::new(source, cfg.data.limit));
         }
         let channels = source.channels();
+        // A recipe made for other images (28 px gray presets on 512 px photos) is said now, or refused where it
+        // cannot be right.
+        for w in crate::recipe_fit::check(cfg, source.as_ref())? {
+            if dist.is_main() {
+                crate::say!("warning: {w}");
+            }
+        }
         // Before the model: a test set that cannot be evaluated fails now, not after the training it would waste.
         let eval_skipped = if cfg.eval.at_end || cfg.eval.knn_every > 0 {
             transfer::plan(cfg, channels).map_err(|e| Error::Other(format!("checking the evaluation data: {e}")))?
