@@ -266,7 +266,7 @@ fn fuzz(format: &str, seed: u64, bases: &[Base], channels: u8) {
     while counts.cases < CASES && t.elapsed() < BUDGET {
         let (name, base, fields) = &bases[counts.cases % bases.len()];
         let (bytes, what) = mutate(base, fields, &mut rng);
-        // A fresh folder per case: HDF5 keeps files it has open by path, and the IDX cache keys on mtime (seconds).
+        // A fresh folder per case: HDF5 keeps files it has open by path.
         let dir = root.path().join(format!("case-{:04}", counts.cases));
         std::fs::create_dir(&dir).unwrap();
         for (other, b, _) in bases.iter().filter(|(n, _, _)| n != name && !n.ends_with(".h5")) {
@@ -336,6 +336,120 @@ fn fuzz_gzipped_idx_headers() {
         counts.cases += 1;
     }
     counts.report("gzipped IDX headers", t, 100);
+}
+
+/// Every single-bit flip of a gzipped IDX images file and of its gzipped labels file (header with a name and a
+/// comment, deflate data, trailer), each written over the same path with the same mtime (what `cp -p` leaves):
+/// each must be refused, or give exactly the original pixels and labels (a flip in MTIME, XFL, OS, FTEXT or the
+/// name changes no data). An accepted mutant must also be one that flate2's own gzip reader decodes to the original
+/// bytes (so it is not the cache serving an earlier file), and the cache must hold an entry for each accepted
+/// content and none for a refused one. Before the trailers were checked, 16 of 20 such flips gave other pixels.
+#[test]
+fn fuzz_gzip_bit_flips() {
+    setup();
+    let t = Instant::now();
+    let images = idx_file(&[12, 7, 5], (0..12 * 7 * 5).map(|i| (i * 7 % 251) as u8));
+    let labels = idx_file(&[12], (0..12).map(|i| i as u8 % 10));
+    let gz = |raw: &[u8], name: &str| {
+        let b = flate2::GzBuilder::new().filename(name).comment("fuzz").mtime(1_600_000_000);
+        let mut e = b.write(Vec::new(), flate2::Compression::default());
+        e.write_all(raw).unwrap();
+        e.finish().unwrap()
+    };
+    let (images_gz, labels_gz) = (gz(&images, "i"), gz(&labels, "l"));
+    let cache_dir = selfsup_pipeline::cache_dir().join("idx");
+    let cached = || -> Vec<String> {
+        let names = std::fs::read_dir(&cache_dir).into_iter().flatten().flatten();
+        names.map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("bitflip-")).collect()
+    };
+    // Entries left by an earlier run whose cache was not cleared (the counts below are this run's).
+    for stale in cached() {
+        std::fs::remove_file(cache_dir.join(stale)).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ip, lp) = (dir.path().join("bitflip-images-idx3-ubyte.gz"), dir.path().join("bitflip-labels-idx1-ubyte.gz"));
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    let put = |p: &Path, bytes: &[u8]| {
+        std::fs::write(p, bytes).unwrap();
+        std::fs::File::options().write(true).open(p).unwrap().set_modified(when).unwrap();
+    };
+    let want_pixels: Vec<u8> = images[16..].to_vec();
+    let want_labels: Vec<i64> = labels[8..].iter().map(|&l| l as i64).collect();
+    let mut counts = Counts::default();
+    let (mut identical, mut accepted_images, mut accepted_labels) = (0, 0, 0);
+    let mut other = Vec::new();
+    for (which, path, base, raw) in [("images", &ip, &images_gz, &images), ("labels", &lp, &labels_gz, &labels)] {
+        put(&ip, &images_gz);
+        put(&lp, &labels_gz);
+        for bit in 0..base.len() * 8 {
+            let mut bytes = base.clone();
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            put(path, &bytes);
+            let case = format!("gzip {which} flip of bit {} of byte {}", bit % 8, bit / 8);
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            running(Some(&case));
+            let got = catch_unwind(AssertUnwindSafe(|| {
+                let src = source::open(&ip, 1)?;
+                let pixels: Vec<u8> = (0..src.len())
+                    .map(|i| src.get(i))
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .flat_map(|s| s.image.data)
+                    .collect();
+                Ok::<_, source::DataError>((pixels, src.labels()))
+            }));
+            running(None);
+            counts.cases += 1;
+            match got {
+                Err(p) => counts.panics.push(format!("{case}: {}", panic_message(p))),
+                Ok(Err(e)) => {
+                    counts.refused += 1;
+                    if !e.to_string().contains(&name) {
+                        counts.unnamed.push(format!("{case}: {e}"));
+                    }
+                }
+                Ok(Ok((pixels, labels))) => {
+                    counts.opened += 1;
+                    let mut oracle = Vec::new();
+                    let oracle_ok =
+                        std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(&bytes[..]), &mut oracle)
+                            .is_ok_and(|_| oracle == *raw);
+                    if pixels == want_pixels && labels.as_ref() == Some(&want_labels) && oracle_ok {
+                        identical += 1;
+                        *if which == "images" { &mut accepted_images } else { &mut accepted_labels } += 1;
+                    } else {
+                        other.push(format!(
+                            "{case}: accepted; same pixels {}, same labels {}, flate2 agrees {oracle_ok}",
+                            pixels == want_pixels,
+                            labels.as_ref() == Some(&want_labels)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "fuzz gzip bit flips: {} mutants ({} + {} bits) in {:.1}s: {} refused, {identical} identical, {} accepted with \
+         other data, {} panics",
+        counts.cases,
+        images_gz.len() * 8,
+        labels_gz.len() * 8,
+        t.elapsed().as_secs_f64(),
+        counts.refused,
+        other.len(),
+        counts.panics.len()
+    );
+    assert!(other.is_empty(), "accepted with other data, or not a valid gzip file: {other:#?}");
+    assert!(counts.panics.is_empty(), "panics: {:#?}", counts.panics);
+    assert!(counts.unnamed.is_empty(), "errors that do not name the file: {:#?}", counts.unnamed);
+    // One entry per accepted content (the original of each file too, read beside the other's mutants), none for
+    // a refused one, no temporary file.
+    let cache = cached();
+    let entries = |stem: &str| cache.iter().filter(|n| n.starts_with(stem)).count();
+    let accepted = format!("{accepted_images} images and {accepted_labels} labels mutants accepted: {cache:?}");
+    assert_eq!(entries("bitflip-images-idx3-ubyte-"), 1 + accepted_images, "{accepted}");
+    assert_eq!(entries("bitflip-labels-idx1-ubyte-"), 1 + accepted_labels, "{accepted}");
+    assert!(cache.iter().all(|n| !n.starts_with('.')), "temporary files left: {cache:?}");
 }
 
 fn cifar_record(label: &[u8], r: usize) -> Vec<u8> {

@@ -453,3 +453,153 @@ fn hdf5_shapes_and_attributes_are_checked_before_reading() {
         assert!(e.contains(want) && e.contains(name), "want {want:?}: {e}");
     }
 }
+
+fn idx_bytes(dims: &[u32], body: impl Iterator<Item = u8>) -> Vec<u8> {
+    let mut v = vec![0, 0, 0x08, dims.len() as u8];
+    dims.iter().for_each(|d| v.extend_from_slice(&d.to_be_bytes()));
+    v.extend(body);
+    v
+}
+
+fn gzip_with(bytes: &[u8], level: flate2::Compression) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), level);
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// The IDX cache entries (and temporary files) of gzipped files whose name starts with `prefix`: these tests use
+/// the user's cache (other tests of this binary read it), so each names its files uniquely and removes its entries.
+fn idx_cache_entries(prefix: &str) -> Vec<std::path::PathBuf> {
+    let dir = selfsup_pipeline::cache_dir().join("idx");
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with(prefix) || n.starts_with(&format!(".{prefix}"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn pixels(src: &dyn Source) -> Vec<u8> {
+    (0..src.len()).flat_map(|i| src.get(i).unwrap().image.data).collect()
+}
+
+/// Issue: the gzip trailer was never read (the inflation stopped where the header's promise ended), so a flipped
+/// CRC-32 or ISIZE bit was accepted, and flips in the deflate data gave other pixels. Every member's trailer is now
+/// checked; data beyond the promise, and bytes after the last member, are errors; concatenated members are read as
+/// one stream (as gunzip and Python read them). No bad file leaves a cache entry or a temporary file.
+#[test]
+fn gzip_trailers_are_checked_and_bad_files_leave_no_cache_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("trailer{}", std::process::id());
+    let raw = idx_bytes(&[6, 5, 4], (0..120).map(|i| (i * 37 % 256) as u8));
+    let gz = gzip_with(&raw, flate2::Compression::default());
+    let n = gz.len();
+    let flip = |at: usize, bit: u8| {
+        let mut v = gz.clone();
+        v[at] ^= 1 << bit;
+        v
+    };
+    let mut two_members = gzip_with(&raw[..50], flate2::Compression::default());
+    two_members.extend(gzip_with(&raw[50..], flate2::Compression::fast()));
+    let mut longer = raw.clone();
+    longer.extend_from_slice(&[9; 20]);
+    let mut trailing = gz.clone();
+    trailing.extend_from_slice(b"junk");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("crc", flip(n - 8, 0), "gzip CRC-32 mismatch: the trailer says"),
+        ("crc-high", flip(n - 5, 7), "gzip CRC-32 mismatch"),
+        ("isize", flip(n - 4, 0), "gzip ISIZE mismatch: the trailer says 137 bytes, the data inflates to 136"),
+        ("isize-high", flip(n - 1, 6), "gzip ISIZE mismatch"),
+        ("cut-trailer", gz[..n - 3].to_vec(), "truncated: the file ends inside the gzip trailer"),
+        ("longer", gzip_with(&longer, flate2::Compression::default()), "inflates to more than the 136 bytes"),
+        ("trailing", trailing, "not another gzip member"),
+        ("reserved-flag", flip(3, 6), "reserved flag bits"),
+    ];
+    for (name, bytes, want) in &cases {
+        let p = dir.path().join(format!("{tag}{name}-images-idx3-ubyte.gz"));
+        std::fs::write(&p, bytes).unwrap();
+        let e = IdxSource::open(&p).err().unwrap_or_else(|| panic!("{name}: accepted")).to_string();
+        assert!(e.contains(want) && e.contains(p.to_str().unwrap()), "{name}: want {want:?}: {e}");
+    }
+    assert_eq!(idx_cache_entries(&tag), Vec::<std::path::PathBuf>::new(), "no entry or temporary file left");
+    // Two members: read as one stream, each trailer checked.
+    let p = dir.path().join(format!("{tag}two-images-idx3-ubyte.gz"));
+    std::fs::write(&p, &two_members).unwrap();
+    assert_eq!(pixels(&IdxSource::open(&p).unwrap()), raw[16..]);
+    let last = two_members.len() - 8;
+    two_members[last] ^= 4;
+    std::fs::write(&p, &two_members).unwrap();
+    let e = IdxSource::open(&p).err().expect("bad second member").to_string();
+    assert!(e.contains("gzip CRC-32 mismatch (gzip member 2)"), "{e}");
+    for entry in idx_cache_entries(&tag) {
+        std::fs::remove_file(entry).unwrap();
+    }
+}
+
+/// Issue: the cache was keyed by path, size and mtime in seconds, so a different file with the same size and
+/// mtime (`cp -p`, `rsync -t`, tar) was served the first one's pixels.
+#[test]
+fn a_replaced_gzip_with_the_same_size_and_mtime_gets_its_own_pixels() {
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("replaced{}", std::process::id());
+    let p = dir.path().join(format!("{tag}-images-idx3-ubyte.gz"));
+    let when = std::time::UNIX_EPOCH + std::time::Duration::new(1_600_000_000, 123_456_789);
+    // Stored (level 0) gzip: the same size for any pixels.
+    let write = |fill: u8| {
+        let raw = idx_bytes(&[3, 4, 4], (0..48).map(|i| fill ^ i as u8));
+        std::fs::write(&p, gzip_with(&raw, flate2::Compression::none())).unwrap();
+        std::fs::File::options().write(true).open(&p).unwrap().set_modified(when).unwrap();
+        raw[16..].to_vec()
+    };
+    let first = write(0);
+    let meta = std::fs::metadata(&p).unwrap();
+    assert_eq!(pixels(&IdxSource::open(&p).unwrap()), first);
+    let second = write(0xa5);
+    let meta2 = std::fs::metadata(&p).unwrap();
+    assert_eq!((meta.len(), meta.modified().unwrap()), (meta2.len(), meta2.modified().unwrap()));
+    assert_eq!(pixels(&IdxSource::open(&p).unwrap()), second, "the replaced file's own pixels");
+    // Also replaced by a rename (another inode), back to the first content.
+    let q = dir.path().join("next.gz");
+    std::fs::copy(&p, &q).unwrap();
+    let first_again = write(0);
+    std::fs::rename(&p, dir.path().join("old")).unwrap();
+    std::fs::write(&q, std::fs::read(dir.path().join("old")).unwrap()).unwrap();
+    std::fs::File::options().write(true).open(&q).unwrap().set_modified(when).unwrap();
+    std::fs::rename(&q, &p).unwrap();
+    assert_eq!(pixels(&IdxSource::open(&p).unwrap()), first_again);
+    for entry in idx_cache_entries(&tag) {
+        std::fs::remove_file(entry).unwrap();
+    }
+}
+
+/// A cache entry cut short (a full disk, a crash on a file system without ordered writes, a hand edit) is inflated
+/// again, not trusted (it was served, and the source then failed as "truncated").
+#[test]
+fn a_truncated_cache_entry_is_inflated_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("cutcache{}", std::process::id());
+    let p = dir.path().join(format!("{tag}-images-idx3-ubyte.gz"));
+    let raw = idx_bytes(&[5, 6, 7], (0..210).map(|i| (i * 11 % 256) as u8));
+    std::fs::write(&p, gzip_with(&raw, flate2::Compression::default())).unwrap();
+    assert_eq!(pixels(&IdxSource::open(&p).unwrap()), raw[16..]);
+    let entries = idx_cache_entries(&tag);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    for cut in [100u64, 0] {
+        std::fs::File::options().write(true).open(&entries[0]).unwrap().set_len(cut).unwrap();
+        assert_eq!(pixels(&IdxSource::open(&p).unwrap()), raw[16..], "entry cut to {cut} bytes");
+        assert_eq!(std::fs::metadata(&entries[0]).unwrap().len(), raw.len() as u64);
+    }
+    // A header changed in the entry (another file's dims) is not trusted either.
+    let mut bad = raw.clone();
+    bad[7] = 4;
+    std::fs::write(&entries[0], &bad[..bad.len() - 30]).unwrap();
+    assert_eq!(pixels(&IdxSource::open(&p).unwrap()), raw[16..]);
+    assert_eq!(idx_cache_entries(&tag), entries);
+    std::fs::remove_file(&entries[0]).unwrap();
+}
