@@ -415,6 +415,8 @@ fn pretrain(
         selfsup_pipeline::pretrained::check_backbone_file(file, &cfg).context("--init-from")?;
     }
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", cfg.name, utc_stamp())));
+    // Not into the data (its files would become part of it) nor into a checkpoint.
+    output::check(Output::Folder { dir: &out, files: &[] }, &cfg.inputs(), true, "--out")?;
     let what = if resume { "selfsup pretrain --resume" } else { "selfsup pretrain" };
     let created = !out.exists();
     let _lock = RunLock::acquire(&out, what)?;
@@ -600,7 +602,7 @@ fn eval(ckpt: PathBuf, mut set: Vec<String>, out: Option<PathBuf>, teacher: bool
     let dir =
         out.unwrap_or_else(|| ckpt.parent().and_then(Path::parent).map_or_else(|| ckpt.clone(), Path::to_path_buf));
     let files = ["eval.json", "projector", "projector_config.pbtxt"];
-    output::check(Output::Folder { dir: &dir, files: &files }, &[], overwrite, "--out")?;
+    output::check(Output::Folder { dir: &dir, files: &files }, &cfg.inputs(), overwrite, "--out")?;
     let _lock = RunLock::acquire(&dir, "selfsup eval")?;
     let ctx = EvalContext {
         cfg: &cfg,
@@ -733,9 +735,8 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
         Some(_) => run_dir.join(format!("{}-finetune-{}", cfg.name, utc_stamp())),
         None => run_dir.join(format!("finetune-{}", utc_stamp())),
     });
-    let mut inputs: Vec<&Path> = vec![&ckpt];
-    inputs.extend(cfg.finetune.train.as_deref());
-    inputs.extend(cfg.finetune.test.as_deref());
+    let mut inputs = cfg.inputs();
+    inputs.push(&ckpt);
     output::check(Output::Folder { dir: &out, files: &FINETUNE_FILES }, &inputs, a.overwrite, "--out")?;
     let _lock = RunLock::acquire(&out, "selfsup finetune")?;
     if a.compare {

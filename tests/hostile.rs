@@ -217,6 +217,13 @@ fn no_command_writes_onto_its_inputs_or_into_a_checkpoint() {
     assert!(fails(c).contains("--overwrite"));
     ok(&["export", "--checkpoint", r, "--out", e, "--overwrite"]);
 
+    // A run folder inside the data it trains on (its checkpoints would be listed with the images).
+    let rgb = rgb_folder(dir.path());
+    let train = format!("data.train={}", rgb.display());
+    let err = fails(pretrain(&rgb.join("run"), &["--set", &train, "--set", "train.batch_size=4"]));
+    assert!(err.contains("an input of this command"), "{err}");
+    assert!(!rgb.join("run").exists());
+
     // inspect DATA --json DATA: refused, --overwrite or not; the data stays as it was.
     let data = dir.path().join("t10k-images-idx3-ubyte.gz");
     std::fs::copy("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz", &data).unwrap();

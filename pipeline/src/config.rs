@@ -591,6 +591,10 @@ impl Config {
         check(file, "eval.knn_k", e.knn_k >= 1, || "must be >= 1".into())?;
         check(file, "eval.knn_temperature", e.knn_temperature > 0.0, || "must be > 0".into())?;
         check(file, "eval.probe_batch", e.probe_batch >= 1, || "must be >= 1".into())?;
+        check(file, "eval.probe_epochs", e.probe_epochs >= 1, || {
+            "must be >= 1 (an untrained probe reports chance as a result; eval.at_end = false skips the evaluation)"
+                .into()
+        })?;
         check(file, "eval.probe_lr", e.probe_lr > 0.0, || "must be > 0".into())?;
         let model_err = |e: selfsup_models::ModelError| match e {
             selfsup_models::ModelError::InvalidConfig { field, message } => {
@@ -661,6 +665,14 @@ impl Config {
             Some(p) => (p, "eval.train"),
             None => (&self.data.train, "data.train"),
         }
+    }
+
+    /// Every data path the config reads (training, test, evaluation and fine-tuning sets): what no output may
+    /// be written onto or into ([`crate::output::check`]).
+    pub fn inputs(&self) -> Vec<&Path> {
+        let d = &self.data;
+        let optional = [&d.test, &self.eval.train, &self.finetune.train, &self.finetune.test];
+        std::iter::once(d.train.as_path()).chain(optional.into_iter().filter_map(|p| p.as_deref())).collect()
     }
 
     /// The objective's `kind` as written in the TOML.

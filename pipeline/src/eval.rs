@@ -225,7 +225,9 @@ pub fn knn_predict(
                 let sim = q.matmul(&bank.tr());
                 let (vals, idx) = sim.topk(k, 1, true, true);
                 let neighbour_y = bank_y.index_select(0, &idx.flatten(0, -1)).view_as(&idx);
-                let w = (vals / temperature).exp();
+                // exp(sim / T) relative to each query's nearest neighbour: the same vote, without the overflow
+                // to inf (then NaN) that a small T gives (T = 1e-3 overflows f32 at sim > 0.09).
+                let w = ((&vals - vals.narrow(1, 0, 1)) / temperature).exp();
                 let votes =
                     Tensor::zeros([q.size()[0], classes], (Kind::Float, device)).scatter_add(1, &neighbour_y, &w);
                 votes.argmax(1, false)
@@ -375,6 +377,11 @@ mod tests {
         // With a huge temperature the vote is a plain majority: two class-0 neighbours win.
         let p3_flat: Vec<i64> = Vec::try_from(&knn_predict(&bank, &q, 3, 1e6, 2, Device::Cpu)).unwrap();
         assert_eq!(p3_flat, vec![0, 0]);
+        // A tiny temperature is the 1-NN vote, not an overflow to NaN (exp(1 / 1e-4) is inf in f32).
+        for t in [1e-4, 1e-30] {
+            let p: Vec<i64> = Vec::try_from(&knn_predict(&bank, &q, 3, t, 2, Device::Cpu)).unwrap();
+            assert_eq!(p, vec![0, 1], "T = {t}");
+        }
     }
 
     #[test]
