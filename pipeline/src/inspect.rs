@@ -1,6 +1,6 @@
 //! `selfsup inspect`: what a dataset holds before training on it: counts, the image-size histogram, unreadable
-//! samples (with where they live and why), what the listing left out (link cycles, second paths to a file), exact
-//! duplicates (same decoded pixels), and class balance.
+//! samples (with where they live and why), what the listing left out (link cycles, second paths to a file, files
+//! in no image format read), exact duplicates (same decoded pixels), and class balance.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -134,8 +134,8 @@ impl std::fmt::Display for InspectReport {
             self.unreadable.len()
         )?;
         if !self.skipped.is_empty() {
-            let cycles = self.skipped.iter().filter(|s| s.kind == crate::source::SkipKind::Cycle).count();
-            writeln!(f, "left out while listing: {} ({cycles} link cycles)", self.skipped.len())?;
+            let counts = crate::source::skip_counts(&self.skipped);
+            writeln!(f, "left out while listing: {} ({counts})", self.skipped.len())?;
             for s in self.skipped.iter().take(20) {
                 writeln!(f, "  skipped {s}")?;
             }

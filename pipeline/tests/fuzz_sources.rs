@@ -1,5 +1,5 @@
 //! Mutation fuzz of every source format (issue 10, "hostile data"): for IDX, CIFAR, HDF5 (fixed and encoded
-//! layouts, three codecs), PNG and JPEG, up to 1,000 seeded mutations each of a small valid file written by our own
+//! layouts, three codecs), PNG, JPEG, GIF, WebP, TIFF and BMP, up to 1,000 seeded mutations each of a small valid file written by our own
 //! code (bit flips, truncation at random lengths, header fields overwritten with 0 / huge / random values, bytes
 //! inserted or deleted), each opened and every sample read through the public API. Required: no panic (each open
 //! and read runs under `catch_unwind`; one is a test failure naming the case), no abort (a huge allocation or a
@@ -584,8 +584,10 @@ fn encode(img: &image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
     v
 }
 
-/// Where a PNG's last IDAT chunk ends (a cut before it loses pixels); a JPEG's end (a cut anywhere loses at least
-/// part of its end-of-image marker, which is what tells a whole JPEG).
+/// Where a PNG's last IDAT chunk ends (a cut before it loses pixels); a GIF's last LZW byte (then come the block terminator
+/// 00 and the trailer 3B; in these files the last LZW byte holds only the end code: a cut there decodes to the same
+/// pixels, checked by hand, one before it is an error); other formats' end (a JPEG cut anywhere loses at least part of its end-of-image marker, which is what
+/// tells a whole JPEG; WebP, TIFF and BMP files as `image` writes them end with image data or its index).
 fn last_image_byte(bytes: &[u8], format: image::ImageFormat) -> usize {
     match format {
         image::ImageFormat::Png => {
@@ -599,6 +601,7 @@ fn last_image_byte(bytes: &[u8], format: image::ImageFormat) -> usize {
             }
             end
         }
+        image::ImageFormat::Gif => bytes.len() - 3,
         _ => bytes.len(),
     }
 }
@@ -613,15 +616,32 @@ fn fuzz_images(format: image::ImageFormat, ext: &str, seed: u64) {
         image::Rgb([(x * 10) as u8, (y * 15) as u8, ((x ^ y) * 8) as u8])
     }));
     let gray = image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(9, 31, |x, y| image::Luma([(x * y) as u8])));
-    let bases: Vec<Vec<u8>> = [rgb, gray].iter().map(|im| encode(im, format)).collect();
+    // GIF's encoder takes colour images only (the gray one is written as RGBA).
+    let gif_safe = |im: &image::DynamicImage| match format {
+        image::ImageFormat::Gif => image::DynamicImage::ImageRgba8(im.to_rgba8()),
+        _ => im.clone(),
+    };
+    let bases: Vec<Vec<u8>> = [rgb, gray].iter().map(|im| encode(&gif_safe(im), format)).collect();
     let dir = tempfile::tempdir().unwrap();
     let (mut rng, mut counts) = (Lcg(seed), Counts::default());
     let mut must_fail = BTreeMap::new();
     while counts.cases < CASES && t.elapsed() < BUDGET {
         let base = &bases[counts.cases % bases.len()];
-        // The header fields: PNG's IHDR width and height; JPEG's SOF0 height and width.
+        // The header fields: PNG's IHDR width and height; JPEG's SOF0 height and width; GIF's screen and first
+        // image descriptor sizes; WebP's RIFF and chunk sizes; TIFF's first IFD offset and entry count; BMP's
+        // data offset, width, height and bits per pixel.
         let fields = match format {
             image::ImageFormat::Png => vec![(16, 4, true), (20, 4, true), (24, 1, true), (25, 1, true)],
+            image::ImageFormat::Gif => {
+                let desc = base.iter().position(|&b| b == 0x2c).unwrap();
+                vec![(6, 2, false), (8, 2, false), (10, 1, false), (desc + 5, 2, false), (desc + 7, 2, false)]
+            }
+            image::ImageFormat::WebP => vec![(4, 4, false), (16, 4, false), (21, 4, false)],
+            image::ImageFormat::Tiff => {
+                let ifd = u32::from_le_bytes(base[4..8].try_into().unwrap()) as usize;
+                vec![(4, 4, false), (ifd, 2, false), (ifd + 2 + 8, 4, false), (ifd + 2 + 12 + 8, 4, false)]
+            }
+            image::ImageFormat::Bmp => vec![(10, 4, false), (18, 4, false), (22, 4, false), (28, 2, false)],
             _ => {
                 let sof = base.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
                 vec![(sof + 5, 2, true), (sof + 7, 2, true), (sof + 2, 2, true), (sof + 9, 1, true)]
@@ -687,6 +707,26 @@ fn fuzz_png() {
 #[test]
 fn fuzz_jpeg() {
     fuzz_images(image::ImageFormat::Jpeg, "jpg", 50);
+}
+
+#[test]
+fn fuzz_gif() {
+    fuzz_images(image::ImageFormat::Gif, "gif", 60);
+}
+
+#[test]
+fn fuzz_webp() {
+    fuzz_images(image::ImageFormat::WebP, "webp", 70);
+}
+
+#[test]
+fn fuzz_tiff() {
+    fuzz_images(image::ImageFormat::Tiff, "tiff", 80);
+}
+
+#[test]
+fn fuzz_bmp() {
+    fuzz_images(image::ImageFormat::Bmp, "bmp", 90);
 }
 
 /// HDF5 2.0.0, as hdf5-metno-src 0.10.4 bundles it, never returns when it loads a global heap collection (where

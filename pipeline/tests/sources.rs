@@ -254,7 +254,7 @@ fn folder_links_list_each_real_file_once_and_cycles_are_reported() {
     assert_eq!((report.count, report.readable, report.skipped.len()), (5, 4, 7));
     assert!(report.unreadable[0].location.ends_with("dangling.png"));
     let text = report.to_string();
-    assert!(text.contains("left out while listing: 7 (3 link cycles)"), "{text}");
+    assert!(text.contains("left out while listing: 7 (Cycle: 3, SameFolder: 1, SameFile: 2, Dangling: 1)"), "{text}");
     assert!(text.contains("sub/up: a cycle"), "{text}");
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["skipped"].as_array().unwrap().iter().filter(|s| s["kind"] == "cycle").count(), 3);
@@ -602,4 +602,117 @@ fn a_truncated_cache_entry_is_inflated_again() {
     assert_eq!(pixels(&IdxSource::open(&p).unwrap()), raw[16..]);
     assert_eq!(idx_cache_entries(&tag), entries);
     std::fs::remove_file(&entries[0]).unwrap();
+}
+
+/// Issue: image folders listed only .jpg/.jpeg/.png; GIF, WebP, TIFF and BMP files were neither read nor counted,
+/// and nor was any other file. Now one real image of each format (written by the `image` crate's encoders) is read
+/// with its size and pixels (a GIF's first frame), files in other formats are left out by name (`inspect` and
+/// `skipped()` show them), and a corrupt file of each new format is counted unreadable, never a panic.
+#[test]
+fn image_folders_read_gif_webp_tiff_bmp_and_name_what_they_leave_out() {
+    use image::ImageFormat as F;
+    let dir = tempfile::tempdir().unwrap();
+    // Few colours: a GIF's palette holds them exactly.
+    let rgb = |w: u32, h: u32, k: u8| {
+        image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([((x + y) % 4) as u8 * 60, k, if x % 2 == 0 { 200 } else { 10 }])
+        })
+    };
+    let encode = |img: &image::RgbImage, format: F| {
+        let mut v = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut v), format).unwrap();
+        v
+    };
+    // (file, format, width, height): lossless formats keep every pixel; the JPEG is checked by size only.
+    let files = [
+        ("a.jpg", F::Jpeg, 20, 10),
+        ("b.png", F::Png, 21, 11),
+        ("d.webp", F::WebP, 23, 13),
+        ("e.tiff", F::Tiff, 24, 14),
+        ("f.tif", F::Tiff, 25, 15),
+        ("g.bmp", F::Bmp, 26, 16),
+        ("h.BMP", F::Bmp, 27, 17),
+    ];
+    let mut want = std::collections::BTreeMap::new();
+    for (i, &(name, format, w, h)) in files.iter().enumerate() {
+        let img = rgb(w, h, i as u8 * 30);
+        std::fs::write(dir.path().join(name), encode(&img, format)).unwrap();
+        want.insert(name.to_string(), (w, h, (format != F::Jpeg).then(|| img.into_raw())));
+    }
+    // An animated GIF: two frames of different colours; the first is read.
+    let (first, second) = (rgb(22, 12, 5), rgb(22, 12, 250));
+    let mut gif = Vec::new();
+    {
+        let mut enc = image::codecs::gif::GifEncoder::new(&mut gif);
+        let frame = |im: &image::RgbImage| image::Frame::new(image::DynamicImage::ImageRgb8(im.clone()).into_rgba8());
+        enc.encode_frames([frame(&first), frame(&second)]).unwrap();
+    }
+    std::fs::write(dir.path().join("c.gif"), &gif).unwrap();
+    want.insert("c.gif".into(), (22, 12, Some(first.into_raw())));
+    // Corrupt files of each new format: cut in half, and bytes that are no image at all.
+    let corrupt = ["cut.gif", "cut.webp", "cut.tiff", "cut.bmp", "junk.gif", "junk.webp", "junk.tif", "junk.bmp"];
+    for name in corrupt {
+        let bytes = match name.split_once('.').unwrap() {
+            ("cut", "gif") => gif[..gif.len() / 2].to_vec(),
+            ("cut", ext) => {
+                let full = std::fs::read(dir.path().join(if ext == "webp" { "d.webp" } else { "g.bmp" })).unwrap();
+                let full = if ext == "tiff" { std::fs::read(dir.path().join("e.tiff")).unwrap() } else { full };
+                full[..full.len() / 2].to_vec()
+            }
+            _ => b"GIF89a RIFF II*\0 BM not an image".to_vec(),
+        };
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    // Files in formats not read, and one without an extension: left out, by name.
+    for name in ["notes.txt", "photo.heic", "logo.svg", "README"] {
+        std::fs::write(dir.path().join(name), b"not read").unwrap();
+    }
+
+    let src = source::open(dir.path(), 3).unwrap();
+    assert_eq!(src.len(), want.len() + corrupt.len());
+    let mut read = 0;
+    for i in 0..src.len() {
+        let name = Path::new(&src.describe(i)).file_name().unwrap().to_string_lossy().into_owned();
+        let Some((w, h, pixels)) = want.get(&name) else { continue };
+        let s = src.get(i).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((s.image.width, s.image.height, s.image.channels), (*w, *h, 3), "{name}");
+        if let Some(p) = pixels {
+            assert!(s.image.data == *p, "{name}: other pixels");
+        }
+        read += 1;
+    }
+    assert_eq!(read, want.len());
+    let skipped = src.skipped();
+    let left_out: Vec<(String, source::SkipKind)> = skipped
+        .iter()
+        .map(|s| (Path::new(&s.path).file_name().unwrap().to_string_lossy().into_owned(), s.kind))
+        .collect();
+    let not_an_image = source::SkipKind::NotAnImage;
+    assert_eq!(
+        left_out,
+        [
+            ("README".into(), not_an_image),
+            ("logo.svg".into(), not_an_image),
+            ("notes.txt".into(), not_an_image),
+            ("photo.heic".into(), not_an_image)
+        ]
+    );
+    let heic = skipped.iter().find(|s| s.path.ends_with("photo.heic")).unwrap();
+    assert!(heic.detail.contains("extension .heic: not an image format read here (.jpg,"), "{}", heic.detail);
+    let report = selfsup_pipeline::inspect::inspect(src.as_ref(), "formats", false);
+    assert_eq!((report.count, report.readable, report.unreadable.len()), (src.len(), want.len(), corrupt.len()));
+    for name in corrupt {
+        let bad = report.unreadable.iter().find(|b| b.location.ends_with(name)).unwrap_or_else(|| panic!("{name}"));
+        assert!(bad.error.contains(name), "{bad:?}");
+    }
+    let text = report.to_string();
+    assert!(text.contains("left out while listing: 4 (NotAnImage: 4)") && text.contains("photo.heic"), "{text}");
+    // A folder of files in formats not read says so, naming one.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("x.heic"), b"").unwrap();
+    let e = source::open(other.path(), 3).err().unwrap().to_string();
+    assert!(
+        e.contains("no image files found (.jpg, .jpeg, .png, .gif, .webp, .tif, .tiff, .bmp); 1 other files"),
+        "{e}"
+    );
 }

@@ -1,9 +1,11 @@
-//! Encoded images (PNG, JPEG) to pixels, for image folders and the encoded HDF5 layout. A file that is not a whole,
-//! plausible image is an error naming it, never pixels made up:
+//! Encoded images (PNG, JPEG, GIF, WebP, TIFF, BMP: the `image` crate's decoders, the format told by content) to
+//! pixels, for image folders and the encoded HDF5 layout; a GIF (or an animated WebP) gives its first frame, a
+//! multi-page TIFF its first page. A file that is not a whole, plausible image is an error naming it, never pixels
+//! made up. Every format goes through the same checks:
 //! - files larger than [`max_file_bytes`] are not read (a 30 GB `.jpg`, or a device, would fill memory);
 //! - the header's size is checked before any pixel is allocated: both sides in `1..=`[`MAX_SIDE`], at most
-//!   `max_pixels` pixels, and the decoded buffer within `image::Limits::max_alloc` (which `png` also applies to its
-//!   own buffers);
+//!   `max_pixels` pixels, and the decoded buffer within `image::Limits::max_alloc` (which every decoder is given,
+//!   and `png`, `gif`, `tiff` and `image-webp` also apply to their own buffers);
 //! - a JPEG must hold its end-of-image marker (FF D9) after its first scan. `image` runs zune-jpeg leniently, which
 //!   decodes a JPEG cut anywhere in its image data and fills the missing rest grey; the marker is what such a file
 //!   lacks. Bytes after the marker are allowed (cameras append data there), and an EOI inside an embedded
@@ -56,7 +58,7 @@ pub(crate) fn read_file(path: &Path, max_pixels: u64) -> Result<Vec<u8>, DataErr
     Ok(bytes)
 }
 
-/// Decodes one encoded image (PNG or JPEG, recognised by content) to `channels` (1 or 3) channels, refusing
+/// Decodes one encoded image (PNG, JPEG, GIF, WebP, TIFF or BMP, recognised by content) to `channels` (1 or 3) channels, refusing
 /// images whose header claims more than `max_pixels` pixels. `path` only names the image in errors.
 pub(crate) fn decode_bytes(bytes: &[u8], channels: u8, max_pixels: u64, path: &Path) -> Result<Image, DataError> {
     super::timed_decode(|| decode_bytes_untimed(bytes, channels, max_pixels, path))

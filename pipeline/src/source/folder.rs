@@ -1,4 +1,5 @@
-//! Image folders: JPEG and PNG files found recursively under a root. When the root holds only sub-folders, each
+//! Image folders: JPEG, PNG, GIF (its first frame), WebP, TIFF and BMP files found recursively under a root,
+//! recognised by extension ([`EXTENSIONS`]) and decoded by content. When the root holds only sub-folders, each
 //! first-level sub-folder is a class (sorted by name, like torchvision's ImageFolder). Only the list of paths is
 //! kept in memory; each `get` reads and decodes one file ([`decode_bytes`](super::decode_bytes)).
 //!
@@ -14,6 +15,11 @@
 //! A dangling link named like an image is listed: reading it fails, so it is counted and named as an unreadable
 //! sample like any other; a dangling link with another name is skipped (and reported). Only regular files are
 //! listed: a FIFO or a device named `x.png` would block or never end.
+//!
+//! Every other file is left out by name ([`SkipKind::NotAnImage`]: `.heic`, `.svg`, `.txt`, no extension), hidden
+//! files and sidecars (`.DS_Store`, `Thumbs.db`, `.xmp`) included: the warning at open is one line of counts and
+//! ten names, a small price next to photos in a format we do not read vanishing without a word. A hidden file
+//! named like an image (macOS's `._IMG_1.jpg`) is listed, and reported unreadable if it is not one.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::fs::MetadataExt;
@@ -23,7 +29,9 @@ use selfsup_augment::Image;
 
 use super::{decode_bytes, read_file, DataError, Sample, SkipKind, Skipped, Source, DEFAULT_MAX_PIXELS};
 
-const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+/// The extensions (any case) of the files listed as samples: the formats `decode` reads (the `image` crate's
+/// jpeg, png, gif, webp, tiff and bmp decoders).
+pub const EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "gif", "webp", "tif", "tiff", "bmp"];
 /// Skipped entries named one by one in the warning at open (all are in [`Source::skipped`]).
 const WARN_NAMED: usize = 10;
 
@@ -39,6 +47,19 @@ pub struct ImageFolder {
 
 fn is_image_name(p: &Path) -> bool {
     p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// The formats read, for messages: ".jpg, .jpeg, ...".
+fn formats() -> String {
+    EXTENSIONS.map(|e| format!(".{e}")).join(", ")
+}
+
+/// Why a file not named as an image is left out.
+fn not_an_image(p: &Path) -> String {
+    match p.extension() {
+        Some(e) => format!("extension .{}: not an image format read here ({})", e.to_string_lossy(), formats()),
+        None => format!("no extension: not an image format read here ({})", formats()),
+    }
 }
 
 /// (device, inode): what makes two paths one file or folder.
@@ -107,6 +128,9 @@ impl Walk {
                     Err(_) => self.files.push((label, path)),
                     Ok(meta) => self.real_file(path, &meta, label),
                 }
+            } else {
+                let detail = not_an_image(&path);
+                self.skip(&path, SkipKind::NotAnImage, detail);
             }
         }
         Ok(())
@@ -151,7 +175,8 @@ impl Walk {
                 self.dirs.insert(id, link.clone());
                 self.folder(&link, label)?;
             } else if !is_image_name(&link) {
-                // Like any file not named as an image.
+                let detail = format!("a link to a file: {}", not_an_image(&link));
+                self.skip(&link, SkipKind::NotAnImage, detail);
             } else if !meta.is_file() {
                 self.skip(&link, SkipKind::NotRegular, "links to something not a regular file".into());
             } else if let Some(first) = self.listed_as(&link, &meta) {
@@ -194,17 +219,8 @@ fn warn_skipped(root: &Path, skipped: &[Skipped]) {
     if skipped.is_empty() {
         return;
     }
-    let mut kinds: Vec<SkipKind> = skipped.iter().map(|s| s.kind).collect();
-    kinds.sort();
-    kinds.dedup();
-    let counts: Vec<String> =
-        kinds.iter().map(|&k| format!("{:?}: {}", k, skipped.iter().filter(|s| s.kind == k).count())).collect();
-    crate::say!(
-        "warning: {}: {} entries left out while listing ({})",
-        root.display(),
-        skipped.len(),
-        counts.join(", ")
-    );
+    let counts = super::skip_counts(skipped);
+    crate::say!("warning: {}: {} entries left out while listing ({counts})", root.display(), skipped.len());
     for s in skipped.iter().take(WARN_NAMED) {
         crate::say!("  {s}");
     }
@@ -247,7 +263,17 @@ impl ImageFolder {
         // Files reached through links come last; keep each class's files together (a stable sort: in listing order).
         walk.files.sort_by_key(|&(label, _)| label);
         if walk.files.is_empty() {
-            return Err(DataError::Invalid { path: root.into(), message: "no .jpg/.jpeg/.png files found".into() });
+            let others: Vec<&Skipped> = walk.skipped.iter().filter(|s| s.kind == SkipKind::NotAnImage).collect();
+            let message = match others.first() {
+                None => format!("no image files found ({})", formats()),
+                Some(first) => format!(
+                    "no image files found ({}); {} other files left out, e.g. {}",
+                    formats(),
+                    others.len(),
+                    first.path
+                ),
+            };
+            return Err(DataError::Invalid { path: root.into(), message });
         }
         warn_skipped(root, &walk.skipped);
         let (labels, files): (Vec<u32>, Vec<PathBuf>) = walk.files.into_iter().unzip();

@@ -82,6 +82,19 @@ pub enum SkipKind {
     Dangling,
     /// Not a regular file (a FIFO, socket or device named like an image would block or never end).
     NotRegular,
+    /// A file whose extension is not one of the image formats read (`.txt`, `.heic`, `.svg`, no extension):
+    /// named, so that photos in a format we do not decode are not lost without a word.
+    NotAnImage,
+}
+
+/// How many of `skipped` there are of each kind, in words: "Cycle: 3, NotAnImage: 2".
+pub fn skip_counts(skipped: &[Skipped]) -> String {
+    let mut kinds: Vec<SkipKind> = skipped.iter().map(|s| s.kind).collect();
+    kinds.sort();
+    kinds.dedup();
+    let counts: Vec<String> =
+        kinds.iter().map(|&k| format!("{k:?}: {}", skipped.iter().filter(|s| s.kind == k).count())).collect();
+    counts.join(", ")
 }
 
 impl std::fmt::Display for Skipped {
