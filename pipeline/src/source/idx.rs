@@ -138,7 +138,7 @@ fn temp_name(stem: &str) -> String {
 /// named by the SHA-256 of the gzip file's bytes. A name from metadata (path, size, times, inode) can be shared by
 /// two files: `cp -p`, `rsync -t` and tar restore the size and mtime, a deleted file's inode is reused at once,
 /// and ctime ticks coarsely on many kernels and file systems; so the content names the entry, and a different
-/// file can never be served another's pixels (at the cost of reading the gzip file once per open, ~20 ms for
+/// file can never be served another's pixels (at the cost of reading the gzip file once per open, ~65 ms for
 /// Fashion-MNIST's 26 MB). An entry is used only if its header and length are the ones the file's header promises.
 ///
 /// Inflating: only what the header promises is inflated, after the header is checked ([`expected_len`]) and found
