@@ -102,7 +102,7 @@ fn pretrain_checkpoint_eval_and_tensorboard() {
         "--set",
         "eval.at_end=false",
     ]);
-    assert!(stdout.contains("pretrained 16 steps"), "{stdout}");
+    assert!(stdout.contains("pretrained to step 16 (4 in this process, resumed at 12)"), "{stdout}");
 }
 
 #[test]
