@@ -212,7 +212,8 @@ impl FinetuneConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// Pretraining images: an IDX images file (`*-idx3-ubyte[.gz]`) or a folder of JPEG/PNG files.
+    /// Pretraining images: an IDX images file (`*-idx3-ubyte[.gz]`), CIFAR batches, an HDF5 file, or a folder of
+    /// images (JPEG, PNG, GIF, WebP, TIFF, BMP).
     pub train: PathBuf,
     /// Held-out labeled images for evaluation (same kinds as `train`); empty = no evaluation.
     pub test: Option<PathBuf>,
