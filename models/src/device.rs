@@ -165,9 +165,10 @@ pub fn catch_torch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "LibTorch failed".into());
         // tch wraps the C++ message: `called Result::unwrap() on an Err value: Torch("...\nException raised
-        // from ...")`: keep the first line of what LibTorch said.
+        // from ...")` (the Debug form escapes the newlines): keep the first line of what LibTorch said.
         let inner = text.split_once("Torch(\"").map_or(text.as_str(), |(_, t)| t);
-        inner.lines().next().unwrap_or(inner).trim_end_matches(['"', ')']).to_string()
+        let first = inner.split("\\n").next().unwrap_or(inner);
+        first.lines().next().unwrap_or(first).trim_end_matches(['"', ')']).to_string()
     })
 }
 
