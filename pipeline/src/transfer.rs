@@ -79,8 +79,13 @@ impl EvalContext<'_> {
     }
 }
 
+/// Opens data set `key` = `path`; an error names the key.
+fn open_keyed(path: &Path, key: &str, options: source::OpenOptions) -> Result<Arc<dyn Source>> {
+    Ok(source::open_with(path, options).map_err(|e| Error::Other(format!("{key}: {e}")))?.into())
+}
+
 fn labeled(path: &Path, key: &str, options: source::OpenOptions) -> Result<Arc<dyn Source>> {
-    let s: Arc<dyn Source> = source::open_with(path, options)?.into();
+    let s = open_keyed(path, key, options)?;
     if s.num_classes().is_none() {
         return Err(Error::Other(format!(
             "{key} = {}: evaluation needs labels and this source has none (a folder needs class sub-folders)",
@@ -102,7 +107,7 @@ pub fn plan(cfg: &Config, channels: u8) -> Result<Option<String>> {
     };
     let o = cfg.data.open_options();
     let (bank_path, bank_key) = cfg.eval_bank();
-    let bank: Arc<dyn Source> = source::open_with(bank_path, o)?.into();
+    let bank = open_keyed(bank_path, bank_key, o)?;
     if bank.num_classes().is_none() {
         if cfg.eval.train.is_none() {
             return Ok(Some(format!(
